@@ -1,0 +1,166 @@
+"""LoRA by hand, by composition around a frozen nn.Linear, with FedDPA's two named adapters.
+
+LoRA (Hu et al., 2022) adds a low-rank update to a frozen weight: y = W x + (alpha / r) * B A x, with
+A (r, in) kaiming-uniform and B (out, r) zero, so training starts from the base model exactly.
+FedDPA (Yang et al., 2024, Sec. 3.2-3.3) keeps two such updates per layer, a *global* adapter that
+the server averages and a *local* one that never leaves the client, and mixes them:
+
+    y = W x + sum_name w_name * (alpha / r) * B_name A_name dropout(x)
+
+with w_global = 1 - lambda, w_local = lambda. Each w is a float or a (batch,) tensor, so instance-wise
+weights apply per example inside one batch. Exactly one adapter (or none) trains at a time; the
+others contribute under no-grad, as the paper's code detaches them.
+
+Parameter names follow peft's layout (`q_proj.base_layer`, `q_proj.lora_A.<adapter>.weight`), and an
+adapter's state dict drops the adapter name, so a global adapter can be loaded as a local one.
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+ADAPTERS = ("global", "local")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, names=ADAPTERS, r: int = 8, alpha: float = 16, dropout: float = 0.05):
+        super().__init__()
+        if r < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {r}")
+        self.base_layer = base.requires_grad_(False)
+        self.scaling = alpha / r
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_A = nn.ModuleDict({n: nn.Linear(base.in_features, r, bias=False, device=dev, dtype=dt) for n in names})
+        self.lora_B = nn.ModuleDict({n: nn.Linear(r, base.out_features, bias=False, device=dev, dtype=dt) for n in names})
+        self.lora_dropout = nn.ModuleDict({n: nn.Dropout(dropout) for n in names})
+        for n in names:
+            self.reset(n)
+        self.weights = {n: 1.0 for n in names}  # the mix; floats or (batch,) tensors
+        self.merged = None                      # the fixed mix folded into base_layer, if any
+
+    def reset(self, name: str, generator=None):
+        # A as nn.Linear's default (kaiming-uniform, a=sqrt(5)), as peft does; B = 0 so the update starts at 0
+        bound = 1 / math.sqrt(self.base_layer.in_features)
+        with torch.no_grad():
+            self.lora_A[name].weight.uniform_(-bound, bound, generator=generator)
+            self.lora_B[name].weight.zero_()
+
+    def forward(self, x):                                   # x: (B, T, in)
+        out = self.base_layer(x)                            # (B, T, out)
+        if self.merged is not None:
+            return out
+        for name, w in self.weights.items():
+            if not torch.is_tensor(w) and w == 0:
+                continue
+            A, B = self.lora_A[name], self.lora_B[name]
+            # an adapter that is not training is a constant here: no graph, no gradient
+            with torch.set_grad_enabled(torch.is_grad_enabled() and A.weight.requires_grad):
+                delta = B(A(self.lora_dropout[name](x.to(A.weight.dtype)))) * self.scaling
+            if torch.is_tensor(w):                          # one weight per example: (B,) -> (B, 1, 1)
+                w = w.to(delta.dtype).view(-1, *[1] * (x.dim() - 1))
+            out = out + (w * delta).to(out.dtype)
+        return out
+
+    def delta_weight(self, name: str):
+        """The adapter as a dense update of the base weight, (out, in)."""
+        return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling
+
+    def merge(self, weights: dict):
+        """Fold a fixed mix into the base weight (inference only): y = (W + sum w dW) x."""
+        if self.merged is not None:
+            raise RuntimeError("adapters are already merged; unmerge first")
+        if any(torch.is_tensor(w) for w in weights.values()):
+            raise ValueError("per-example weights cannot be merged into one weight matrix")
+        with torch.no_grad():
+            for name, w in weights.items():
+                self.base_layer.weight += w * self.delta_weight(name).to(self.base_layer.weight.dtype)
+        self.merged = dict(weights)
+
+    def unmerge(self):
+        with torch.no_grad():
+            for name, w in self.merged.items():
+                self.base_layer.weight -= w * self.delta_weight(name).to(self.base_layer.weight.dtype)
+        self.merged = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole-model helpers
+
+def inject(model: nn.Module, targets=("q_proj", "v_proj"), names=ADAPTERS, r: int = 8, alpha: float = 16,
+           dropout: float = 0.05, seed: int = 0) -> nn.Module:
+    """Freeze the model and wrap every nn.Linear whose attribute name is in targets (the paper: q and v)."""
+    bad = set(targets) - set(TARGETS)
+    if bad:
+        raise ValueError(f"unknown LoRA target(s) {sorted(bad)}; choose from {TARGETS}")
+    model.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    for parent in list(model.modules()):
+        for attr, child in list(parent.named_children()):
+            if attr in targets and isinstance(child, nn.Linear):
+                wrapped = LoRALinear(child, names, r, alpha, dropout)
+                for n in names:
+                    wrapped.reset(n, gen)
+                setattr(parent, attr, wrapped)
+    set_trainable(model, None)
+    return model
+
+
+def lora_layers(model: nn.Module):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def set_trainable(model: nn.Module, name):
+    """Make exactly one adapter trainable (or none); the base model never trains."""
+    for _, m in lora_layers(model):
+        for n in m.lora_A:
+            m.lora_A[n].weight.requires_grad_(n == name)
+            m.lora_B[n].weight.requires_grad_(n == name)
+
+
+def set_weights(model: nn.Module, weights: dict):
+    """Set the mix {adapter: float or (batch,) tensor}; adapters not named get weight 0."""
+    for _, m in lora_layers(model):
+        m.weights = {n: weights.get(n, 0.0) for n in m.lora_A}
+
+
+def adapter_params(model: nn.Module, name: str):
+    return [p for _, m in lora_layers(model) for p in (m.lora_A[name].weight, m.lora_B[name].weight)]
+
+
+def get_adapter(model: nn.Module, name: str) -> dict:
+    """One adapter's tensors, keyed without the adapter name: '<layer path>.lora_A.weight'."""
+    return {f"{path}.{ab}.weight": getattr(m, ab)[name].weight.detach().clone()
+            for path, m in lora_layers(model) for ab in ("lora_A", "lora_B")}
+
+
+def set_adapter(model: nn.Module, name: str, state: dict):
+    """Load get_adapter()'s output into adapter `name`; every tensor must match by name and shape."""
+    own = {f"{path}.{ab}.weight": getattr(m, ab)[name].weight
+           for path, m in lora_layers(model) for ab in ("lora_A", "lora_B")}
+    for key in sorted(set(own) | set(state)):
+        if key not in state:
+            raise ValueError(f"adapter tensor {key} is missing")
+        if key not in own:
+            raise ValueError(f"unexpected adapter tensor {key}")
+        if tuple(state[key].shape) != tuple(own[key].shape):
+            raise ValueError(f"adapter tensor {key} has shape {tuple(state[key].shape)}, "
+                             f"the model expects {tuple(own[key].shape)}")
+    with torch.no_grad():
+        for key, p in own.items():
+            p.copy_(state[key])
+
+
+def reset_adapter(model: nn.Module, name: str, generator=None):
+    for _, m in lora_layers(model):
+        m.reset(name, generator)
+
+
+def merge(model: nn.Module, weights: dict):
+    for _, m in lora_layers(model):
+        m.merge(weights)
+
+
+def unmerge(model: nn.Module):
+    for _, m in lora_layers(model):
+        m.unmerge()
