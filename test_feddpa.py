@@ -1,21 +1,29 @@
 """Tests for the FedDPA reference: parity with transformers / peft / rouge-score, invariants of the
 method, and small end-to-end runs. Everything runs on CPU in a few minutes; nothing is skipped."""
 import functools
+import json
 import os
+import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 
+import data
 import lora
 import model
 
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent / "shared"
 FLAN = SHARED / "data" / "feddpa-flan1"
+CATEGORIES = ["coreference", "entailment", "linguistic_acceptability", "paraphrase",
+              "question_classification", "structure_to_text", "text_formatting", "word_disambiguation"]
 
 
 @functools.cache
@@ -276,3 +284,339 @@ def test_real_checkpoint_smollm2_matches_transformers():
     ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False)[:, len(chat):]
     assert until_eos(out[0], tok.eos_id) == until_eos(ref[0], tok.eos_id)
     assert "Paris" in tok.decode(out[0])
+
+
+# ==============================================================================================
+# data.py
+
+@pytest.fixture(scope="module")
+def bench():
+    return data.builtin_benchmark(seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok(bench, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    prompts = [data.format_prompt(r) + r["output"] for recs in bench.clients for r in recs]
+    data.train_tokenizer(data.pretrain_corpus(n_docs=500) + prompts, str(path))
+    return model.SentencePieceTokenizer(str(path))
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def test_prompt_uses_input_form_only_with_nonempty_input():
+    assert data.format_prompt({"instruction": "Do it.", "output": "x"}) == \
+        "### Instruction:\nDo it.\n\n### Response:\n"
+    assert data.format_prompt({"instruction": "Do it.", "input": "", "output": "x"}) == \
+        "### Instruction:\nDo it.\n\n### Response:\n"
+    assert data.format_prompt({"instruction": "Do it.", "input": "a {b}", "output": "x"}) == \
+        "### Instruction:\nDo it.\n\n### Input:\na {b}\n\n### Response:\n"
+
+
+def test_unmasked_labels_decode_to_response_then_eos(bench, tok):
+    records = [recs[0] for recs in bench.clients] + [
+        {"instruction": "Translate.", "input": "le chat noir", "output": "the black cat", "category": "x"},
+        {"instruction": "Say it\nwith  spaces.", "input": "ünïcode ☕", "output": "café ☕\n  two lines", "category": "x"}]
+    for rec in records:
+        ex = data.encode_example(tok, rec)
+        ids, labels = ex["input_ids"], ex["labels"]
+        n_masked = labels.count(-100)
+        assert len(ids) == len(labels) and ids[0] == tok.bos_id
+        assert labels[:n_masked] == [-100] * n_masked and -100 not in labels[n_masked:]
+        assert labels[n_masked:] == ids[n_masked:]
+        assert tok.decode(ids[1:n_masked]) == data.format_prompt(rec)
+        assert labels[-1] == tok.eos_id and tok.decode(labels[n_masked:-1]) == rec["output"]
+        assert data.encode_prompt(tok, rec) == ids[:n_masked]
+
+
+def test_truncation_and_prompt_overflow(bench, tok):
+    rec = bench.clients[5][0]  # structure_to_text: a long answer
+    full = data.encode_example(tok, rec)
+    n_prompt = full["labels"].count(-100)
+    cut = data.encode_example(tok, rec, cutoff=n_prompt + 2)
+    assert cut["input_ids"] == full["input_ids"][:n_prompt + 2] and tok.eos_id not in cut["labels"]
+    assert data.encode_example(tok, rec, cutoff=n_prompt) is None
+    short = data.encode_prompt(tok, rec, cutoff=5)
+    assert short == [tok.bos_id] + full["input_ids"][n_prompt - 4:n_prompt]
+
+
+def test_collate_pads_on_the_left():
+    examples = [{"input_ids": [1, 5, 6], "labels": [-100, 6, 2]}, {"input_ids": [1, 7], "labels": [-100, 2]}]
+    ids, mask, labels = data.collate(examples, pad_id=3)
+    assert ids.tolist() == [[1, 5, 6], [3, 1, 7]] and ids.dtype == torch.long
+    assert mask.tolist() == [[1, 1, 1], [0, 1, 1]]
+    assert labels.tolist() == [[-100, 6, 2], [-100, -100, 2]]
+    ids, mask = data.pad_left([[9], []], pad_id=0)
+    assert ids.tolist() == [[9], [0]] and mask.tolist() == [[1], [0]]
+
+
+# ------------------------------------------------------------------------- determinism
+
+def tree_bytes(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def test_same_seed_same_benchmark_files(tmp_path):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        data.write_federated(data.builtin_benchmark(seed=seed, n_train=30, n_test=20), tmp_path / name)
+    a, b, c = (tree_bytes(tmp_path / name) for name in "abc")
+    assert a == b and set(a) == set(c) and a != c
+    loaded = data.load_federated(tmp_path / "a")
+    assert loaded.clients == data.builtin_benchmark(seed=0, n_train=30, n_test=20).clients
+
+
+def test_same_texts_same_tokenizer_bytes(tmp_path):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        data.train_tokenizer(data.pretrain_corpus(seed=seed, n_docs=300), str(tmp_path / f"{name}.model"), 512)
+    a, b, c = ((tmp_path / f"{name}.model").read_bytes() for name in "abc")
+    assert a == b and a != c
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.model", "b.model", "c.model"]
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "a.model"))
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.get_piece_size()) == (0, 1, 2, 3, 512)
+
+
+# ------------------------------------------------------------------ federated layout
+
+def small_fed():
+    return data.builtin_benchmark(seed=0, n_train=3, n_test=2)
+
+
+def set_client(path, i, text):
+    (path / "8" / f"local_training_{i}.json").write_text(text, encoding="utf-8")
+
+
+def edit_record(i, **changes):
+    def mutate(path):
+        records = json.loads((path / "8" / f"local_training_{i}.json").read_text(encoding="utf-8"))
+        records[0].update(changes)
+        records[0] = {k: v for k, v in records[0].items() if v is not ...}  # ... deletes the key
+        set_client(path, i, json.dumps(records))
+    return mutate
+
+
+def edit_test_line(number, text):
+    def mutate(path):
+        lines = (path / "test.jsonl").read_text(encoding="utf-8").split("\n")
+        lines[number - 1] = text
+        (path / "test.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    return mutate
+
+
+def remove(*names):
+    def mutate(path):
+        for name in names:
+            target = path / name
+            for child in sorted(target.rglob("*"), reverse=True) if target.is_dir() else []:
+                child.unlink()
+            target.rmdir() if target.is_dir() else target.unlink()
+    return mutate
+
+
+MALFORMED = {  # case -> (mutation, pieces the message must contain)
+    "invalid JSON": (lambda p: set_client(p, 1, '[{"instruction": '), ["local_training_1.json", "line 1", "invalid JSON"]),
+    "invalid JSONL": (edit_test_line(2, '{"instruction": "x",'), ["test.jsonl", "line 2", "invalid JSON"]),
+    "top level not a list": (lambda p: set_client(p, 0, '{"instruction": "x"}'), ["local_training_0.json", "must be a list"]),
+    "record not an object": (lambda p: set_client(p, 2, '[["a"]]'), ["local_training_2.json", "record 0", "JSON object"]),
+    "missing instruction": (edit_record(3, instruction=...), ["local_training_3.json", "record 0", "missing 'instruction'"]),
+    "missing output": (edit_record(3, output=...), ["local_training_3.json", "missing 'output'"]),
+    "empty output": (edit_record(4, output="  "), ["local_training_4.json", "record 0", "'output' is empty"]),
+    "empty instruction": (edit_record(4, instruction=""), ["local_training_4.json", "'instruction' is empty"]),
+    "category not a string": (edit_record(5, category=7), ["local_training_5.json", "'category' must be a string"]),
+    "missing category": (edit_test_line(3, '{"instruction": "a", "output": "b"}'), ["test.jsonl", "line 3", "missing 'category'"]),
+    "input not a string": (edit_record(6, input=["a"]), ["local_training_6.json", "'input' must be a string, not a list"]),
+    "task not a string": (edit_record(6, task=None), ["local_training_6.json", "'task' must be a string, not null"]),
+    "empty client file": (lambda p: set_client(p, 7, "[]"), ["local_training_7.json", "no records"]),
+    "no client files": (remove(*(f"8/local_training_{i}.json" for i in range(8))), ["8", "no local_training"]),
+    "no client folder": (remove("8"), ["<n_clients>/", "found 0"]),
+    "count mismatch": (lambda p: (p / "8").rename(p / "9"), ["9", "says 9 clients", "holds 8"]),
+    "index gap": (remove("8/local_training_3.json"), ["local_training_3.json is missing"]),
+    "bad client file name": (lambda p: set_client(p, "x", "[]"), ["local_training_x.json", "named"]),
+    "no test file": (remove("test.jsonl"), ["test .jsonl", "found 0"]),
+    "two test files": (lambda p: (p / "more.jsonl").write_text("{}\n"), ["test .jsonl", "found 2"]),
+    "non-UTF-8 client": (lambda p: (p / "8" / "local_training_0.json").write_bytes(b'[{"instruction": "\xff"}]'),
+                         ["local_training_0.json", "line 1", "not UTF-8"]),
+    "non-UTF-8 test": (lambda p: (p / "test.jsonl").write_bytes(b'{}\n{"a": "\xc3"}\n'), ["test.jsonl", "line 2", "not UTF-8"]),
+    "empty test file": (lambda p: (p / "test.jsonl").write_text("\n"), ["test.jsonl", "no records"]),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_data_gives_one_line_error_and_writes_nothing(case, tmp_path):
+    mutate, pieces = MALFORMED[case]
+    data.write_federated(small_fed(), tmp_path)
+    data.load_federated(tmp_path)  # valid before the mutation
+    mutate(tmp_path)
+    before = tree_bytes(tmp_path)
+    with pytest.raises(data.DataError) as err:
+        data.load_federated(tmp_path)
+    message = str(err.value)
+    assert "\n" not in message
+    for piece in pieces:
+        assert piece in message
+    assert tree_bytes(tmp_path) == before
+
+
+def test_missing_folder_is_a_data_error(tmp_path):
+    with pytest.raises(data.DataError, match="no such dataset folder"):
+        data.load_federated(tmp_path / "nope")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_untrained_test_category_is_noted(tmp_path):
+    fed = small_fed()
+    fed.tests["zebra"] = [{"instruction": "a", "output": "b", "category": "zebra"}]
+    data.write_federated(fed, tmp_path)
+    loaded = data.load_federated(tmp_path)
+    assert list(loaded.tests) == sorted(loaded.tests) and "zebra" in loaded.tests
+    assert [n for n in loaded.notes if "zebra" in n] == ["test category 'zebra' is not trained on by any client"]
+    with pytest.raises(FileExistsError):
+        data.write_federated(fed, tmp_path)
+
+
+def test_loads_released_flan_data():
+    fed = data.load_federated(FLAN)
+    assert [len(c) for c in fed.clients] == [300] * 8
+    assert {c: len(t) for c, t in fed.tests.items()} == {c: 200 for c in CATEGORIES}
+    assert sorted(fed.client_tasks) == CATEGORIES and fed.notes == []
+
+
+# ----------------------------------------------------------------- Dirichlet partition
+
+def pool(sizes):
+    return [{"id": f"{c}-{i}", "category": f"cat{c}"} for c, n in enumerate(sizes) for i in range(n)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=4), n_clients=st.integers(1, 6),
+       alpha=st.floats(0.3, 5.0), seed=st.integers(0, 2**16), data_=st.data())
+def test_dirichlet_split_assigns_each_record_once_and_respects_min_size(sizes, n_clients, alpha, seed, data_):
+    records = pool(sizes)
+    min_size = data_.draw(st.integers(0, len(records) // (4 * n_clients)))
+    clients = data.dirichlet_split(records, n_clients, alpha, min_size, seed)
+    assert len(clients) == n_clients and min(len(c) for c in clients) >= min_size
+    assert sorted(r["id"] for c in clients for r in c) == sorted(r["id"] for r in records)
+    assert clients == data.dirichlet_split(records, n_clients, alpha, min_size, seed)
+
+
+def test_dirichlet_split_seed_alpha_and_impossible_minimum():
+    records = pool([100] * 8)
+    assert data.dirichlet_split(records, 8, seed=0) != data.dirichlet_split(records, 8, seed=1)
+
+    def mean_top_share(alpha):  # fraction of a client's data in its commonest category
+        clients = data.dirichlet_split(records, 8, alpha, min_size=1, seed=0)
+        return sum(Counter(r["category"] for r in c).most_common(1)[0][1] / len(c) for c in clients) / 8
+    assert mean_top_share(0.1) > 0.6 > 0.3 > mean_top_share(100.0)
+    with pytest.raises(ValueError, match="cannot give 9 clients 100 records"):
+        data.dirichlet_split(records, 9, min_size=100)
+    small = pool([10] * 8)  # a first draw at alpha 0.3 leaves some client short: redraws needed
+    assert min(map(len, data.dirichlet_split(small, 8, alpha=0.3, min_size=8, seed=0))) >= 8
+    with pytest.raises(ValueError, match="in 20 draws"):
+        data.dirichlet_split(small, 8, alpha=0.05, min_size=9, max_tries=20)
+
+
+def test_partition_repools_clients_and_keeps_tests(bench):
+    fed = data.partition(bench, n_clients=5, alpha=0.5, min_size=10, seed=0)
+    assert len(fed.clients) == 5 and fed.tests == bench.tests
+    assert sum(map(len, fed.clients)) == sum(map(len, bench.clients))
+    for records, task in zip(fed.clients, fed.client_tasks):
+        assert Counter(r["category"] for r in records).most_common(1)[0][0] == task
+    with pytest.raises(ValueError, match="client 1 has no training records"):
+        data.federated_data("x", [bench.clients[0], []], [])
+
+
+# ------------------------------------------------------------------- built-in benchmark
+
+def test_builtin_benchmark_tasks_counts_and_splits(bench):
+    assert bench.client_tasks == CATEGORIES and list(bench.tests) == CATEGORIES and bench.notes == []
+    for category, train in zip(CATEGORIES, bench.clients):
+        test = bench.tests[category]
+        assert len(train) == 300 and len(test) == 200
+        assert {r["category"] for r in train + test} == {category}
+        train_prompts = {data.format_prompt(r) for r in train}
+        assert len(train_prompts) == 300
+        assert train_prompts.isdisjoint(data.format_prompt(r) for r in test)
+
+
+def test_builtin_answers_classification_balanced_generation_long(bench, tok):
+    classification = generation = 0
+    for category, test in bench.tests.items():
+        words = [len(r["output"].split()) for r in test]
+        if max(words) <= 2:
+            classification += 1
+            assert Counter(r["output"] for r in test).most_common(1)[0][1] <= len(test) / 2, category
+            positions = Counter(re.findall(r"\n- (.+)", r["instruction"]).index(r["output"]) for r in test)
+            assert positions.most_common(1)[0][1] <= len(test) / 2, category  # nor a favourite option slot
+        else:
+            generation += 1
+            assert sum(words) / len(words) >= 5 and max(words) <= 12, category
+        assert max(len(data.encode_prompt(tok, r)) for r in test) <= 64, category
+    assert classification >= 4 and generation >= 2
+
+
+def expected_answer(category, instruction):
+    """Each task's rule as its docstring states it, recomputed from the instruction text."""
+    words = re.findall(r"[A-Za-z]+", instruction)
+    if category == "coreference":
+        pronoun = re.search(r'"(\w+)"', instruction)[1]
+        options = re.findall(r"\n- (\w+)", instruction)
+        return next(o for o in options if (o in data.MALE) == (pronoun in ("he", "him")))
+    if category == "entailment":
+        said = re.search(r"is (\w+) and (\w+)\.", instruction).groups()
+        stated = re.search(r"is (\w+)\.", instruction)[1]
+        return "yes" if stated in said else "no" if data.OPPOSITE[stated] in said else "maybe"
+    if category == "linguistic_acceptability":
+        noun, verb = re.search(r"(\w+) (\w+) (?:in|near|at) the \w+\.", instruction).groups()
+        agree = (noun in data.NOUNS.values()) == (verb in data.VERBS.values())
+        return "acceptable" if agree else "unacceptable"
+    if category == "paraphrase":
+        adjectives = [w for w in words if w in data.ADJECTIVES]
+        return "yes" if data.SYNONYM[adjectives[0]] == adjectives[-1] else "no"
+    if category == "question_classification":
+        first = re.search(r"\b(who|where|when|how|what|why)\b", instruction)[1]
+        return dict(who="person", where="place", when="time", how="number", what="food", why="reason")[first]
+    if category == "structure_to_text":
+        fields = dict(f.split(": ") for f in re.search(r"(\w+: [\w ]+(?: \| \w+: [\w ]+)+)$", instruction)[1].split(" | "))
+        price = fields["price"] + " " if "price" in fields else ""
+        near = " near " + fields["near"] if "near" in fields else ""
+        return f"{fields['name']} serves {price}{fields['food']} in the {fields['area']}{near}."
+    if category == "text_formatting":
+        head, last = instruction.split(": ", 1)[1].split(" and ")
+        *before, item = head.split(" ")
+        items = [item]  # the list runs back from "and" over words of the same kind
+        while before and (before[-1] in data.FOODS or before[-1] in data.NAMES or before[-1] in data.NOUNS.values()):
+            items.insert(0, before.pop())
+        return " ".join(before + [", ".join(items) + " and " + last]).strip() + "."
+    word = re.search(r'"(\w+)"', instruction)[1]
+    lines = [re.sub(r"^Sentence \d: ", "", line) for line in instruction.split("\n")[:2]]
+    senses = [next(s for s in (0, 1) for t in data.HOMONYMS[word][s]
+                   if re.fullmatch(re.escape(t).replace(re.escape("{n}"), r"\w+"), line)) for line in lines]
+    return "same" if senses[0] == senses[1] else "different"
+
+
+def test_builtin_answers_follow_the_stated_rules(bench):
+    for category, records in zip(bench.client_tasks, bench.clients):
+        for r in records[:100] + bench.tests[category][:100]:
+            assert r["output"] == expected_answer(category, r["instruction"]), r
+
+
+def test_pretrain_corpus_is_plain_text_without_benchmark_examples(bench):
+    corpus = data.pretrain_corpus(seed=0)
+    assert corpus == data.pretrain_corpus(seed=0) != data.pretrain_corpus(seed=1)
+    text = "\n".join(corpus)
+    assert 200_000 < len(text.encode()) < 1_000_000
+    assert "###" not in text and "OPTIONS" not in text
+    for records in [*bench.clients, *bench.tests.values()]:
+        for r in records:
+            assert r["instruction"] not in text
+            assert len(r["output"].split()) <= 2 or r["output"] not in text
+
+
+def test_command_writes_benchmark(tmp_path, capsys):
+    data.main(["--write", str(tmp_path / "out"), "--seed", "3"])
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1 and "builtin-seed3" in line
+    assert data.load_federated(tmp_path / "out").clients == data.builtin_benchmark(seed=3).clients
+    for argv in (["--write", str(tmp_path / "out")], ["--seed", "x", "--write", "y"], []):
+        with pytest.raises(SystemExit) as exit_:
+            data.main(argv)
+        assert exit_.value.code == 2

@@ -1,0 +1,152 @@
+"""The federated loop as plain functions over in-memory state (FedDPA Sec. 3.1; FedAvg, McMahan 2017).
+
+One frozen foundation model lives in memory; its LoRA layers hold two adapter slots, `global` and
+`local` (lora.py). A client's adapters are plain state dicts that it loads into those slots when it
+trains. The boundary between client and server is the `Update` message: the server only ever sees
+a client's copy of the global adapter and its example count — never its data, never its local
+adapter, never its optimizer.
+
+Contents: local training (AdamW, linear decay, micro-batches with gradient accumulation); the
+client/server state and message; FedAvg; the round loop with client sampling and per-round metrics.
+"""
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+import lora
+from data import collate
+
+
+@dataclass
+class LocalTrain:
+    """How a client trains an adapter on its own data in one round."""
+    lr: float = 3e-4              # AdamW, as in the paper
+    epochs: float = 1.0           # passes over the client's data per round ...
+    max_steps: int = 0            # ... or, if > 0, a budget of optimizer steps per round
+    batch_size: int = 16          # examples per optimizer step
+    micro_batch_size: int = 8     # examples per forward pass (gradients accumulate)
+    weight_decay: float = 0.0
+    bf16: bool = False            # bfloat16 autocast for the forward pass (CPU or GPU)
+
+
+class Diverged(Exception):
+    """The loss became NaN or infinite; the message names where."""
+
+
+def train_adapter(model, name: str, examples: list, cfg: LocalTrain, weights: dict, pad_id: int,
+                  generator: torch.Generator, where: str = "") -> dict:
+    """Train adapter `name` (only it) on encoded examples, the others mixed in with fixed `weights`.
+
+    Returns {"loss": mean loss, "steps": n, "tokens": labelled tokens seen}."""
+    lora.set_trainable(model, name)
+    lora.set_weights(model, weights)
+    params = lora.adapter_params(model, name)
+    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(examples) / cfg.batch_size))
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)  # linear decay to 0
+    order = []
+    losses, tokens = [], 0
+    model.train()
+    for _ in range(steps):
+        while len(order) < cfg.batch_size:  # epochs of seeded shuffles, as long as the budget needs
+            order += torch.randperm(len(examples), generator=generator).tolist()
+        batch, order = [examples[i] for i in order[:cfg.batch_size]], order[cfg.batch_size:]
+        micro = [batch[i:i + cfg.micro_batch_size] for i in range(0, len(batch), cfg.micro_batch_size)]
+        step_loss = 0.0
+        for mb in micro:
+            ids, mask, labels = (t.to(params[0].device) for t in collate(mb, pad_id))
+            with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = model(ids, mask, labels)[1] / len(micro)
+            loss.backward()
+            step_loss += loss.item()
+            tokens += int((labels[:, 1:] != -100).sum())
+        if not math.isfinite(step_loss):
+            raise Diverged(f"loss became {step_loss} while training the {name} adapter{where}")
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+    model.eval()
+    lora.set_trainable(model, None)
+    return {"loss": sum(losses) / len(losses), "steps": steps, "tokens": tokens}
+
+
+# ----------------------------------------------------------------------------------------------
+# State on each side of the boundary, and what crosses it
+
+@dataclass
+class Client:
+    id: int
+    data: list                        # encoded training examples: private
+    generator: torch.Generator        # the client's own data order: private
+    local: dict | None = None         # the local adapter (FedDPA): private, never sent
+
+
+@dataclass
+class Update:
+    """The only thing a client sends: its trained copy of the global adapter and its example count."""
+    adapter: dict
+    n_examples: int
+
+
+def fedavg(updates: list, weighting: str = "count") -> dict:
+    """FedAvg of the global adapter: each tensor (A and B separately, as the paper's code does)
+    averaged with weights n_k / sum n ('count') or 1 / K ('uniform')."""
+    if weighting not in ("count", "uniform"):
+        raise ValueError(f"unknown FedAvg weighting {weighting!r} (count or uniform)")
+    w = torch.tensor([u.n_examples if weighting == "count" else 1.0 for u in updates], dtype=torch.float64)
+    w = w / w.sum()
+    return {k: sum(wi * u.adapter[k].double() for wi, u in zip(w, updates)).to(updates[0].adapter[k].dtype)
+            for k in updates[0].adapter}
+
+
+def nbytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def sample_clients(n: int, fraction: float, seed: int, round_: int) -> list:
+    """Clients taking part in a round: a seeded draw of max(1, round(fraction * n)) of them."""
+    k = max(1, round(fraction * n))
+    return sorted(random.Random(seed * 100_003 + round_).sample(range(n), k))
+
+
+@dataclass
+class Federation:
+    """Everything a federated run holds between rounds (what a checkpoint saves)."""
+    global_adapter: dict
+    clients: list
+    round: int = 0                                # rounds completed
+    history: list = field(default_factory=list)   # one metrics dict per round
+
+
+def run_rounds(fed: Federation, rounds: int, client_update, fraction: float = 1.0, seed: int = 0,
+               weighting: str = "count", desc: str = "", on_round_end=None):
+    """Run rounds fed.round .. rounds-1. client_update(round, client, global_adapter) -> (Update, metrics)
+    is the method's local step; the server here only samples, sends, and averages."""
+    bar = tqdm(range(fed.round, rounds), desc=desc, leave=False, unit="round", initial=fed.round, total=rounds)
+    for r in bar:
+        t0 = time.time()
+        chosen = sample_clients(len(fed.clients), fraction, seed, r)
+        sent = nbytes(fed.global_adapter) * len(chosen)
+        updates, metrics = [], []
+        for cid in tqdm(chosen, desc=f"round {r}", leave=False, unit="client"):
+            update, m = client_update(r, fed.clients[cid], fed.global_adapter)   # down: global adapter
+            updates.append(update)                                               # up: Update only
+            metrics.append(m)
+        fed.global_adapter = fedavg(updates, weighting)
+        fed.round = r + 1
+        fed.history.append({
+            "round": r, "clients": chosen,
+            "loss": sum(m["loss"] for m in metrics) / len(metrics),
+            "bytes_down": sent,
+            "bytes_up": sum(nbytes(u.adapter) for u in updates),
+            "seconds": time.time() - t0,
+        })
+        bar.set_postfix(loss=f"{fed.history[-1]['loss']:.3f}")
+        if on_round_end is not None:
+            on_round_end(fed)
+    return fed

@@ -1,0 +1,452 @@
+"""Entry point: train every method on one federated data set and print the paper's comparison.
+
+    python train.py                                    # built-in benchmark, built-in tiny base model
+    python train.py --data ../shared/data/feddpa-flan1 --model DIR --device cuda --dtype bfloat16
+
+Top to bottom: the config (every field is a command-line flag); choosing the device; the data and
+the foundation model (with no --model, a tiny Llama is pretrained on the built-in corpus and cached
+as an HF directory); the training phases, checkpointed after every round; evaluation; the table and
+results.json. `--resume OUT` continues an interrupted run from its last complete round.
+"""
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import feddpa
+import fed
+import lora
+import model as llama
+
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    data: str = opt("builtin", "'builtin' benchmark or a directory in the paper's federated format")
+    model: str = opt("builtin", "'builtin' tiny base (pretrained here, cached) or an HF Llama directory")
+    methods: str = opt(",".join(feddpa.METHODS), "comma-separated methods to run")
+    rounds: int = opt(4, "communication rounds R")
+    local_epochs: float = opt(1.0, "epochs over a client's data per round (when --local-steps is 0)")
+    local_steps: int = opt(12, "optimizer steps per client per round; 0 = use --local-epochs")
+    batch_size: int = opt(16, "examples per optimizer step")
+    micro_batch_size: int = opt(16, "examples per forward pass (gradient accumulation)")
+    lr: float = opt(3e-3, "AdamW learning rate (the paper: 3e-4 on a 7B model)")
+    lora_r: int = opt(8, "LoRA rank")
+    lora_alpha: float = opt(16.0, "LoRA alpha (scaling alpha / r)")
+    lora_dropout: float = opt(0.05, "LoRA dropout")
+    targets: str = opt("q_proj,v_proj", "projections that get adapters")
+    fraction: float = opt(1.0, "fraction of clients sampled each round")
+    weighting: str = opt("count", "FedAvg weights: 'count' (by examples) or 'uniform'")
+    clients: int = opt(0, "0: one client per released client file / task; N: Dirichlet split over tasks")
+    dirichlet_alpha: float = opt(0.5, "Dirichlet concentration for --clients N")
+    min_client_size: int = opt(10, "minimum examples per client in a Dirichlet split")
+    cutoff: int = opt(512, "maximum tokens per training example")
+    mix: float = opt(0.5, "FedDPA-T: local adapter weight while training it; the fixed-weight variants' weight")
+    alpha: float = opt(0.5, "dynamic weighting: lambda = alpha * mean cosine similarity")
+    k_refs: int = opt(5, "dynamic weighting: K training instructions per client")
+    pool: str = opt("last", "instance representation: 'last' prompt token or 'mean'")
+    lambda_to: str = opt("local", "adapter that gets lambda: 'local' (the paper's text) or 'global' (official code)")
+    finetune_rounds: float = opt(1.0, "FedDPA-F: local fine-tuning budget, in rounds of local training")
+    test_per_task: int = opt(50, "test instances per task (0 = all)")
+    max_new_tokens: int = opt(32, "generation length (the paper: 80)")
+    num_beams: int = opt(1, "beam search width (the paper: 4)")
+    eval_batch_size: int = opt(64, "prompts per generation batch")
+    pretrain_steps: int = opt(300, "steps of pretraining for the built-in base model")
+    seed: int = opt(0, "seed for everything")
+    device: str = opt("auto", "auto, cpu or cuda")
+    dtype: str = opt("float32", "float32 or bfloat16 (autocast)")
+    out: str = opt("runs/default", "output folder")
+    cache: str = opt("~/.cache/feddpa", "where the built-in base model is cached")
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors the user can fix get one line on stderr and a non-zero exit; --debug shows the traceback.
+
+class UserError(Exception):
+    pass
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for f in fields(Config):
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                        help=f.metadata["help"] + f" (default: {f.default})")
+    ap.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its last complete round")
+    ap.add_argument("--overwrite", action="store_true", help="replace the results of another run in --out")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print per-client scores")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = ap.parse_args(argv)
+    cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+    return cfg, args
+
+
+def check_config(cfg: Config):
+    methods = cfg.methods.split(",")
+    bad = [m for m in methods if m not in feddpa.METHODS]
+    if bad:
+        raise UserError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(feddpa.METHODS)}")
+    problems = [(not 0 < cfg.fraction <= 1, f"--fraction {cfg.fraction} must be in (0, 1]"),
+                (cfg.lora_r < 1, f"--lora-r {cfg.lora_r} must be >= 1"),
+                (cfg.rounds < 1, f"--rounds {cfg.rounds} must be >= 1"),
+                (cfg.local_steps < 0 or (cfg.local_steps == 0 and cfg.local_epochs <= 0),
+                 "local training needs --local-steps > 0 or --local-epochs > 0"),
+                (cfg.batch_size < 1 or cfg.micro_batch_size < 1, "batch sizes must be >= 1"),
+                (cfg.lr <= 0, f"--lr {cfg.lr} must be > 0"),
+                (cfg.weighting not in ("count", "uniform"), f"--weighting {cfg.weighting!r}: count or uniform"),
+                (cfg.pool not in ("last", "mean"), f"--pool {cfg.pool!r}: last or mean"),
+                (cfg.lambda_to not in ("local", "global"), f"--lambda-to {cfg.lambda_to!r}: local or global"),
+                (cfg.dtype not in ("float32", "bfloat16"), f"--dtype {cfg.dtype!r}: float32 or bfloat16"),
+                (cfg.device not in ("auto", "cpu", "cuda"), f"--device {cfg.device!r}: auto, cpu or cuda"),
+                (cfg.k_refs < 1, f"--k-refs {cfg.k_refs} must be >= 1"),
+                (cfg.num_beams < 1 or cfg.max_new_tokens < 1, "--num-beams and --max-new-tokens must be >= 1"),
+                (cfg.clients < 0, f"--clients {cfg.clients} must be >= 0")]
+    for failed, msg in problems:
+        if failed:
+            raise UserError(msg)
+    for t in cfg.targets.split(","):
+        if t not in lora.TARGETS:
+            raise UserError(f"--targets: unknown projection {t!r}; choose from {', '.join(lora.TARGETS)}")
+
+
+def choose_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# The foundation model. With no --model, a tiny Llama learns the built-in benchmark's language (not
+# its tasks) from a plain-text corpus, and is saved as an ordinary HF directory for later runs.
+
+def pretrain_base(cfg: Config, device) -> str:
+    preset = llama.PRESETS["base"]
+    key = hashlib.sha256(json.dumps([asdict(preset), cfg.seed, cfg.pretrain_steps]).encode()).hexdigest()[:12]
+    d = os.path.join(os.path.expanduser(cfg.cache), f"base-{key}")
+    if os.path.isfile(os.path.join(d, "model.safetensors")):
+        return d
+    tmp = f"{d}.tmp{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    corpus = data.pretrain_corpus(cfg.seed)
+    # the tokenizer also sees the benchmark's prompts, so its words are pieces rather than bytes;
+    # the model itself never sees them before fine-tuning
+    prompts = [data.format_prompt(r) + r["output"] for recs in data.builtin_benchmark(cfg.seed).clients for r in recs]
+    data.train_tokenizer(corpus + prompts, os.path.join(tmp, "tokenizer.model"), preset.vocab_size)
+    tok = llama.SentencePieceTokenizer(os.path.join(tmp, "tokenizer.model"))
+    torch.manual_seed(cfg.seed)
+    m = llama.Llama(llama.ModelConfig(**{**asdict(preset), "bos_id": tok.bos_id, "eos_id": tok.eos_id})).to(device)
+    stream = torch.tensor([i for doc in corpus for i in [tok.bos_id, *tok.encode(doc), tok.eos_id]])
+    T, B = 128, 32
+    chunks = stream[:len(stream) // T * T].view(-1, T)                   # (N, T) packed documents
+    opt_ = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    warm = max(1, cfg.pretrain_steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt_, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / cfg.pretrain_steps)))
+    g = torch.Generator().manual_seed(cfg.seed)
+    bar = tqdm(range(cfg.pretrain_steps), desc="pretraining the built-in base", leave=False)
+    for _ in bar:
+        x = chunks[torch.randint(len(chunks), (B,), generator=g)].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+            loss = m(x, labels=x)[1]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt_.step()
+        sched.step()
+        opt_.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    llama.save_pretrained(m.cpu(), tmp)
+    os.replace(tmp, d) if not os.path.exists(d) else shutil.rmtree(tmp)
+    return d
+
+
+def load_data(cfg: Config) -> data.FedData:
+    fd = data.builtin_benchmark(cfg.seed) if cfg.data == "builtin" else data.load_federated(cfg.data)
+    if cfg.clients:
+        fd = data.partition(fd, cfg.clients, cfg.dirichlet_alpha, cfg.min_client_size, cfg.seed)
+    if cfg.test_per_task:
+        fd.tests = {task: recs[:cfg.test_per_task] for task, recs in fd.tests.items()}
+    return fd
+
+
+def encode_clients(fd: data.FedData, tok, cutoff: int) -> list:
+    encoded = []
+    for i, recs in enumerate(fd.clients):
+        ex = [e for e in (data.encode_example(tok, r, cutoff) for r in recs) if e is not None]
+        if len(ex) < len(recs):
+            print(f"client {i}: {len(recs) - len(ex)} records dropped (prompt longer than --cutoff {cutoff})")
+        if not ex:
+            raise UserError(f"client {i}: every record's prompt is longer than --cutoff {cutoff}")
+        encoded.append(ex)
+    return encoded
+
+
+# ----------------------------------------------------------------------------------------------
+# Training phases. Each is a federated run (fed.run_rounds) and is checkpointed after every round;
+# the methods share them: FedDPA-F starts from FedIT's global adapter.
+
+PHASES = {  # phase -> the methods that need it
+    "fedit": {"fedit", "feddpa-f", "feddpa-f-fixed"},
+    "feddpa-f": {"feddpa-f", "feddpa-f-fixed"},
+    "feddpa-t": {"feddpa-t", "feddpa-t-fixed"},
+    "local": {"local"},
+    "centralized": {"centralized"},
+}
+
+
+def method_config(cfg: Config) -> feddpa.MethodConfig:
+    train = fed.LocalTrain(lr=cfg.lr, epochs=cfg.local_epochs, max_steps=cfg.local_steps, batch_size=cfg.batch_size,
+                           micro_batch_size=cfg.micro_batch_size, bf16=cfg.dtype == "bfloat16")
+    return feddpa.MethodConfig(rounds=cfg.rounds, fraction=cfg.fraction, weighting=cfg.weighting, train=train,
+                               finetune_rounds=cfg.finetune_rounds, mix=cfg.mix, alpha=cfg.alpha,
+                               k_refs=cfg.k_refs, pool=cfg.pool, lambda_to=cfg.lambda_to)
+
+
+def scaled(train: fed.LocalTrain, factor: float) -> fed.LocalTrain:
+    return fed.LocalTrain(**{**asdict(train), "epochs": train.epochs * factor, "max_steps": round(train.max_steps * factor)})
+
+
+def setup_phase(name, cfg: Config, mc: feddpa.MethodConfig, m, tok, encoded, state):
+    """(clients, client step, rounds, fraction, initial global adapter) of one phase."""
+    def clients_for(datasets):
+        return [fed.Client(i, d, torch.Generator().manual_seed(cfg.seed * 1000 + i)) for i, d in enumerate(datasets)]
+    init = state["init"]
+    if name == "fedit":
+        return clients_for(encoded), feddpa.fedit_step(m, tok.pad_id, mc), mc.rounds, mc.fraction, init
+    if name == "feddpa-t":
+        return clients_for(encoded), feddpa.feddpa_t_step(m, tok.pad_id, mc, init), mc.rounds, mc.fraction, init
+    if name == "feddpa-f":
+        start = state["trained"]["fedit"]["global"]
+        return clients_for(encoded), feddpa.local_step(m, tok.pad_id, scaled(mc.train, mc.finetune_rounds), start), 1, 1.0, {}
+    if name == "local":
+        return clients_for(encoded), feddpa.local_step(m, tok.pad_id, mc.train, init), mc.rounds, 1.0, {}
+    pooled = [e for d in encoded for e in d]  # centralized: one client holding everything, same total budget
+    train = mc.train if not mc.train.max_steps else scaled(mc.train, len(encoded))
+    mc1 = feddpa.MethodConfig(**{**mc.__dict__, "train": train})
+    return clients_for([pooled]), feddpa.fedit_step(m, tok.pad_id, mc1), mc.rounds, 1.0, init
+
+
+def run_phase(name, cfg, mc, m, tok, encoded, state, save):
+    clients, step, rounds, fraction, start = setup_phase(name, cfg, mc, m, tok, encoded, state)
+    federation = fed.Federation(start, clients)
+    resume = state.get("current")
+    if resume and resume["phase"] == name:  # continue from the last complete round
+        federation.global_adapter, federation.round, federation.history = resume["global"], resume["round"], resume["history"]
+        for c, (local, gen) in zip(clients, resume["clients"]):
+            c.local = local
+            c.generator.set_state(gen)
+        set_rng(resume["rng"])
+    else:
+        torch.manual_seed(cfg.seed * 7919 + list(PHASES).index(name))  # dropout, per phase
+
+    def checkpoint(f: fed.Federation):
+        state["current"] = {"phase": name, "global": f.global_adapter, "round": f.round, "history": f.history,
+                            "clients": [(c.local, c.generator.get_state()) for c in f.clients], "rng": get_rng()}
+        save(state)
+
+    t0 = time.time()
+    fed.run_rounds(federation, rounds, step, fraction, cfg.seed, mc.weighting, desc=name, on_round_end=checkpoint)
+    hist = federation.history
+    print(f"{name:>12}: {rounds} round(s), loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}, "
+          f"{sum(h['bytes_up'] + h['bytes_down'] for h in hist) / 1e6:.2f} MB sent, {sum(h['seconds'] for h in hist):.1f}s")
+    global_adapter = federation.global_adapter if name != "feddpa-f" else state["trained"]["fedit"]["global"]
+    state["trained"][name] = {"global": global_adapter, "locals": [c.local for c in clients], "history": hist,
+                              "seconds": sum(h["seconds"] for h in hist)}
+    state["current"] = None
+    save(state)
+
+
+def get_rng():
+    return {"python": random.getstate(), "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng(rng):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
+    st = rng["numpy"]
+    np.random.set_state((st[0], np.array(st[1], dtype=np.uint32), *st[2:]))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: each client's model answers every task's test set.
+
+def evaluate_method(method, cfg, mc, m, tok, fd, state, device) -> dict:
+    dec = feddpa.Decode(cfg.max_new_tokens, cfg.num_beams, cfg.eval_batch_size, cfg.cutoff)
+    n = len(fd.clients)
+    t0 = time.time()
+    if method in ("base", "fedit", "centralized"):  # one model shared by all clients: evaluate once
+        if method != "base":
+            lora.set_adapter(m, "global", state["trained"][method]["global"])
+        scores = feddpa.evaluate(m, tok, fd.tests, dec, device, {} if method == "base" else {"global": 1.0})
+        per_client = [scores] * n
+    else:
+        phase = method.removesuffix("-fixed")
+        trained = state["trained"][phase]
+        per_client = []
+        for i in range(n):
+            lora.set_adapter(m, "local", trained["locals"][i] if trained["locals"][i] is not None else state["init"])
+            if method == "local":
+                per_client.append(feddpa.evaluate(m, tok, fd.tests, dec, device, {"local": 1.0}))
+                continue
+            lora.set_adapter(m, "global", trained["global"])
+            if method.endswith("-fixed"):
+                mix = {"local": mc.mix, "global": 1 - mc.mix}
+                per_client.append(feddpa.evaluate(m, tok, fd.tests, dec, device, mix))
+            else:
+                refs = feddpa.draw_references(fd.clients[i], mc.k_refs, cfg.seed, i)
+                ref_reps = feddpa.reference_reps(m, tok, refs, mc.pool, device)
+                per_client.append(feddpa.evaluate(m, tok, fd.tests, dec, device, "dynamic", ref_reps, mc))
+    return {**feddpa.p_and_ttp(per_client, fd.client_tasks), "per_client": per_client,
+            "exact": feddpa.p_and_ttp(per_client, fd.client_tasks, "exact"), "eval_seconds": time.time() - t0}
+
+
+# ----------------------------------------------------------------------------------------------
+# Output folder: config.json, checkpoint.pt (after every round), results.json, adapters/
+
+def save_state(out: str, state: dict):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    llama.atomic_write(os.path.join(out, "checkpoint.pt"), [buf.getvalue()])
+
+
+def load_state(out: str) -> dict:
+    path = os.path.join(out, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no checkpoint to resume from")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__})") from None
+
+
+def prepare_out(cfg: Config, args) -> tuple:
+    """(config, state or None). Refuses to touch another run's results unless told to."""
+    if args.resume:
+        path = os.path.join(args.resume, "config.json")
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            cfg = Config(**{**saved, "device": cfg.device})
+        except (OSError, ValueError, TypeError) as e:
+            raise UserError(f"{path}: cannot resume from it ({type(e).__name__}: {e})") from None
+        return cfg, load_state(cfg.out)
+    taken = [f for f in ("results.json", "checkpoint.pt", "config.json") if os.path.exists(os.path.join(cfg.out, f))]
+    if taken and not args.overwrite:
+        raise UserError(f"{cfg.out}: holds another run ({taken[0]}); use --resume {cfg.out}, --overwrite, or another --out")
+    return cfg, None
+
+
+def write_results(cfg: Config, state: dict, fd: data.FedData, seconds: float):
+    res = {"config": asdict(cfg), "client_tasks": fd.client_tasks, "methods": {}, "training": {},
+           "seconds": {"total": seconds, "pretrain": state.get("pretrain_seconds", 0.0)}}
+    for method, r in state["results"].items():
+        res["methods"][method] = {"P": r["P"], "TTP": r["TTP"], "P_exact": r["exact"]["P"],
+                                  "TTP_exact": r["exact"]["TTP"], "eval_seconds": r["eval_seconds"],
+                                  "per_client": r["per_client"]}
+    for phase, t in state["trained"].items():
+        res["training"][phase] = {"seconds": t["seconds"], "history": t["history"],
+                                  "bytes": sum(h["bytes_up"] + h["bytes_down"] for h in t["history"])}
+        d = os.path.join(cfg.out, "adapters", phase)
+        os.makedirs(d, exist_ok=True)
+        if t["global"]:
+            llama.write_safetensors(t["global"], os.path.join(d, "global.safetensors"))
+        for i, local in enumerate(t["locals"]):
+            if local is not None:
+                llama.write_safetensors(local, os.path.join(d, f"client{i}_local.safetensors"))
+    llama.atomic_write(os.path.join(cfg.out, "results.json"), [json.dumps(res, indent=1).encode()])
+
+
+def print_table(state: dict, fd: data.FedData, verbose: bool):
+    print(f"\n{'method':<16}{'P':>8}{'TTP':>8}{'P(EM)':>8}{'TTP(EM)':>9}   (ROUGE-1 F1 / exact match, %)")
+    for method, r in state["results"].items():
+        print(f"{method:<16}{r['P']:8.1f}{r['TTP']:8.1f}{r['exact']['P']:8.1f}{r['exact']['TTP']:9.1f}")
+    if verbose:
+        tasks = list(fd.tests)
+        for method, r in state["results"].items():
+            print(f"\n{method}: ROUGE-1 per client (rows, own task marked *) and test task (columns)")
+            print(" " * 10 + "".join(f"{t[:9]:>10}" for t in tasks))
+            for i, scores in enumerate(r["per_client"]):
+                print(f"client {i:<3}" + "".join(f"{scores[t]['rouge1']:9.1f}{'*' if t == fd.client_tasks[i] else ' '}"
+                                                 for t in tasks))
+
+
+# ----------------------------------------------------------------------------------------------
+
+def run(cfg: Config, args):
+    t_start = time.time()
+    check_config(cfg)
+    cfg, state = prepare_out(cfg, args)
+    device = choose_device(cfg.device)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    fd = load_data(cfg)
+    t0 = time.time()
+    model_dir = pretrain_base(cfg, device) if cfg.model == "builtin" else cfg.model
+    m = llama.from_pretrained(model_dir, device=device)
+    tok = llama.load_tokenizer(model_dir, m.cfg)
+    pretrain_seconds = time.time() - t0
+    encoded = encode_clients(fd, tok, cfg.cutoff)
+    lora.inject(m, cfg.targets.split(","), r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
+    m.eval()
+    if state is None:
+        os.makedirs(cfg.out, exist_ok=True)
+        llama.atomic_write(os.path.join(cfg.out, "config.json"), [json.dumps(asdict(cfg), indent=1).encode()])
+        state = {"init": lora.get_adapter(m, "global"), "trained": {}, "results": {}, "current": None,
+                 "pretrain_seconds": pretrain_seconds}
+    methods = cfg.methods.split(",")
+    mc = method_config(cfg)
+    print(f"data: {fd.name}, {len(fd.clients)} clients, {sum(map(len, fd.clients))} training examples, "
+          f"{len(fd.tests)} test tasks x <= {max(map(len, fd.tests.values()))}; model: {model_dir} "
+          f"({sum(p.numel() for p in m.parameters() if not isinstance(p, torch.nn.Parameter) or True):,} parameters); device {device}")
+    for note in fd.notes:
+        print(f"note: {note}")
+
+    def save(s):
+        save_state(cfg.out, s)
+    for phase, needed in PHASES.items():
+        if needed & set(methods) and phase not in state["trained"]:
+            run_phase(phase, cfg, mc, m, tok, encoded, state, save)
+    for method in methods:
+        if method not in state["results"]:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+                state["results"][method] = evaluate_method(method, cfg, mc, m, tok, fd, state, device)
+            save(state)
+    write_results(cfg, state, fd, time.time() - t_start)
+    print_table(state, fd, args.verbose)
+    print(f"\nresults: {os.path.join(cfg.out, 'results.json')}  ({time.time() - t_start:.0f}s)")
+
+
+def main(argv=None):
+    cfg, args = parse_args(argv)
+    try:
+        run(cfg, args)
+    except KeyboardInterrupt:
+        out = args.resume or cfg.out
+        print(f"\ninterrupted; completed rounds are saved. Resume with: python train.py --resume {out}", file=sys.stderr)
+        sys.exit(130)
+    except (UserError, data.DataError, llama.CheckpointError, fed.Diverged, ValueError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
