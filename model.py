@@ -25,15 +25,15 @@ import torch.nn.functional as F
 
 @dataclass
 class ModelConfig:
-    dim: int = 256                # hidden size
+    dim: int = 128                # hidden size
     n_layers: int = 4
-    n_heads: int = 8
-    n_kv_heads: int = 4           # < n_heads: grouped-query attention
+    n_heads: int = 4
+    n_kv_heads: int = 2           # < n_heads: grouped-query attention
     vocab_size: int = 1024
-    hidden_dim: int = 688         # SwiGLU inner size
+    hidden_dim: int = 344         # SwiGLU inner size
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    max_seq_len: int = 512
+    max_seq_len: int = 256
     tie_embeddings: bool = True
     bos_id: int = 1
     eos_id: int = 2
