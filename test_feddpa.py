@@ -16,8 +16,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import data
+import fed
+import feddpa
 import lora
 import model
+import train
 
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent / "shared"
@@ -285,6 +288,195 @@ def test_real_checkpoint_smollm2_matches_transformers():
     assert until_eos(out[0], tok.eos_id) == until_eos(ref[0], tok.eos_id)
     assert "Paris" in tok.decode(out[0])
 
+
+
+# ==============================================================================================
+# fed.py and feddpa.py: FedAvg, the client/server boundary, FedDPA-T's phases, dynamic weighting
+
+def random_state(seed, shapes=(("a.lora_A.weight", (4, 8)), ("a.lora_B.weight", (8, 4)))):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g) for k, s in shapes}
+
+
+def test_fedavg_is_the_weighted_mean_and_identity_on_equal_states():
+    states, counts = [random_state(s) for s in range(3)], [10, 30, 60]
+    avg = fed.fedavg([fed.Update(s, n) for s, n in zip(states, counts)])
+    for k in avg:
+        want = sum(n / 100 * s[k] for s, n in zip(states, counts))
+        assert torch.allclose(avg[k], want, atol=1e-6)
+    uni = fed.fedavg([fed.Update(s, n) for s, n in zip(states, counts)], weighting="uniform")
+    assert all(torch.allclose(uni[k], sum(s[k] for s in states) / 3, atol=1e-6) for k in uni)
+    same = fed.fedavg([fed.Update(states[0], n) for n in counts])
+    assert all(torch.equal(same[k], states[0][k]) for k in same)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama (random weights) with a sentencepiece tokenizer trained on the built-in data."""
+    d = tmp_path_factory.mktemp("tiny")
+    bench = data.builtin_benchmark(seed=0, n_train=40, n_test=6)
+    texts = data.pretrain_corpus(n_docs=200) + [data.format_prompt(r) + r["output"] for c in bench.clients for r in c]
+    data.train_tokenizer(texts, str(d / "tokenizer.model"), vocab_size=512)
+    torch.manual_seed(0)
+    cfg = model.ModelConfig(**{**model.PRESETS["tiny"].__dict__, "vocab_size": 512})
+    model.save_pretrained(model.Llama(cfg), str(d))
+    return d
+
+
+@pytest.fixture()
+def tiny(tiny_dir):
+    m = model.from_pretrained(str(tiny_dir))
+    tok = model.load_tokenizer(str(tiny_dir), m.cfg)
+    lora.inject(m, r=4, alpha=8)
+    bench = data.builtin_benchmark(seed=0, n_train=40, n_test=6)
+    return m.eval(), tok, bench
+
+
+def snapshot(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def changed(before, after):
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def test_feddpa_t_phases_change_exactly_their_adapter_and_send_no_local(tiny, monkeypatch):
+    m, tok, bench = tiny
+    mc = feddpa.MethodConfig(train=fed.LocalTrain(lr=1e-2, max_steps=2, batch_size=4, micro_batch_size=2))
+    phases = []
+    real = feddpa.train_adapter
+
+    def spy(model_, name, *a, **k):
+        before = snapshot(model_)
+        out = real(model_, name, *a, **k)
+        phases.append((name, changed(before, snapshot(model_))))
+        return out
+    monkeypatch.setattr(feddpa, "train_adapter", spy)
+    init = lora.get_adapter(m, "global")
+    client = fed.Client(0, [data.encode_example(tok, r) for r in bench.clients[0]], torch.Generator().manual_seed(0))
+    step = feddpa.feddpa_t_step(m, tok.pad_id, mc, init)
+    step(0, client, init)                     # round 0: the global adapter only
+    assert [p[0] for p in phases] == ["global"] and client.local is None
+    update, _ = step(1, client, init)         # round 1: local (global frozen), then global alone
+    assert [p[0] for p in phases] == ["global", "local", "global"]
+    for name, keys in phases:
+        assert keys and all(f".{name}." in k and "lora_" in k for k in keys), (name, keys)
+    # the message: the global adapter's tensors and a count, nothing of the local adapter
+    assert set(vars(update)) == {"adapter", "n_examples"} and update.n_examples == len(client.data)
+    assert set(update.adapter) == set(init) == set(client.local)
+    assert not any(torch.equal(update.adapter[k], client.local[k]) for k in update.adapter if "lora_B" in k)
+    local_now = lora.get_adapter(m, "local")
+    assert all(torch.equal(local_now[k], client.local[k]) for k in local_now)
+
+
+def test_run_rounds_messages_carry_only_the_global_adapter(tiny):
+    m, tok, bench = tiny
+    mc = feddpa.MethodConfig(train=fed.LocalTrain(lr=1e-2, max_steps=1, batch_size=4, micro_batch_size=4))
+    init = lora.get_adapter(m, "global")
+    clients = [fed.Client(i, [data.encode_example(tok, r) for r in recs], torch.Generator().manual_seed(i))
+               for i, recs in enumerate(bench.clients[:3])]
+    sent = []
+    step = feddpa.feddpa_t_step(m, tok.pad_id, mc, init)
+
+    def recording(r, c, g):
+        update, metrics = step(r, c, g)
+        sent.append((c, update))
+        return update, metrics
+    federation = fed.run_rounds(fed.Federation(init, clients), 2, recording, fraction=2 / 3, seed=0)
+    assert len(federation.history) == 2 and all(len(h["clients"]) == 2 for h in federation.history)
+    for c, update in sent:
+        assert set(update.adapter) == set(init)
+        if c.local is not None:
+            assert all(update.adapter[k] is not c.local[k] for k in update.adapter)
+    assert federation.history[0]["bytes_up"] == 2 * fed.nbytes(init)
+
+
+def test_references_and_lambda_are_deterministic_and_in_range(tiny):
+    m, tok, bench = tiny
+    for _, layer in lora.lora_layers(m):
+        layer.lora_B["local"].weight.data.normal_(0, 0.1)
+    refs = feddpa.draw_references(bench.clients[2], 5, seed=3, client_id=2)
+    assert refs == feddpa.draw_references(bench.clients[2], 5, seed=3, client_id=2)
+    assert refs != feddpa.draw_references(bench.clients[2], 5, seed=4, client_id=2)
+    reps = feddpa.reference_reps(m, tok, refs, "last", "cpu")
+    assert torch.equal(reps, feddpa.reference_reps(m, tok, refs, "last", "cpu"))
+    tests = [r for recs in bench.tests.values() for r in recs]
+    lams = []
+    for _, ids, mask in feddpa.prompt_batches(tok, tests, 16):
+        lams.append(feddpa.dynamic_lambda(feddpa.represent(m, ids, mask, "last"), reps, alpha=0.5))
+    lam = torch.cat(lams)
+    assert lam.min() >= 0 and lam.max() <= 0.5 and lam.std() > 0
+    own = feddpa.dynamic_lambda(feddpa.represent(m, *feddpa.pad_left([data.encode_prompt(tok, refs[0])], tok.pad_id), "last"), reps, 0.5)
+    assert own.item() > lam.mean().item()  # an instance from the client's own data leans on its local adapter
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_batched_dynamic_weighting_equals_one_instance_at_a_time(tiny, beams):
+    m, tok, bench = tiny
+    torch.manual_seed(1)
+    for _, layer in lora.lora_layers(m):
+        for n in lora.ADAPTERS:
+            layer.lora_B[n].weight.data.normal_(0, 0.3)
+    mc = feddpa.MethodConfig()
+    refs = feddpa.reference_reps(m, tok, feddpa.draw_references(bench.clients[0], 5, 0, 0), "last", "cpu")
+    tests = [recs[0] for recs in bench.tests.values()]
+    dec = feddpa.Decode(max_new_tokens=6, num_beams=beams, batch_size=8)
+    batched, lams = feddpa.answer(m, tok, tests, dec, "cpu", "dynamic", refs, mc)
+    alone = [feddpa.answer(m, tok, [r], dec, "cpu", "dynamic", refs, mc) for r in tests]
+    assert [a[0][0] for a in alone] == batched
+    assert all(abs(a[1][0] - l) < 1e-6 for a, l in zip(alone, lams))
+    assert len(set(batched)) > 1 and len(set(round(l, 4) for l in lams)) > 1
+
+
+# ==============================================================================================
+# ROUGE by hand equals the rouge-score package (which the paper's evaluation uses underneath)
+
+def rouge_pairs():
+    import random
+    rng = random.Random(0)
+    words = ["the", "cat", "Cat", "sat", "on", "mat", "a", "dog's", "x1", "42", "run-time", "ran", "", "!!", "é"]
+    pairs = [("", ""), ("", "the cat"), ("the cat", ""), ("...", "!!"), ("?", "the"), ("The CAT.", "the cat")]
+    for _ in range(300):
+        a = " ".join(rng.choice(words) for _ in range(rng.randint(0, 8)))
+        b = " ".join(rng.choice(words) for _ in range(rng.randint(0, 8)))
+        pairs.append((a, b))
+    return pairs
+
+
+def test_rouge_matches_rouge_score_package():
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
+    for pred, ref in rouge_pairs():
+        want = scorer.score(ref, pred)  # (target, prediction)
+        assert feddpa.rouge1(pred, ref) == pytest.approx(want["rouge1"].fmeasure, abs=1e-12), (pred, ref)
+        assert feddpa.rouge_l(pred, ref) == pytest.approx(want["rougeL"].fmeasure, abs=1e-12), (pred, ref)
+
+
+def test_p_and_ttp():
+    per_client = [{"a": {"rouge1": 80.0}, "b": {"rouge1": 20.0}}, {"a": {"rouge1": 10.0}, "b": {"rouge1": 50.0}}]
+    got = feddpa.p_and_ttp(per_client, ["a", "b"])
+    assert got == {"P": 65.0, "TTP": 40.0}
+
+
+# ==============================================================================================
+# train.py: a tiny end-to-end run of every method
+
+def test_every_method_end_to_end_on_a_tiny_run(tiny_dir, tmp_path, capsys):
+    bench = data.builtin_benchmark(seed=0, n_train=40, n_test=6)
+    data.write_federated(data.federated_data("tiny", bench.clients[:3], [r for recs in list(bench.tests.values())[:3] for r in recs]),
+                         tmp_path / "data")
+    out = tmp_path / "out"
+    train.main(["--data", str(tmp_path / "data"), "--model", str(tiny_dir), "--rounds", "2", "--local-steps", "2",
+                "--batch-size", "4", "--micro-batch-size", "2", "--test-per-task", "3", "--max-new-tokens", "4",
+                "--out", str(out), "-v"])
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["methods"]) == set(feddpa.METHODS)
+    for method, r in res["methods"].items():
+        assert 0 <= r["P"] <= 100 and 0 <= r["TTP"] <= 100 and len(r["per_client"]) == 3
+    assert res["training"]["local"]["bytes"] == 0 and res["training"]["fedit"]["bytes"] > 0
+    assert (out / "adapters" / "feddpa-t" / "client2_local.safetensors").exists()
+    printed = capsys.readouterr().out
+    assert all(m in printed for m in feddpa.METHODS)
 
 # ==============================================================================================
 # data.py
