@@ -164,10 +164,18 @@ def _check_record(rec, where: str) -> None:
     for key in ("input", "task"):
         if key in rec and not isinstance(rec[key], str):
             raise DataError(f"{where}: '{key}' must be a string, not {_JSON_TYPES[type(rec[key])]}")
+    for key in ("instruction", "output", "category", "input", "task"):
+        try:  # JSON's \ud800 escapes can spell a lone surrogate, which no tokenizer accepts
+            rec.get(key, "").encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{where}: '{key}' holds a lone surrogate (\\u{ord(rec[key][e.start]):04x}), not text") from None
 
 
 def _read_text(path: Path) -> str:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:  # e.g. a folder named like a client file
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -180,6 +188,8 @@ def _load_client_file(path: Path) -> list[dict]:
         records = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: line {e.lineno} column {e.colno}: invalid JSON: {e.msg}") from None
+    except (ValueError, RecursionError) as e:  # a number of over 4300 digits; nesting too deep
+        raise DataError(f"{path}: invalid JSON: {str(e).split(';')[0]}") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: the top level must be a list of records, not {_JSON_TYPES[type(records)]}")
     if not records:
@@ -199,6 +209,8 @@ def _load_test_file(path: Path) -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: line {number} column {e.colno}: invalid JSON: {e.msg}") from None
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"{path}: line {number}: invalid JSON: {str(e).split(';')[0]}") from None
         _check_record(rec, f"{path}: line {number}")
         records.append(rec)
     if not records:

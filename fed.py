@@ -1,4 +1,4 @@
-"""The federated loop as plain functions over in-memory state (FedDPA Sec. 3.1; FedAvg, McMahan 2017).
+"""The federated loop as plain functions over in-memory state (FedAvg, McMahan et al. 2017, as FedDPA uses it).
 
 One frozen foundation model lives in memory; its LoRA layers hold two adapter slots, `global` and
 `local` (lora.py). A client's adapters are plain state dicts that it loads into those slots when it

@@ -2,7 +2,8 @@
 
 Each client owns a *global* adapter, trained locally and averaged by the server every round (it
 learns what all clients share: test-time personalization), and a *local* adapter that never leaves
-the client (it learns the client's own task: personalization). Two ways to train them (Sec. 3.2):
+the client (it learns the client's own task: personalization). The local adapter is learned in one
+of two ways, sequentially (F) or iteratively (T):
 
   FedDPA-F  federated LoRA for R rounds, then each client fine-tunes a copy of the final global
             adapter on its own data; that copy is its local adapter.
@@ -11,7 +12,7 @@ the client (it learns the client's own task: personalization). Two ways to train
                 h = W x + (1 - a) * dW_global x + a * dW_local x,      a = 0.5,
             then trains its copy of the global adapter alone and sends it for FedAvg.
 
-At inference the two are mixed per test instance (instance-wise dynamic weighting, Sec. 3.3):
+At inference the two are mixed per test instance (the instance-wise dynamic weighting mechanism):
         lambda(x) = clamp(alpha * mean_k cos(r(x), r(x_k)), 0, 1),   alpha = 0.5,
 where r is the model's representation of an instruction (local adapter active) and x_1..x_K are
 K = 5 of the client's training instructions, drawn once; the local adapter gets lambda and the
@@ -65,7 +66,7 @@ def fedit_step(model, pad_id, cfg: MethodConfig):
 
 
 def feddpa_t_step(model, pad_id, cfg: MethodConfig, fresh_local):
-    """FedDPA-T (Sec. 3.2): local adapter with the frozen global one mixed in, then the global alone."""
+    """FedDPA-T (iterative learning): local adapter with the frozen global one mixed in, then the global alone."""
     global_step = fedit_step(model, pad_id, cfg)
 
     def step(round_, client: Client, global_adapter):
@@ -95,7 +96,7 @@ def local_step(model, pad_id, train: LocalTrain, start: dict):
 
 
 # ----------------------------------------------------------------------------------------------
-# Instance-wise dynamic weighting (Sec. 3.3)
+# Instance-wise dynamic weighting mechanism (inference)
 
 def prompt_batches(tok, records, batch_size, cutoff=512):
     """Encoded, left-padded prompts in batches of similar length; yields (indices, ids, mask)."""

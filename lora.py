@@ -2,7 +2,7 @@
 
 LoRA (Hu et al., 2022) adds a low-rank update to a frozen weight: y = W x + (alpha / r) * B A x, with
 A (r, in) kaiming-uniform and B (out, r) zero, so training starts from the base model exactly.
-FedDPA (Yang et al., 2024, Sec. 3.2-3.3) keeps two such updates per layer, a *global* adapter that
+FedDPA (Yang et al., 2024) keeps two such updates per layer, a *global* adapter that
 the server averages and a *local* one that never leaves the client, and mixes them:
 
     y = W x + sum_name w_name * (alpha / r) * B_name A_name dropout(x)
@@ -134,8 +134,9 @@ def get_adapter(model: nn.Module, name: str) -> dict:
             for path, m in lora_layers(model) for ab in ("lora_A", "lora_B")}
 
 
-def set_adapter(model: nn.Module, name: str, state: dict):
-    """Load get_adapter()'s output into adapter `name`; every tensor must match by name and shape."""
+def check_adapter(model: nn.Module, state: dict, name: str = "global"):
+    """Adapter `name`'s parameters by key; ValueError naming the first tensor of `state` that is missing,
+    unexpected or of another shape."""
     own = {f"{path}.{ab}.weight": getattr(m, ab)[name].weight
            for path, m in lora_layers(model) for ab in ("lora_A", "lora_B")}
     for key in sorted(set(own) | set(state)):
@@ -146,6 +147,12 @@ def set_adapter(model: nn.Module, name: str, state: dict):
         if tuple(state[key].shape) != tuple(own[key].shape):
             raise ValueError(f"adapter tensor {key} has shape {tuple(state[key].shape)}, "
                              f"the model expects {tuple(own[key].shape)}")
+    return own
+
+
+def set_adapter(model: nn.Module, name: str, state: dict):
+    """Load get_adapter()'s output into adapter `name`; every tensor must match by name and shape."""
+    own = check_adapter(model, state, name)
     with torch.no_grad():
         for key, p in own.items():
             p.copy_(state[key])

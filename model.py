@@ -1,6 +1,6 @@
 """A compact Llama-family decoder in plain PyTorch, with Hugging Face-compatible checkpoints.
 
-FedDPA (Yang et al., NeurIPS 2024, Sec. 3) fine-tunes a *frozen* foundation model; this file is that
+FedDPA (Yang et al., NeurIPS 2024) fine-tunes a *frozen* foundation model; this file is that
 model and nothing else: no data, no federation, no device decisions. Parameter names follow the
 Hugging Face Llama layout (`model.layers.N.self_attn.q_proj.weight`, ..., `lm_head.weight`) so real
 checkpoints load key by key, and `save_pretrained` writes an ordinary HF directory.
@@ -237,7 +237,7 @@ class Llama(nn.Module):
         return logits, F.cross_entropy(logits.float(), targets[keep])
 
     def represent(self, input_ids, attention_mask, pool: str = "last"):
-        """An instance's representation (FedDPA Sec. 3.3), (B, dim): the final normalised hidden
+        """An instance's representation (FedDPA's dynamic weighting), (B, dim): the final normalised hidden
         state at the last real token ('last'), or its masked mean over real tokens ('mean')."""
         h = self.hidden(input_ids, attention_mask)
         m = attention_mask.to(h.dtype)
@@ -360,8 +360,8 @@ def read_safetensors(path: str) -> dict:
             raise CheckpointError(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, an over-long number
+            raise CheckpointError(f"{path}: header is not valid JSON ({str(e).splitlines()[0][:200]})") from None
         buf = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8) if size > 8 + n else torch.empty(0, dtype=torch.uint8)
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
@@ -371,13 +371,15 @@ def read_safetensors(path: str) -> dict:
             continue
         try:
             dtype, shape, (begin, end) = SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
-            ok = all(isinstance(d, int) and d >= 0 for d in [*shape, begin, end])
+            ok = type(shape) is list and all(type(d) is int and 0 <= d < 1 << 63 for d in [*shape, begin, end])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        if not ok:
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape or offsets")
         if dtype is None:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
         nbytes = math.prod(shape) * dtype.itemsize
-        if not ok or not begin <= end <= buf.numel() or end - begin != nbytes:
+        if not begin <= end <= buf.numel() or end - begin != nbytes:
             raise CheckpointError(f"{path}: tensor {name!r} offsets [{begin}, {end}) do not fit its "
                                   f"shape {shape} or the {buf.numel()}-byte buffer")
         # clone: a fresh, aligned buffer per tensor (offsets need not be multiples of the item size)
@@ -401,12 +403,17 @@ def write_safetensors(tensors: dict, path: str):
 def atomic_write(path: str, chunks):
     """Write bytes to path via a temporary file, fsync and rename: never a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        for c in chunks:
-            f.write(c)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C included: the old file stays, the partial one goes
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------

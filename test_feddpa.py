@@ -4,8 +4,12 @@ import functools
 import json
 import os
 import re
+import shutil
+import signal
+import struct
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -13,7 +17,7 @@ import pytest
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import data
 import fed
@@ -720,11 +724,11 @@ def test_partition_repools_clients_and_keeps_tests(bench):
 
 def test_builtin_benchmark_tasks_counts_and_splits(bench):
     assert bench.client_tasks == CATEGORIES and list(bench.tests) == CATEGORIES and bench.notes == []
-    for category, train in zip(CATEGORIES, bench.clients):
+    for category, train_set in zip(CATEGORIES, bench.clients):
         test = bench.tests[category]
-        assert len(train) == 300 and len(test) == 200
-        assert {r["category"] for r in train + test} == {category}
-        train_prompts = {data.format_prompt(r) for r in train}
+        assert len(train_set) == 300 and len(test) == 200
+        assert {r["category"] for r in train_set + test} == {category}
+        train_prompts = {data.format_prompt(r) for r in train_set}
         assert len(train_prompts) == 300
         assert train_prompts.isdisjoint(data.format_prompt(r) for r in test)
 
@@ -812,3 +816,522 @@ def test_command_writes_benchmark(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             data.main(argv)
         assert exit_.value.code == 2
+
+
+# ==============================================================================================
+# train.py: checkpoints, resume, and errors the user can fix
+
+# The tiny base model (tiny_dir) and 3 clients x 20 records: a whole run of
+# two methods takes a few seconds, most of it Python start-up.
+TINY_RUN = ["--rounds", "3", "--local-steps", "2", "--batch-size", "4", "--micro-batch-size", "4",
+            "--test-per-task", "2", "--max-new-tokens", "4", "--cutoff", "128", "--methods", "fedit,feddpa-t"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_dir, tmp_path_factory):
+    """(model dir, data dir, arguments of train.main but --out): 3 clients x 20 records."""
+    bench = data.builtin_benchmark(seed=0, n_train=20, n_test=5)
+    tests = [r for task in bench.client_tasks[:3] for r in bench.tests[task]]
+    d = tmp_path_factory.mktemp("tiny_run") / "data"
+    data.write_federated(data.federated_data("tiny", bench.clients[:3], tests), d)
+    return tiny_dir, d, ["--model", str(tiny_dir), "--data", str(d), *TINY_RUN]
+
+
+# train.main in a subprocess that stops itself at an exact point: `how` n, counted from the start
+# of that process. Deterministic, and the process really dies (SIGKILL) or is really interrupted.
+RUNNER = r"""
+import os, signal, sys
+import torch
+import model, train
+torch.set_num_threads(1)  # the same arithmetic in every process
+how, n = sys.argv[1], int(sys.argv[2])
+count = 0
+
+def tick():
+    global count
+    count += 1
+    return count == n
+
+forward = model.Llama.forward
+def counted_forward(self, *args, **kwargs):  # training forward passes only (generation uses hidden)
+    if how in ("mid", "sigint", "nan") and torch.is_grad_enabled() and tick():
+        if how == "mid":                     # SIGKILL in the middle of a round
+            os.kill(os.getpid(), signal.SIGKILL)
+        if how == "sigint":                  # Ctrl-C in the middle of a round
+            os.kill(os.getpid(), signal.SIGINT)
+        if how == "nan":                     # this client's loss becomes NaN
+            logits, loss = forward(self, *args, **kwargs)
+            return logits, loss * float("nan")
+    return forward(self, *args, **kwargs)
+model.Llama.forward = counted_forward
+
+save_state = train.save_state
+def counted_save(out, state):
+    if how == "write" and tick():            # SIGKILL inside the n-th checkpoint write, before its rename
+        replace = os.replace
+        def kill_before_rename(src, dst):
+            if dst.endswith("checkpoint.pt"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            replace(src, dst)
+        os.replace = kill_before_rename
+    save_state(out, state)
+    if how == "between" and tick():          # SIGKILL right after the n-th checkpoint is complete
+        os.kill(os.getpid(), signal.SIGKILL)
+train.save_state = counted_save
+
+train.main(sys.argv[3:])
+"""
+
+# With TINY_RUN: forward passes 1-18 are FedIT (3 rounds x 3 clients x 2 steps); 19-24 FedDPA-T's
+# round 0 (global only); 25-36 its round 1 and 37-48 its round 2 (per client 2 local, then 2 global
+# steps). Checkpoint writes: 1 the initial state, 2-4 FedIT's rounds, 5 its end, 6-8 FedDPA-T's
+# rounds, 9 its end, 10-11 after evaluating each method.
+
+
+def run_tiny(how, n, *args, timeout=120):
+    return subprocess.run([sys.executable, "-c", RUNNER, how, str(n), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def checkpoint_round(out):
+    state = torch.load(Path(out) / "checkpoint.pt", weights_only=True)
+    cur = state["current"]
+    return (cur["phase"], cur["round"]) if cur else None
+
+
+def untimed(x):
+    """results.json without what differs between two identical runs: timings and the output folder."""
+    if isinstance(x, dict):
+        return {k: untimed(v) for k, v in x.items() if k not in ("seconds", "eval_seconds", "out")}
+    return [untimed(v) for v in x] if isinstance(x, list) else x
+
+
+def outcome(out):
+    out = Path(out)
+    adapters = {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "adapters").rglob("*.safetensors"))}
+    return untimed(json.loads((out / "results.json").read_text())), adapters
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_run, tmp_path_factory):
+    """The uninterrupted run."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    r = run_tiny("none", 0, *tiny_run[2], "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return outcome(out)
+
+
+# (how, n, exit code, the checkpoint's (phase, completed rounds) afterwards) for each interruption,
+# each followed by `--resume`; the last resume runs to the end.
+INTERRUPTIONS = {
+    "SIGKILL between rounds": [("between", 7, -signal.SIGKILL, ("feddpa-t", 2))],
+    "SIGKILL mid-round, then mid-checkpoint-write": [
+        ("mid", 40, -signal.SIGKILL, ("feddpa-t", 2)),                  # client 0, round 2, global training
+        ("write", 1, -signal.SIGKILL, ("feddpa-t", 2))],                # resumed: round 2's checkpoint never lands
+    "Ctrl-C mid-round": [("sigint", 9, 130, ("fedit", 1))],              # client 1 in round 1
+    "NaN loss": [("nan", 25, 2, ("feddpa-t", 1))],                       # FedDPA-T: client 0 in round 1
+}
+
+
+@pytest.mark.parametrize("case", INTERRUPTIONS)
+def test_interrupted_and_resumed_run_is_bit_identical(case, tiny_run, reference, tmp_path):
+    out = str(tmp_path / "run")
+    resume = False
+    for how, n, code, where in INTERRUPTIONS[case]:
+        r = run_tiny(how, n, *(["--resume", out] if resume else [*tiny_run[2], "--out", out]))
+        assert r.returncode == code, r.stderr
+        assert checkpoint_round(out) == where
+        assert "Traceback" not in r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        if how == "sigint":
+            assert last == f"interrupted; completed rounds are saved. Resume with: python train.py --resume {out}"
+        if how == "nan":  # names the method, client and round; the last good round stays
+            assert last.startswith("error: feddpa-t: loss became nan while training the local adapter of client 0 in round 1")
+            assert "checkpoint.pt keeps the last good round (1 of 3 complete)" in last
+        if how == "write":
+            assert list(Path(out).glob("checkpoint.pt.tmp*"))  # the half-done write, never renamed
+        resume = True
+    r = run_tiny("none", 0, "--resume", out)
+    assert r.returncode == 0, r.stderr
+    assert not list(Path(out).rglob("*.tmp*"))
+    assert outcome(out) == reference
+
+
+def test_atomic_write_interrupted_keeps_the_old_file(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"old")
+
+    def chunks():
+        yield b"new, half"
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        model.atomic_write(str(path), chunks())
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: exit code 2, one line on stderr that names the problem and the file, no traceback, and
+# an existing output folder left byte for byte as it was.
+
+def main_error(argv, capsys):
+    """(exit code, stderr) of train.main(argv) run in this process."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    return e.value.code, capsys.readouterr().err
+
+
+def assert_one_line(err, *pieces):
+    assert "Traceback" not in err
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    for piece in pieces:
+        assert piece in err, err
+
+
+@pytest.fixture(scope="module")
+def interrupted(tiny_run, tmp_path_factory):
+    """The folder of a run killed after FedDPA-T's round 1: FedIT done, local adapters in the checkpoint."""
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    r = run_tiny("between", 7, *tiny_run[2], "--out", str(out))
+    assert r.returncode == -signal.SIGKILL and checkpoint_round(out) == ("feddpa-t", 2)
+    return out
+
+
+@pytest.fixture
+def run_copy(interrupted, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(interrupted, out)
+    return out
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_data_exits_with_one_line_and_keeps_the_output(case, tiny_run, run_copy, capsys, tmp_path):
+    mutate, pieces = MALFORMED[case]
+    bad = tmp_path / "bad"
+    data.write_federated(small_fed(), bad)
+    mutate(bad)
+    before = tree_bytes(run_copy)
+    code, err = main_error(["--data", str(bad), "--model", str(tiny_run[0]), "--out", str(run_copy), "--overwrite"], capsys)
+    assert code == 2
+    assert_one_line(err, "error: ", *pieces)
+    assert tree_bytes(run_copy) == before
+
+
+def edit_checkpoint(change):
+    def edit(out):
+        path = out / "checkpoint.pt"
+        state = torch.load(path, weights_only=True)
+        change(state)
+        torch.save(state, path)
+    return edit
+
+
+Q0 = "model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+class Payload:
+    """What a malicious checkpoint would run when unpickled: here, create a file."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)
+
+
+BAD_CHECKPOINTS = {  # case -> (edit of a run folder, message pieces)
+    "adapter of the wrong shape": (
+        edit_checkpoint(lambda s: s["trained"]["fedit"]["global"].update({Q0: torch.zeros(4, 64)})),
+        ["checkpoint.pt: fedit global adapter: adapter tensor " + Q0, "shape (4, 64)", "expects (8, 64)"]),
+    "local adapter of the wrong shape": (
+        edit_checkpoint(lambda s: s["current"]["clients"][2][0].update({Q0: torch.zeros(8, 32)})),
+        ["checkpoint.pt: feddpa-t client 2 local adapter: adapter tensor " + Q0, "shape (8, 32)"]),
+    "renamed adapter tensor": (
+        edit_checkpoint(lambda s: s["init"].update({"lm_head.lora_A.weight": s["init"].pop(Q0)})),
+        ["checkpoint.pt: initial adapter: unexpected adapter tensor lm_head.lora_A.weight"]),
+    "fewer clients": (edit_checkpoint(lambda s: s["trained"]["fedit"]["locals"].pop()),
+                      ["checkpoint.pt: fedit has 2 clients, the data 3"]),
+    "not this program's": (edit_checkpoint(lambda s: s.pop("trained")), ["checkpoint.pt: not a checkpoint of this program"]),
+    "truncated": (lambda out: (out / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes()[:5000]),
+                  ["checkpoint.pt: unreadable checkpoint"]),
+    "pickled code": (lambda out: torch.save({"init": Payload(out.parent / "pwned")}, out / "checkpoint.pt"),
+                     ["checkpoint.pt: holds objects other than tensors and plain data; refusing to load it"]),
+    "no checkpoint": (lambda out: (out / "checkpoint.pt").unlink(), ["checkpoint.pt: no checkpoint to resume from"]),
+    "bad config.json": (lambda out: (out / "config.json").write_text('{"rounds": "3"}'),
+                        ["config.json: rounds is '3', not a int"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHECKPOINTS)
+def test_bad_checkpoint_exits_with_one_line_and_keeps_the_output(case, run_copy, capsys):
+    edit, pieces = BAD_CHECKPOINTS[case]
+    edit(run_copy)
+    before = tree_bytes(run_copy)
+    code, err = main_error(["--resume", str(run_copy)], capsys)
+    assert code == 2
+    assert_one_line(err, "error: ", *pieces)
+    assert tree_bytes(run_copy) == before
+    assert not (run_copy.parent / "pwned").exists()
+
+
+def safetensors_bytes(header: dict, buffer: bytes) -> bytes:
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + buffer
+
+
+def edit_weights(change):
+    """Rewrite the copied base model's model.safetensors: change(header, buffer) -> file bytes."""
+    def edit(base):
+        raw = (base / "model.safetensors").read_bytes()
+        n = struct.unpack("<Q", raw[:8])[0]
+        (base / "model.safetensors").write_bytes(change(json.loads(raw[8:8 + n]), raw[8 + n:]))
+    return edit
+
+
+def entry(header):
+    return next(k for k in header if k != "__metadata__")
+
+
+BAD_MODELS = {  # --model DIR whose model.safetensors is damaged -> message pieces
+    "header length past the end": (edit_weights(lambda h, b: struct.pack("<Q", 10 ** 9) + json.dumps(h).encode()),
+                                   ["model.safetensors: header length 1000000000 runs past the end"]),
+    "truncated": (edit_weights(lambda h, b: safetensors_bytes(h, b[:len(b) // 2])), ["model.safetensors: tensor", "do not fit"]),
+    "offsets outside the buffer": (
+        edit_weights(lambda h, b: safetensors_bytes({**h, entry(h): {**h[entry(h)], "data_offsets": [len(b), len(b) + 64]}}, b)),
+        ["model.safetensors: tensor", "offsets", "do not fit"]),
+    "unknown dtype": (edit_weights(lambda h, b: safetensors_bytes({**h, entry(h): {**h[entry(h)], "dtype": "Q7"}}, b)),
+                      ["model.safetensors: tensor", "unsupported dtype 'Q7'"]),
+    "header not JSON": (edit_weights(lambda h, b: struct.pack("<Q", 4) + b"{{{{" + b), ["model.safetensors: header is not valid JSON"]),
+    "boolean in a shape": (edit_weights(lambda h, b: safetensors_bytes({**h, entry(h): {**h[entry(h)], "shape": [True, 1]}}, b)),
+                           ["model.safetensors: tensor", "malformed shape"]),
+    "empty file": (lambda base: (base / "model.safetensors").write_bytes(b""), ["model.safetensors: truncated safetensors file"]),
+    "a tensor of another shape": (
+        lambda base: (base / "config.json").write_text((base / "config.json").read_text().replace('"intermediate_size": 176', '"intermediate_size": 180')),
+        ["tensor model.layers.0.mlp.down_proj.weight has shape (64, 176), the config implies (64, 180)"]),
+    "damaged tokenizer": (lambda base: (base / "tokenizer.model").write_bytes(b"\x00junk"), ["cannot load the tokenizer"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_MODELS)
+def test_bad_model_exits_with_one_line_and_keeps_the_output(case, tiny_run, run_copy, capsys, tmp_path):
+    edit, pieces = BAD_MODELS[case]
+    base = tmp_path / "base"
+    shutil.copytree(tiny_run[0], base)
+    edit(base)
+    before = tree_bytes(run_copy)
+    code, err = main_error([*tiny_run[2], "--model", str(base), "--out", str(run_copy), "--overwrite"], capsys)
+    assert code == 2
+    assert_one_line(err, f"error: {base}", *pieces)
+    assert tree_bytes(run_copy) == before
+
+
+BAD_CONFIGS = {  # extra arguments -> message pieces
+    "another run's folder": ([], ["holds another run (results.json); use --resume", "--overwrite"]),
+    "unknown method": (["--overwrite", "--methods", "fedit,fedprox"], ["unknown method(s) fedprox; choose from base, local"]),
+    "client fraction 0": (["--overwrite", "--fraction", "0"], ["--fraction 0.0 must be in (0, 1]"]),
+    "rank 0": (["--overwrite", "--lora-r", "0"], ["--lora-r 0 must be >= 1"]),
+    "cutoff shorter than the prompt": (["--overwrite", "--cutoff", "8"], ["--cutoff 8 is too short: the prompt template alone takes"]),
+    "more clients than examples": (["--overwrite", "--clients", "100", "--min-client-size", "1"],
+                                   ["data: --clients 100: cannot give 100 clients 1 records each from 60 records"]),
+    "longer than the model reads": (["--overwrite", "--cutoff", "512", "--max-new-tokens", "250"],
+                                    ["the model reads at most 256 tokens", "--max-new-tokens 250"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_impossible_config_exits_with_one_line_and_keeps_the_output(case, tiny_run, run_copy, capsys):
+    extra, pieces = BAD_CONFIGS[case]
+    (run_copy / "results.json").write_text("{}")  # as a finished run has one
+    before = tree_bytes(run_copy)
+    code, err = main_error([*tiny_run[2], "--out", str(run_copy), *extra], capsys)
+    assert code == 2
+    assert_one_line(err, "error: ", *pieces)
+    assert tree_bytes(run_copy) == before
+
+
+def test_diverging_run_stops_naming_client_and_round(tiny_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = main_error([*tiny_run[2], "--out", str(out), "--lr", "1e30"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: fedit: loss became")
+    assert "of client 0 in round 0; stopped" in err and "keeps the last good round (0 of 3 complete)" in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["current"] is None  # the initial state
+
+
+def test_errors_in_a_subprocess_are_one_line_without_traceback(tiny_run, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_run[0], base)
+    BAD_MODELS["offsets outside the buffer"][0](base)
+    for args in ([*tiny_run[2], "--model", str(base), "--out", str(tmp_path / "a")],
+                 [*tiny_run[2], "--out", str(tmp_path / "b"), "--methods", "fedavg"]):
+        r = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and r.stdout == ""
+        assert_one_line(r.stderr, "error: ")
+        assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    r = subprocess.run([sys.executable, "train.py", *args, "--debug"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "UserError: unknown method(s) fedavg" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Fuzz: random damage to valid files gives a one-line DataError / CheckpointError or loads; never
+# another exception, never a hang.
+
+def mutations():
+    """A function that damages bytes: flip, insert, delete, truncate, or splice in JSON-ish text."""
+    tokens = st.sampled_from([b"{", b"}", b"[", b"]", b'"', b",", b":", b"null", b"1e999", b"-1", b"\\ud800",
+                              b"\xff", b"\n", b'"shape"', b'"dtype"', b'"data_offsets"', b'"F32"', b"[" * 2000,
+                              b"9" * 5000, b"true", b"0"])
+    op = st.one_of(
+        st.tuples(st.just("flip"), st.floats(0, 1), st.integers(0, 255)),
+        st.tuples(st.just("insert"), st.floats(0, 1), tokens),
+        st.tuples(st.just("delete"), st.floats(0, 1), st.integers(1, 40)),
+        st.tuples(st.just("truncate"), st.floats(0, 1), st.none()))
+
+    def apply(raw: bytes, ops, limit=None) -> bytes:
+        b = bytearray(raw)
+        for kind, where, arg in ops:
+            i = int(where * min(len(b), limit or len(b)))
+            if kind == "flip" and i < len(b):
+                b[i] = arg
+            elif kind == "insert":
+                b[i:i] = arg
+            elif kind == "delete":
+                del b[i:i + arg]
+            elif kind == "truncate":
+                del b[i:]
+        return bytes(b)
+    return st.lists(op, min_size=1, max_size=4), apply
+
+
+def json_edits():
+    """Replace one value deep inside a JSON document with another JSON value."""
+    leaf = st.one_of(st.none(), st.booleans(), st.integers(-2, 2 ** 64), st.floats(allow_nan=True),
+                     st.text(max_size=5), st.sampled_from(["F32", "BF16", "I64", "", "\ud800"]))
+    return st.recursive(leaf, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+                        max_leaves=6)
+
+
+def replace_somewhere(doc, path_choices, value):
+    """doc with the value at a path chosen by path_choices (floats in [0, 1)) replaced."""
+    if not path_choices or not isinstance(doc, (dict, list)) or not doc:
+        return value
+    keys = list(doc) if isinstance(doc, dict) else list(range(len(doc)))
+    k = keys[int(path_choices[0] * len(keys))]
+    new = dict(doc) if isinstance(doc, dict) else list(doc)
+    new[k] = replace_somewhere(doc[k], path_choices[1:], value)
+    return new
+
+
+MUTATE, APPLY = mutations()
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir():
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        data.write_federated(data.builtin_benchmark(seed=0, n_train=3, n_test=2), d / "data")
+        torch.manual_seed(0)
+        model.write_safetensors({"a": torch.randn(2, 3), "b": torch.randn(4).bfloat16(), "c": torch.zeros(0, 5)},
+                                str(d / "w.safetensors"))
+        yield d
+
+
+def one_line_or_ok(fn, error, *args):
+    try:
+        return fn(*args)
+    except error as e:
+        assert "\n" not in str(e) and str(e), repr(e)
+
+
+def text_a_tokenizer_takes(fd):
+    for recs in [*fd.clients, *fd.tests.values()]:
+        for rec in recs:
+            for v in rec.values():
+                v.encode("utf-8") if isinstance(v, str) else None
+
+
+@FUZZ
+@given(target=st.sampled_from(["8/local_training_0.json", "test.jsonl"]), ops=MUTATE,
+       edit=st.tuples(st.lists(st.floats(0, 0.999), max_size=4), json_edits()), structural=st.booleans())
+def test_fuzzed_data_files_give_data_errors(fuzz_dir, target, ops, edit, structural):
+    path = fuzz_dir / "data" / target
+    raw = path.read_bytes()
+    try:
+        if structural:  # valid JSON, wrong content
+            if target == "test.jsonl":
+                lines = raw.decode().split("\n")
+                i = int(edit[0][0] * len(lines)) if edit[0] else 0
+                lines[i] = json.dumps(replace_somewhere(json.loads(lines[i] or "{}"), edit[0][1:], edit[1]))
+                path.write_bytes("\n".join(lines).encode("utf-8", "surrogatepass"))
+            else:
+                path.write_bytes(json.dumps(replace_somewhere(json.loads(raw), edit[0], edit[1])).encode())
+        else:
+            path.write_bytes(APPLY(raw, ops))
+        fd = one_line_or_ok(data.load_federated, data.DataError, fuzz_dir / "data")
+        if fd is not None:  # what loads can be trained on
+            text_a_tokenizer_takes(fd)
+    finally:
+        path.write_bytes(raw)
+
+
+@FUZZ
+@given(ops=MUTATE, edit=st.tuples(st.lists(st.floats(0, 0.999), max_size=3), json_edits()),
+       structural=st.booleans(), header_only=st.booleans())
+def test_fuzzed_safetensors_give_checkpoint_errors(fuzz_dir, ops, edit, structural, header_only):
+    raw = (fuzz_dir / "w.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    if structural:  # a valid JSON header with one value replaced, the length field kept right
+        bad = safetensors_bytes(replace_somewhere(json.loads(raw[8:8 + n]), edit[0], edit[1]), raw[8 + n:])
+    else:           # damaged bytes, mostly in the header length and the header
+        bad = APPLY(raw, ops, limit=8 + n if header_only else None)
+    path = fuzz_dir / "fuzzed.safetensors"
+    path.write_bytes(bad)
+    one_line_or_ok(model.read_safetensors, model.CheckpointError, str(path))
+
+
+JSON_EDGES = {  # what json.loads raises besides JSONDecodeError, and what it lets through
+    "nesting too deep": (b"[" * 100_000, "invalid JSON: maximum recursion depth"),
+    "number too long": (b"[" + b"9" * 5000 + b"]", "invalid JSON: Exceeds the limit (4300 digits)"),
+    "lone surrogate": (b'[{"instruction": "a\\udc00", "output": "b", "category": "c"}]', "'instruction' holds a lone surrogate"),
+}
+
+
+@pytest.mark.parametrize("case", JSON_EDGES)
+def test_json_edge_cases_are_data_errors(case, fuzz_dir, tmp_path):
+    text, piece = JSON_EDGES[case]
+    shutil.copytree(fuzz_dir / "data", tmp_path / "data")
+    (tmp_path / "data" / "8" / "local_training_0.json").write_bytes(text)
+    with pytest.raises(data.DataError, match=r"local_training_0.json: .*" + re.escape(piece)):
+        data.load_federated(tmp_path / "data")
+    (tmp_path / "data" / "8" / "local_training_0.json").unlink()
+    (tmp_path / "data" / "8" / "local_training_0.json").mkdir()  # a folder where a file should be
+    with pytest.raises(data.DataError, match="local_training_0.json: cannot read"):
+        data.load_federated(tmp_path / "data")
+
+
+SAFETENSORS_EDGES = {
+    "nesting too deep": (struct.pack("<Q", 100_000) + b"[" * 100_000, "header is not valid JSON"),
+    "dimension past int64": (safetensors_bytes({"a": {"dtype": "F32", "shape": [0, 2 ** 63], "data_offsets": [0, 0]}}, b""),
+                             "malformed shape"),
+    "shape not a list": (safetensors_bytes({"a": {"dtype": "F32", "shape": "ab", "data_offsets": [0, 0]}}, b""), "malformed shape"),
+    "offsets not a pair": (safetensors_bytes({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 8]}}, b"\0" * 8),
+                           "malformed header entry"),
+}
+
+
+@pytest.mark.parametrize("case", SAFETENSORS_EDGES)
+def test_safetensors_edge_cases_are_checkpoint_errors(case, tmp_path):
+    raw, piece = SAFETENSORS_EDGES[case]
+    (tmp_path / "m.safetensors").write_bytes(raw)
+    with pytest.raises(model.CheckpointError, match="m.safetensors: .*" + re.escape(piece)):
+        model.read_safetensors(str(tmp_path / "m.safetensors"))
+
+
+def test_nothing_is_unpickled_but_through_weights_only_torch_load():
+    for path in ROOT.glob("*.py"):
+        if path.name.startswith("test_"):  # the patterns below are in this file
+            continue
+        src = path.read_text()
+        assert not re.search(r"pickle\.loads?\(|Unpickler|allow_pickle=True|weights_only=False", src), path
+        for call in re.findall(r"torch\.load\([^)]*\)", src):
+            assert "weights_only=True" in call, (path, call)

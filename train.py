@@ -9,14 +9,15 @@ as an HF directory); the training phases, checkpointed after every round; evalua
 results.json. `--resume OUT` continues an interrupted run from its last complete round.
 """
 import argparse
+import glob
 import hashlib
 import io
 import json
 import math
 import os
+import pickle
 import random
 import shutil
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -115,7 +116,14 @@ def check_config(cfg: Config):
                 (cfg.device not in ("auto", "cpu", "cuda"), f"--device {cfg.device!r}: auto, cpu or cuda"),
                 (cfg.k_refs < 1, f"--k-refs {cfg.k_refs} must be >= 1"),
                 (cfg.num_beams < 1 or cfg.max_new_tokens < 1, "--num-beams and --max-new-tokens must be >= 1"),
-                (cfg.clients < 0, f"--clients {cfg.clients} must be >= 0")]
+                (cfg.clients < 0, f"--clients {cfg.clients} must be >= 0"),
+                (cfg.dirichlet_alpha <= 0, f"--dirichlet-alpha {cfg.dirichlet_alpha} must be > 0"),
+                (cfg.cutoff < 2, f"--cutoff {cfg.cutoff} must be >= 2"),
+                (not 0 <= cfg.mix <= 1, f"--mix {cfg.mix} must be in [0, 1]"),
+                (not 0 <= cfg.lora_dropout < 1, f"--lora-dropout {cfg.lora_dropout} must be in [0, 1)"),
+                (cfg.finetune_rounds <= 0, f"--finetune-rounds {cfg.finetune_rounds} must be > 0"),
+                (cfg.test_per_task < 0, f"--test-per-task {cfg.test_per_task} must be >= 0"),
+                (cfg.eval_batch_size < 1 or cfg.pretrain_steps < 1, "--eval-batch-size and --pretrain-steps must be >= 1")]
     for failed, msg in problems:
         if failed:
             raise UserError(msg)
@@ -176,13 +184,43 @@ def pretrain_base(cfg: Config, device) -> str:
 def load_data(cfg: Config) -> data.FedData:
     fd = data.builtin_benchmark(cfg.seed) if cfg.data == "builtin" else data.load_federated(cfg.data)
     if cfg.clients:
-        fd = data.partition(fd, cfg.clients, cfg.dirichlet_alpha, cfg.min_client_size, cfg.seed)
+        try:
+            fd = data.partition(fd, cfg.clients, cfg.dirichlet_alpha, cfg.min_client_size, cfg.seed)
+        except ValueError as e:  # e.g. more clients than examples
+            raise UserError(f"{cfg.data}: --clients {cfg.clients}: {e}") from None
     if cfg.test_per_task:
         fd.tests = {task: recs[:cfg.test_per_task] for task, recs in fd.tests.items()}
     return fd
 
 
+def load_tokenizer(model_dir: str):
+    cfg = llama.config_from_hf(os.path.join(model_dir, "config.json"))
+    try:
+        return llama.load_tokenizer(model_dir, cfg), cfg
+    except llama.CheckpointError:
+        raise
+    except Exception as e:  # what sentencepiece or tokenizers raise for a damaged file
+        raise UserError(f"{model_dir}: cannot load the tokenizer ({first_line(e)})") from None
+
+
+def check_lengths(cfg: Config, tok, max_seq_len: int, fd: data.FedData, encoded: list):
+    """Up front, not hours later: every training sequence and every test prompt plus its answer fits
+    the model's context."""
+    longest = max(len(e["input_ids"]) for ex in encoded for e in ex)
+    if longest > max_seq_len:
+        raise UserError(f"{cfg.model}: the model reads at most {max_seq_len} tokens, but a training example has "
+                        f"{longest}; lower --cutoff")
+    prompt = max(len(data.encode_prompt(tok, r, cfg.cutoff)) for recs in fd.tests.values() for r in recs)
+    if prompt + cfg.max_new_tokens > max_seq_len:
+        raise UserError(f"{cfg.model}: the model reads at most {max_seq_len} tokens, but a test prompt of {prompt} "
+                        f"plus --max-new-tokens {cfg.max_new_tokens} needs {prompt + cfg.max_new_tokens}; "
+                        "lower --cutoff or --max-new-tokens")
+
+
 def encode_clients(fd: data.FedData, tok, cutoff: int) -> list:
+    template = len(data.encode_prompt(tok, {"instruction": ""}, 1 << 30))  # BOS and the prompt's fixed text
+    if cutoff <= template + 1:  # room for at least one token of instruction and one of response
+        raise UserError(f"--cutoff {cutoff} is too short: the prompt template alone takes {template} tokens")
     encoded = []
     for i, recs in enumerate(fd.clients):
         ex = [e for e in (data.encode_example(tok, r, cutoff) for r in recs) if e is not None]
@@ -257,8 +295,11 @@ def run_phase(name, cfg, mc, m, tok, encoded, state, save):
                             "clients": [(c.local, c.generator.get_state()) for c in f.clients], "rng": get_rng()}
         save(state)
 
-    t0 = time.time()
-    fed.run_rounds(federation, rounds, step, fraction, cfg.seed, mc.weighting, desc=name, on_round_end=checkpoint)
+    try:
+        fed.run_rounds(federation, rounds, step, fraction, cfg.seed, mc.weighting, desc=name, on_round_end=checkpoint)
+    except fed.Diverged as e:  # nothing of the failed round is saved: the checkpoint keeps the last good one
+        raise fed.Diverged(f"{name}: {e}; stopped, {os.path.join(cfg.out, 'checkpoint.pt')} keeps the last "
+                           f"good round ({federation.round} of {rounds} complete)") from None
     hist = federation.history
     print(f"{name:>12}: {rounds} round(s), loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}, "
           f"{sum(h['bytes_up'] + h['bytes_down'] for h in hist) / 1e6:.2f} MB sent, {sum(h['seconds'] for h in hist):.1f}s")
@@ -279,7 +320,7 @@ def set_rng(rng):
     st = rng["numpy"]
     np.random.set_state((st[0], np.array(st[1], dtype=np.uint32), *st[2:]))
     torch.set_rng_state(rng["torch"])
-    if rng["cuda"]:
+    if rng["cuda"] and torch.cuda.is_available():  # a GPU run resumed on a CPU continues, not bit for bit
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
@@ -320,36 +361,110 @@ def evaluate_method(method, cfg, mc, m, tok, fd, state, device) -> dict:
 # Output folder: config.json, checkpoint.pt (after every round), results.json, adapters/
 
 def save_state(out: str, state: dict):
+    """The whole run after a round, written atomically (a kill at any moment leaves the previous one):
+    adapters, round, metrics, every RNG and client generator. No optimizer state: each local run
+    starts a fresh AdamW, so none carries over between rounds."""
     buf = io.BytesIO()
     torch.save(state, buf)
     llama.atomic_write(os.path.join(out, "checkpoint.pt"), [buf.getvalue()])
+
+
+def first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
 
 
 def load_state(out: str) -> dict:
     path = os.path.join(out, "checkpoint.pt")
     if not os.path.isfile(path):
         raise UserError(f"{path}: no checkpoint to resume from")
-    try:
+    try:  # weights_only: tensors and plain containers; a checkpoint is never code to unpickle
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: holds objects other than tensors and plain data; refusing to load it") from None
     except Exception as e:
-        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__})") from None
+        raise UserError(f"{path}: unreadable checkpoint ({first_line(e)})") from None
+
+
+def check_state(state, m, n_clients: int, path: str):
+    """Refuse, before anything is written, a checkpoint that does not fit this run: each adapter in it
+    must have exactly the model's tensor names and shapes, each phase one entry per client, and the
+    generator states must load."""
+    def adapter(where, a, optional=False):
+        if optional and not a:  # the Local baseline has no global adapter, a client may have no local one
+            return
+        try:
+            lora.check_adapter(m, a)
+        except ValueError as e:
+            raise UserError(f"{path}: {where}: {e}") from None
+
+    def clients(where, xs, phase):
+        if len(xs) != (1 if phase == "centralized" else n_clients):
+            raise UserError(f"{path}: {where} has {len(xs)} clients, the data {n_clients}")
+
+    try:
+        adapter("initial adapter", state["init"])
+        for phase, t in state["trained"].items():
+            adapter(f"{phase} global adapter", t["global"], optional=True)
+            clients(phase, t["locals"], phase)
+            for i, local in enumerate(t["locals"]):
+                adapter(f"{phase} client {i} local adapter", local, optional=True)
+            # read here what write_results and print_table read, so that a damaged entry fails now
+            t["seconds"] + sum(h["seconds"] + h["bytes_up"] + h["bytes_down"] for h in t["history"])
+        for r in state["results"].values():
+            r["P"] + r["TTP"] + r["exact"]["P"] + r["exact"]["TTP"] + r["eval_seconds"] + len(r["per_client"])
+        cur = state["current"]
+        if cur is not None:
+            adapter(f"{cur['phase']} global adapter", cur["global"], optional=True)
+            clients(cur["phase"], cur["clients"], cur["phase"])
+            for i, (local, gen) in enumerate(cur["clients"]):
+                adapter(f"{cur['phase']} client {i} local adapter", local, optional=True)
+                torch.Generator().set_state(gen)
+            int(cur["round"]), list(cur["history"])
+            saved = get_rng()
+            set_rng(cur["rng"])
+            set_rng(saved)
+    except UserError:
+        raise
+    except Exception as e:  # a missing key, a wrong type: not a checkpoint of this program
+        raise UserError(f"{path}: not a checkpoint of this program ({first_line(e)})") from None
 
 
 def prepare_out(cfg: Config, args) -> tuple:
-    """(config, state or None). Refuses to touch another run's results unless told to."""
+    """(config, state or None). Refuses to touch another run's results unless told to; reads only."""
     if args.resume:
         path = os.path.join(args.resume, "config.json")
         try:
             with open(path) as f:
                 saved = json.load(f)
-            cfg = Config(**{**saved, "device": cfg.device})
+            cfg = Config(**{**saved, "device": cfg.device, "out": args.resume})  # the folder may have moved
         except (OSError, ValueError, TypeError) as e:
-            raise UserError(f"{path}: cannot resume from it ({type(e).__name__}: {e})") from None
+            raise UserError(f"{path}: cannot resume from it ({first_line(e)})") from None
+        for f in fields(Config):
+            v, want = getattr(cfg, f.name), type(f.default)
+            if not (type(v) is want or want is float and type(v) is int):
+                raise UserError(f"{path}: {f.name} is {v!r}, not a {want.__name__}")
         return cfg, load_state(cfg.out)
-    taken = [f for f in ("results.json", "checkpoint.pt", "config.json") if os.path.exists(os.path.join(cfg.out, f))]
+    taken = [f for f in OUTPUTS if os.path.exists(os.path.join(cfg.out, f))]
     if taken and not args.overwrite:
         raise UserError(f"{cfg.out}: holds another run ({taken[0]}); use --resume {cfg.out}, --overwrite, or another --out")
     return cfg, None
+
+
+OUTPUTS = ("results.json", "checkpoint.pt", "config.json", "adapters")
+
+
+def start_out(cfg: Config, state: dict, save):
+    """A new run's first writes, once everything has been checked: the old run's files go (--overwrite),
+    then the initial checkpoint and config.json, so that from here on --resume always works."""
+    os.makedirs(cfg.out, exist_ok=True)
+    for name in OUTPUTS:
+        path = os.path.join(cfg.out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    save(state)
+    llama.atomic_write(os.path.join(cfg.out, "config.json"), [json.dumps(asdict(cfg), indent=1).encode()])
 
 
 def write_results(cfg: Config, state: dict, fd: data.FedData, seconds: float):
@@ -389,9 +504,11 @@ def print_table(state: dict, fd: data.FedData, verbose: bool):
 # ----------------------------------------------------------------------------------------------
 
 def run(cfg: Config, args):
+    """Everything is read and checked before the first write, so a run that fails on bad input leaves
+    any existing output folder exactly as it was."""
     t_start = time.time()
-    check_config(cfg)
     cfg, state = prepare_out(cfg, args)
+    check_config(cfg)
     device = choose_device(cfg.device)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -399,17 +516,24 @@ def run(cfg: Config, args):
     fd = load_data(cfg)
     t0 = time.time()
     model_dir = pretrain_base(cfg, device) if cfg.model == "builtin" else cfg.model
-    m = llama.from_pretrained(model_dir, device=device)
-    tok = llama.load_tokenizer(model_dir, m.cfg)
-    pretrain_seconds = time.time() - t0
+    tok, model_cfg = load_tokenizer(model_dir)
     encoded = encode_clients(fd, tok, cfg.cutoff)
+    check_lengths(cfg, tok, model_cfg.max_seq_len, fd, encoded)
+    m = llama.from_pretrained(model_dir, device=device)
+    pretrain_seconds = time.time() - t0
     lora.inject(m, cfg.targets.split(","), r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
     m.eval()
+
+    def save(s):
+        save_state(cfg.out, s)
     if state is None:
-        os.makedirs(cfg.out, exist_ok=True)
-        llama.atomic_write(os.path.join(cfg.out, "config.json"), [json.dumps(asdict(cfg), indent=1).encode()])
         state = {"init": lora.get_adapter(m, "global"), "trained": {}, "results": {}, "current": None,
                  "pretrain_seconds": pretrain_seconds}
+        start_out(cfg, state, save)
+    else:
+        check_state(state, m, len(fd.clients), os.path.join(cfg.out, "checkpoint.pt"))
+        for tmp in glob.glob(os.path.join(glob.escape(cfg.out), "**", "*.tmp[0-9]*"), recursive=True):
+            os.remove(tmp)  # what a killed atomic_write left behind
     methods = cfg.methods.split(",")
     mc = method_config(cfg)
     print(f"data: {fd.name}, {len(fd.clients)} clients, {sum(map(len, fd.clients))} training examples, "
@@ -418,8 +542,6 @@ def run(cfg: Config, args):
     for note in fd.notes:
         print(f"note: {note}")
 
-    def save(s):
-        save_state(cfg.out, s)
     for phase, needed in PHASES.items():
         if needed & set(methods) and phase not in state["trained"]:
             run_phase(phase, cfg, mc, m, tok, encoded, state, save)
@@ -439,9 +561,12 @@ def main(argv=None):
         run(cfg, args)
     except KeyboardInterrupt:
         out = args.resume or cfg.out
-        print(f"\ninterrupted; completed rounds are saved. Resume with: python train.py --resume {out}", file=sys.stderr)
+        if os.path.isfile(os.path.join(out, "config.json")):
+            print(f"interrupted; completed rounds are saved. Resume with: python train.py --resume {out}", file=sys.stderr)
+        else:
+            print("interrupted before the run started; nothing was saved", file=sys.stderr)
         sys.exit(130)
-    except (UserError, data.DataError, llama.CheckpointError, fed.Diverged, ValueError) as e:
+    except (UserError, data.DataError, llama.CheckpointError, fed.Diverged, ValueError, OSError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
