@@ -16,7 +16,6 @@ Top to bottom:
 import argparse
 import io
 import json
-import os
 import random
 import re
 from collections import Counter, defaultdict
@@ -27,6 +26,8 @@ from typing import Iterable
 import numpy as np
 import sentencepiece as spm
 import torch
+
+from model import atomic_write
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -106,14 +107,7 @@ def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int = 102
         input_sentence_size=0, shuffle_input_sentence=False, num_threads=1,
         max_sentence_length=1 << 16,  # the default (4192 bytes) silently skips longer texts
         unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2)
-    _write_atomic(Path(model_path), buf.getvalue())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write through a temporary sibling and os.replace, so no reader sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(str(model_path), [buf.getvalue()])
 
 
 # ---------------------------------------------------------------- federated file layout
@@ -263,9 +257,9 @@ def write_federated(fed: FedData, path: str | Path) -> None:
     client_dir.mkdir(parents=True, exist_ok=True)
     for i, records in enumerate(fed.clients):
         text = json.dumps(records, ensure_ascii=False) + "\n"
-        _write_atomic(client_dir / f"local_training_{i}.json", text.encode("utf-8"))
+        atomic_write(str(client_dir / f"local_training_{i}.json"), [text.encode("utf-8")])
     lines = [json.dumps(rec, ensure_ascii=False) + "\n" for recs in fed.tests.values() for rec in recs]
-    _write_atomic(root / "test.jsonl", "".join(lines).encode("utf-8"))
+    atomic_write(str(root / "test.jsonl"), ["".join(lines).encode("utf-8")])
 
 
 # ------------------------------------------------------------------ built-in benchmark

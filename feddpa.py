@@ -122,10 +122,10 @@ def draw_references(records, k: int, seed: int, client_id: int) -> list:
 
 
 @torch.no_grad()
-def reference_reps(model, tok, refs, pool, device) -> torch.Tensor:
+def reference_reps(model, tok, refs, pool, device, cutoff=512) -> torch.Tensor:
     """Cached representations of the client's reference instructions, (K, dim); local adapter loaded."""
     reps = torch.empty(len(refs), model.cfg.dim, device=device)
-    for idx, ids, mask in prompt_batches(tok, refs, len(refs)):
+    for idx, ids, mask in prompt_batches(tok, refs, len(refs), cutoff):
         reps[idx] = represent(model, ids.to(device), mask.to(device), pool).float()
     return reps
 

@@ -291,6 +291,9 @@ def run_phase(name, cfg, mc, m, tok, encoded, state, save):
         torch.manual_seed(cfg.seed * 7919 + list(PHASES).index(name))  # dropout, per phase
 
     def checkpoint(f: fed.Federation):
+        h = f.history[-1]
+        tqdm.write(f"{name:>12} round {h['round']:>2}: loss {h['loss']:.3f}, {len(h['clients'])} clients, "
+                   f"{(h['bytes_down'] + h['bytes_up']) / 1e6:.2f} MB, {h['seconds']:.1f}s")
         state["current"] = {"phase": name, "global": f.global_adapter, "round": f.round, "history": f.history,
                             "clients": [(c.local, c.generator.get_state()) for c in f.clients], "rng": get_rng()}
         save(state)
@@ -351,7 +354,7 @@ def evaluate_method(method, cfg, mc, m, tok, fd, state, device) -> dict:
                 per_client.append(feddpa.evaluate(m, tok, fd.tests, dec, device, mix))
             else:
                 refs = feddpa.draw_references(fd.clients[i], mc.k_refs, cfg.seed, i)
-                ref_reps = feddpa.reference_reps(m, tok, refs, mc.pool, device)
+                ref_reps = feddpa.reference_reps(m, tok, refs, mc.pool, device, cfg.cutoff)
                 per_client.append(feddpa.evaluate(m, tok, fd.tests, dec, device, "dynamic", ref_reps, mc))
     return {**feddpa.p_and_ttp(per_client, fd.client_tasks), "per_client": per_client,
             "exact": feddpa.p_and_ttp(per_client, fd.client_tasks, "exact"), "eval_seconds": time.time() - t0}
@@ -538,7 +541,7 @@ def run(cfg: Config, args):
     mc = method_config(cfg)
     print(f"data: {fd.name}, {len(fd.clients)} clients, {sum(map(len, fd.clients))} training examples, "
           f"{len(fd.tests)} test tasks x <= {max(map(len, fd.tests.values()))}; model: {model_dir} "
-          f"({sum(p.numel() for p in m.parameters() if not isinstance(p, torch.nn.Parameter) or True):,} parameters); device {device}")
+          f"({sum(p.numel() for p in m.parameters() if not p.requires_grad):,} frozen parameters); device {device}")
     for note in fd.notes:
         print(f"note: {note}")
 
