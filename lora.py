@@ -56,10 +56,12 @@ class LoRALinear(nn.Module):
             A, B = self.lora_A[name], self.lora_B[name]
             # an adapter that is not training is a constant here: no graph, no gradient
             with torch.set_grad_enabled(torch.is_grad_enabled() and A.weight.requires_grad):
-                delta = B(A(self.lora_dropout[name](x.to(A.weight.dtype)))) * self.scaling
-            if torch.is_tensor(w):                          # one weight per example: (B,) -> (B, 1, 1)
-                w = w.to(delta.dtype).view(-1, *[1] * (x.dim() - 1))
-            out = out + (w * delta).to(out.dtype)
+                h = A(self.lora_dropout[name](x.to(A.weight.dtype)))   # (B, T, r)
+                if torch.is_tensor(w):                      # one weight per example: (B,) -> (B, 1, 1)
+                    w = w.to(h.dtype).view(-1, *[1] * (x.dim() - 1))
+                # w * scaling scales the rank-r activations: a pass over r features, not out_features
+                delta = B(h * (w * self.scaling))
+            out = out + delta.to(out.dtype)
         return out
 
     def delta_weight(self, name: str):

@@ -127,10 +127,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                              # (B, nkv, S, hd)
-        if self.n_kv != self.n_heads:  # grouped-query attention: each kv head serves a group of q heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)            # (B, nh, T, hd)
+        # grouped-query attention: each kv head serves n_heads / n_kv query heads; enable_gqa shares it
+        # inside the kernel instead of copying k and v (and, when decoding, the whole cache every step)
+        gqa = self.n_kv != self.n_heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

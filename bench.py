@@ -1,0 +1,398 @@
+"""Throughput benchmark: LoRA training (ours vs transformers + peft), FedDPA inference, pretraining.
+
+    python bench.py                              # every scenario (several minutes on 2 cores)
+    python bench.py --only a,infer --steps 3     # some of them: a b c d infer pretrain
+    python bench.py --e2e                        # also time the default `python train.py` (minutes)
+    python bench.py --only a --profile           # plus a torch.profiler table of our training step
+
+Everything but --e2e runs in this one process on the CPU, with torch's default thread count.
+Timings are only as quiet as the machine: take numbers worth quoting with nothing else running.
+
+What is counted
+- tok/s: real (non-padding) tokens per second of a whole training step (forward, backward, AdamW step,
+  zero_grad): the fastest of the timed steps, after 2 untimed warmup steps (on a shared machine a step
+  can take 5x its quiet time; the best step, like the best matmul, is what reproduces). Both
+  implementations get the same batches; |dloss0| is the gap between their losses on the first batch
+  before training (eval mode): a check that they compute the same thing.
+- FLOPs: the matmul work a step needs. A frozen weight costs 4 FLOPs per token (forward 2, input
+  gradient 2; it needs no weight gradient), a trained one 6 (pretraining). Counted: the blocks'
+  projections at every real token, the vocabulary projection only at tokens with a label (the loss
+  needs no other logits; transformers computes them all, and is not credited for it). Not counted:
+  attention scores (about 4 * T * dim per layer and token), norms, LoRA's own rank-8 matmuls, the
+  embedding lookup. The usual MFU convention, 6 * N * tokens, would be 1.5x our LoRA numbers.
+- %peak: achieved GFLOP/s over the best of ten 2048^3 matmuls (torch.mm) in the same dtype, here.
+"""
+import argparse
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+import data
+import feddpa
+import lora
+import model as llama
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+try:
+    import peft  # noqa: F401
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # peft calls a deprecated transformers API
+    HAVE_HF = True
+except ImportError:
+    HAVE_HF = False
+
+# Scenarios a-c: a 31.4M-parameter Llama (23.2M in the blocks, 8.2M in the tied embedding / vocabulary
+# projection). The vocabulary is 16000 because the 2,400 FLAN training texts support at most 30,640
+# SentencePiece pieces, so Llama's 32000 cannot be trained on them.
+MID = llama.ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=1376, vocab_size=16000,
+                        max_seq_len=512)
+QV = ("q_proj", "v_proj")  # the paper's targets
+SCENARIOS = ("a", "b", "c", "d", "infer", "pretrain")
+
+
+# ----------------------------------------------------------------------------------------------
+# The machine and its matmul peak
+
+def machine() -> str:
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+    hf = f"transformers {transformers.__version__}, peft {peft.__version__}" if HAVE_HF else "transformers/peft absent"
+    return (f"cpu: {cpu}, {os.cpu_count()} logical cores ({len(os.sched_getaffinity(0))} usable); torch "
+            f"{torch.__version__}, {torch.get_num_threads()} threads; {hf}; load average {os.getloadavg()[0]:.2f}")
+
+
+def matmul_peak(dtype, n: int = 2048, reps: int = 10) -> float:
+    """GFLOP/s of the best of `reps` n^3 matmuls."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def step_flops(cfg: llama.ModelConfig, tokens: int, labelled: int, per_weight: int = 4) -> int:
+    """Matmul FLOPs of training steps over `tokens` real tokens, `labelled` of them with a label."""
+    attn = cfg.dim * cfg.head_dim * 2 * (cfg.n_heads + cfg.n_kv_heads)   # q, o and k, v
+    blocks = cfg.n_layers * (attn + 3 * cfg.dim * cfg.hidden_dim)
+    return per_weight * (blocks * tokens + cfg.dim * cfg.vocab_size * labelled)
+
+
+def describe(cfg: llama.ModelConfig) -> str:
+    with torch.device("meta"):
+        n = sum(p.numel() for p in llama.Llama(cfg).parameters())
+    return (f"dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads / {cfg.n_kv_heads} kv, SwiGLU {cfg.hidden_dim}, "
+            f"vocab {cfg.vocab_size}{' tied' if cfg.tie_embeddings else ''}: {n / 1e6:.1f}M parameters")
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: tokenizers trained as the project trains them, and batches as (ids, mask, labels)
+
+def flan_data(path: str):
+    """FLAN training texts and records, or (None, None) without the data set."""
+    if not os.path.isdir(path):
+        return None, None
+    records = [r for client in data.load_federated(path).clients for r in client]
+    return [data.format_prompt(r) + r["output"] for r in records], records
+
+
+def packed_batches(tok, texts, n: int, B: int = 8, T: int = 256) -> list:
+    """Texts as one [BOS] text [EOS] stream cut into (B, T) batches, labels on every token."""
+    stream = torch.tensor([i for t in texts for i in [tok.bos_id, *tok.encode(t), tok.eos_id]])
+    rows = stream[:len(stream) // T * T].view(-1, T)
+    out = [rows[i * B:(i + 1) * B] for i in range(min(n, len(rows) // B))]
+    return [(x, torch.ones_like(x), x) for x in out]
+
+
+def example_batches(tok, records, n: int, B: int = 8, seed: int = 0) -> list:
+    """Random batches of B examples, labels on the response only, left-padded by data.collate."""
+    examples = [e for e in (data.encode_example(tok, r, 512) for r in records) if e is not None]
+    g = torch.Generator().manual_seed(seed)
+    return [data.collate([examples[i] for i in torch.randperm(len(examples), generator=g)[:B].tolist()], tok.pad_id)
+            for _ in range(n)]
+
+
+def builtin_tokenizer(d: str):
+    """The tokenizer train.pretrain_base trains: the built-in corpus plus the benchmark's prompts."""
+    fd = data.builtin_benchmark(0)
+    prompts = [data.format_prompt(r) + r["output"] for client in fd.clients for r in client]
+    data.train_tokenizer(data.pretrain_corpus(0) + prompts, os.path.join(d, "tok.model"), llama.PRESETS["base"].vocab_size)
+    return llama.SentencePieceTokenizer(os.path.join(d, "tok.model")), fd
+
+
+# ----------------------------------------------------------------------------------------------
+# Models: one set of random base weights in an HF directory, loaded fresh by both implementations
+
+def save_base(cfg: llama.ModelConfig, d: str) -> str:
+    torch.manual_seed(0)
+    llama.save_pretrained(llama.Llama(cfg), d)
+    return d
+
+
+def build(d: str, targets, hf: bool):
+    """A fresh LoRA model (r=8, alpha=16, dropout 0.05) on the weights in d: ours, as train_adapter
+    uses it (one adapter trains, alone), or LlamaForCausalLM + peft."""
+    torch.manual_seed(0)
+    if not hf:
+        m = lora.inject(llama.from_pretrained(d), targets, r=8, alpha=16, dropout=0.05)
+        lora.set_weights(m, {"global": 1.0})
+        lora.set_trainable(m, "global")
+        return m
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+    return get_peft_model(LlamaForCausalLM.from_pretrained(d),
+                          LoraConfig(r=8, lora_alpha=16, target_modules=list(targets), lora_dropout=0.05))
+
+
+def loss_of(m, hf: bool, batch, bf16: bool = False):
+    ids, mask, labels = batch
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        if hf:  # positions count real tokens, as ours do, so left-padded rows match
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            return m(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels).loss
+        return m(ids, mask, labels)[1]
+
+
+def train(m, hf: bool, batches, steps: int, warmup: int = 2, bf16: bool = False, lr: float = 3e-3):
+    """AdamW steps over batches (cycled). Returns, for the last `steps`, one (seconds, real tokens,
+    labelled tokens, loss) per step."""
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr)
+    m.train()
+    torch.manual_seed(1)  # the same LoRA dropout masks for every run
+    out = []
+    for i in range(warmup + steps):
+        batch = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        loss = loss_of(m, hf, batch, bf16)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out.append((time.perf_counter() - t0, int(batch[1].sum()), int((batch[2][:, 1:] != -100).sum()), loss.item()))
+    return out[warmup:]
+
+
+def rates(cfg, steps, peak: float, per_weight: int = 4) -> tuple:
+    """(tok/s, GFLOP/s, % of peak) of the fastest step: like the peak, the machine at its quietest."""
+    secs, tokens, labelled, _ = max(steps, key=lambda s: s[1] / s[0])
+    gflops = step_flops(cfg, tokens, labelled, per_weight) / secs / 1e9
+    return tokens / secs, gflops, 100 * gflops / peak
+
+
+def compare(cfg, d: str, targets, batches, steps: int, peak: float, bf16: bool = False) -> dict:
+    """One row: ours and transformers + peft, each fresh from d, trained on the same batches."""
+    row = {}
+    for impl in ("ours", "hf") if HAVE_HF else ("ours",):
+        m = build(d, targets, hf=impl == "hf")
+        with torch.no_grad():
+            row[impl + "_loss0"] = loss_of(m.eval(), impl == "hf", batches[0], bf16).item()
+        row[impl] = rates(cfg, train(m, impl == "hf", batches, steps, bf16=bf16), peak)
+    return row
+
+
+def print_row(name: str, row: dict):
+    def cols(impl):
+        return "{:>9.0f} {:>8.1f} {:>5.1f}%".format(*row[impl]) if impl in row else f"{'-':>9} {'-':>8} {'-':>6}"
+    ratio = f"{row['ours'][0] / row['hf'][0]:6.2f}x" if "hf" in row else f"{'-':>7}"
+    dloss = f"{abs(row['ours_loss0'] - row['hf_loss0']):9.1e}" if "hf" in row else f"{'-':>9}"
+    print(f"{name:<34}{cols('ours')} |{cols('hf')} |{ratio} {dloss} {rss_mb():7.0f}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# FedDPA inference: our batched per-example weighting vs the official one-instance-at-a-time loop
+
+def one_at_a_time(m, tok, records, train_records, dec: feddpa.Decode, mc: feddpa.MethodConfig, seed: int = 0):
+    """The official code's procedure: for each test instance, draw K training instructions afresh,
+    represent them and the instance (one batch of K + 1, local adapter alone), set lambda as a
+    scalar weight, then generate that instance alone."""
+    rng = random.Random(seed)
+    out = []
+    for rec in records:
+        prompts = [data.encode_prompt(tok, r, dec.cutoff) for r in rng.sample(train_records, mc.k_refs) + [rec]]
+        ids, mask = data.pad_left(prompts, tok.pad_id)
+        reps = feddpa.represent(m, ids, mask, mc.pool).float()
+        lam = feddpa.dynamic_lambda(reps[-1:], reps[:-1], mc.alpha).item()
+        lora.set_weights(m, {"local": lam, "global": 1 - lam})
+        prompt = torch.tensor([prompts[-1]])
+        out.append(m.generate(prompt, torch.ones_like(prompt), dec.max_new_tokens, tok.eos_id, tok.pad_id))
+    return out
+
+
+def bench_inference(d: str, tok, fd, n: int = 64):
+    """Instances/s of both procedures on client 0's own task: the default base model with all seven
+    projections adapted, random non-zero global and local adapters, 32 greedy tokens."""
+    m = build(d, lora.TARGETS, hf=False).eval()
+    g = torch.Generator().manual_seed(0)
+    for _, layer in lora.lora_layers(m):
+        for name in lora.ADAPTERS:
+            layer.lora_B[name].weight.data.normal_(0, 0.02, generator=g)
+    records = fd.tests[fd.client_tasks[0]][:n]
+    dec, mc = feddpa.Decode(max_new_tokens=32, batch_size=64), feddpa.MethodConfig()
+
+    def ours():
+        refs = feddpa.draw_references(fd.clients[0], mc.k_refs, 0, 0)
+        feddpa.answer(m, tok, records, dec, "cpu", "dynamic", feddpa.reference_reps(m, tok, refs, mc.pool, "cpu"), mc)
+    rate = {}
+    for name, run in (("batched", ours), ("single", lambda: one_at_a_time(m, tok, records, fd.clients[0], dec, mc))):
+        for _ in range(2):  # the faster of two runs, as for training
+            t0 = time.perf_counter()
+            run()
+            rate[name] = max(rate.get(name, 0), n / (time.perf_counter() - t0))
+    return rate["batched"], rate["single"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretraining the built-in base, and the default run end to end
+
+def bench_pretrain(tok, steps: int, peak: float, warmup: int = 2):
+    """The train.pretrain_base loop shape: full training, batch 32 x 128 packed tokens, AdamW + clipping."""
+    cfg = llama.PRESETS["base"]
+    torch.manual_seed(0)
+    m = llama.Llama(cfg)
+    batches = packed_batches(tok, data.pretrain_corpus(0), warmup + steps, B=32, T=128)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    out = []
+    for i in range(warmup + steps):
+        x = batches[i % len(batches)][0]
+        t0 = time.perf_counter()
+        m(x, labels=x)[1].backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out.append((time.perf_counter() - t0, x.numel(), x[:, 1:].numel(), None))
+    return rates(cfg, out[warmup:], peak, per_weight=6)
+
+
+def bench_e2e() -> tuple:
+    """Seconds and peak RSS (MB) of `python train.py` with a cold cache (so pretraining included).
+    The peak is the child's own VmHWM: its ru_maxrss would start from this process's peak."""
+    child = ("import atexit, runpy, sys\n"
+             "atexit.register(lambda: print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0], file=sys.stderr))\n"
+             "sys.argv = sys.argv[1:]\n"
+             "runpy.run_path('train.py', run_name='__main__')")
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-c", child, "train.py", "--out", f"{tmp}/out", "--cache", f"{tmp}/cache"],
+                           cwd=HERE, capture_output=True, text=True)
+        secs = time.perf_counter() - t0
+    if r.returncode:
+        raise SystemExit(f"train.py failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    return secs, int(r.stderr.split()[-1]) / 1024  # kB
+
+
+def profile(d: str, batches, steps: int = 3):
+    """torch.profiler's table of our LoRA training step (scenario a)."""
+    m = build(d, QV, hf=False)
+    train(m, False, batches, steps=0)
+    with torch.profiler.profile() as prof:
+        train(m, False, batches, steps=steps, warmup=0)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+
+def flan_rows(args, only, peak32, peak16, tmp):
+    """Scenarios a-c on the 31M model; with --profile, the profiler's table of scenario a's step."""
+    texts, records = flan_data(args.flan)
+    d = save_base(MID, os.path.join(tmp, "mid"))
+    if texts is None:
+        print(f"  (no FLAN data at {args.flan}: a and c use the built-in corpus, b is skipped)")
+        texts = data.pretrain_corpus(0)
+    data.train_tokenizer(texts, os.path.join(d, "tokenizer.model"), 16000 if records else 1024)
+    tok = llama.SentencePieceTokenizer(os.path.join(d, "tokenizer.model"))
+    print(f"  a-c model: {describe(MID)}; tokenizer: {tok.vocab_size} pieces trained on the "
+          f"{'FLAN training texts' if records else 'built-in corpus'}; LoRA on q_proj, v_proj")
+    n = args.steps + 2
+    packed = packed_batches(tok, texts, max(n, args.check_steps))
+    a = None
+    if "a" in only:
+        print_row("a fp32, 31M, 8x256, all labelled", a := compare(MID, d, QV, packed[:n], args.steps, peak32))
+    if "b" in only and records:
+        flan = example_batches(tok, records, n)
+        shape = f"8x{sum(b[0].shape[1] for b in flan) / n:.0f}"
+        print_row(f"b fp32, 31M, FLAN {shape}, response", compare(MID, d, QV, flan, args.steps, peak32))
+    if "c" in only:
+        print_row("c bf16 autocast (both), as a", c := compare(MID, d, QV, packed[:n], args.steps, peak16, bf16=True))
+        if a and "hf" in a:
+            print(f"  c: ours in bf16 / transformers + peft in float32 (row a): {c['ours'][0] / a['hf'][0]:.2f}x")
+        final = [train(build(d, QV, hf=False), False, packed, args.check_steps, warmup=0, bf16=bf16)[-1][3]
+                 for bf16 in (False, True)]
+        diff = 100 * abs(final[1] - final[0]) / final[0]
+        print(f"  c: loss after {args.check_steps} steps from the same init on the same batches: float32 "
+              f"{final[0]:.4f}, bf16 {final[1]:.4f} ({diff:.2f}%, {'within' if diff <= 1 else 'NOT within'} 1%)")
+    if args.profile:
+        profile(d, packed)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per scenario, after 2 warmup steps (default 5)")
+    ap.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios (default: all)")
+    ap.add_argument("--check-steps", type=int, default=50, help="scenario c: steps of the bf16 vs fp32 loss check")
+    ap.add_argument("--flan", default=os.path.join(HERE, "..", "shared", "data", "feddpa-flan1"), help="FLAN data")
+    ap.add_argument("--e2e", action="store_true", help="also time `python train.py` end to end (minutes)")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's table of our step (scenario a)")
+    args = ap.parse_args(argv)
+    only = set(args.only.split(","))
+    if only - set(SCENARIOS):
+        ap.error(f"--only: unknown scenario(s) {', '.join(sorted(only - set(SCENARIOS)))}; choose from {', '.join(SCENARIOS)}")
+    print(machine())
+    if os.getloadavg()[0] > 0.5:
+        print(f"warning: load average {os.getloadavg()[0]:.2f}: if other processes are running, the numbers below are noisy")
+    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    print(f"matmul peak (2048^3, best of 10): float32 {peak32:.1f} GFLOP/s, bfloat16 {peak16:.1f} GFLOP/s")
+    if not HAVE_HF:
+        print("transformers / peft are not installed: their column is skipped")
+    tmp = tempfile.TemporaryDirectory()
+
+    if only & {"a", "b", "c", "d"}:
+        print(f"\n1. LoRA training step (r=8, alpha 16, dropout 0.05, AdamW); fastest of {args.steps} steps after 2 warmup")
+        print(f"{'':<34}{'ours':^25}|{'transformers + peft':^25}|{'ours/HF':>7} {'|dloss0|':>9} {'RSS MB':>7}")
+        print(f"{'scenario':<34}{'tok/s':>9} {'GFLOP/s':>8} {'peak':>6} |{'tok/s':>9} {'GFLOP/s':>8} {'peak':>6} |")
+    if only & {"a", "b", "c"}:
+        flan_rows(args, only, peak32, peak16, tmp.name)
+    if only & {"d", "infer", "pretrain"}:
+        tok, fd = builtin_tokenizer(tmp.name)
+        d = save_base(llama.PRESETS["base"], os.path.join(tmp.name, "base"))
+    if "d" in only:
+        print(f"  d model: the built-in base, {describe(llama.PRESETS['base'])}; LoRA on all seven projections")
+        batches = example_batches(tok, [r for client in fd.clients for r in client], args.steps + 2)
+        row = compare(llama.PRESETS["base"], d, lora.TARGETS, batches, args.steps, peak32)
+        print_row("d fp32, default base, 7 targets", row)
+    if "infer" in only:
+        batched, single = bench_inference(d, tok, fd)
+        print(f"\n2. FedDPA inference, dynamic weighting, default base, 64 instances, 32 greedy tokens\n"
+              f"   batched per-example weights, cached references (ours)   {batched:8.2f} instances/s\n"
+              f"   one at a time, references drawn per instance (official) {single:8.2f} instances/s"
+              f"   ours {batched / single:.1f}x")
+    if "pretrain" in only or args.e2e:
+        print("\n3. the built-in base and the default run")
+    if "pretrain" in only:
+        tps, gflops, pct = bench_pretrain(tok, args.steps, peak32)
+        print(f"   pretraining step (batch 32 x 128, all weights, AdamW + clipping): {tps:.0f} tok/s, "
+              f"{gflops:.1f} GFLOP/s ({pct:.1f}% of float32 peak)")
+    if args.e2e:
+        secs, child = bench_e2e()
+        print(f"   `python train.py` end to end, cold cache (pretraining included): {secs:.0f}s, peak RSS {child:.0f} MB")
+    print(f"peak RSS of this process: {rss_mb():.0f} MB; load average now {os.getloadavg()[0]:.2f}")
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
