@@ -49,7 +49,7 @@ class ModelConfig:
 
 
 PRESETS = {
-    # for tests: a few hundred thousand parameters
+    # tiny: a few hundred thousand parameters, what the tests use
     "tiny": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1024, hidden_dim=176),
     # the built-in foundation model that `python train.py` pretrains on the built-in corpus
     "base": ModelConfig(),
