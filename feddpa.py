@@ -39,11 +39,8 @@ METHODS = ("base", "local", "fedit", "centralized", "feddpa-f", "feddpa-f-fixed"
 
 @dataclass
 class MethodConfig:
-    rounds: int = 5                 # communication rounds R
-    fraction: float = 1.0           # clients sampled per round
-    weighting: str = "count"        # FedAvg weights: by example count, or 'uniform'
+    """What the client steps and the dynamic weighting below need; the round schedule is train.py's."""
     train: LocalTrain = field(default_factory=LocalTrain)
-    finetune_rounds: float = 1.0    # FedDPA-F: local fine-tuning budget, in rounds of local training
     mix: float = 0.5                # FedDPA-T: the local adapter's weight a while training it
     alpha: float = 0.5              # dynamic weighting scale: lambda in [0, alpha]
     k_refs: int = 5                 # K training instructions per client for the dynamic weight

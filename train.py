@@ -20,7 +20,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -248,13 +248,12 @@ PHASES = {  # phase -> the methods that need it
 def method_config(cfg: Config) -> feddpa.MethodConfig:
     train = fed.LocalTrain(lr=cfg.lr, epochs=cfg.local_epochs, max_steps=cfg.local_steps, batch_size=cfg.batch_size,
                            micro_batch_size=cfg.micro_batch_size, bf16=cfg.dtype == "bfloat16")
-    return feddpa.MethodConfig(rounds=cfg.rounds, fraction=cfg.fraction, weighting=cfg.weighting, train=train,
-                               finetune_rounds=cfg.finetune_rounds, mix=cfg.mix, alpha=cfg.alpha,
-                               k_refs=cfg.k_refs, pool=cfg.pool, lambda_to=cfg.lambda_to)
+    return feddpa.MethodConfig(train=train, mix=cfg.mix, alpha=cfg.alpha, k_refs=cfg.k_refs, pool=cfg.pool,
+                               lambda_to=cfg.lambda_to)
 
 
 def scaled(train: fed.LocalTrain, factor: float) -> fed.LocalTrain:
-    return fed.LocalTrain(**{**asdict(train), "epochs": train.epochs * factor, "max_steps": round(train.max_steps * factor)})
+    return replace(train, epochs=train.epochs * factor, max_steps=round(train.max_steps * factor))
 
 
 def setup_phase(name, cfg: Config, mc: feddpa.MethodConfig, m, tok, encoded, state):
@@ -263,18 +262,17 @@ def setup_phase(name, cfg: Config, mc: feddpa.MethodConfig, m, tok, encoded, sta
         return [fed.Client(i, d, torch.Generator().manual_seed(cfg.seed * 1000 + i)) for i, d in enumerate(datasets)]
     init = state["init"]
     if name == "fedit":
-        return clients_for(encoded), feddpa.fedit_step(m, tok.pad_id, mc), mc.rounds, mc.fraction, init
+        return clients_for(encoded), feddpa.fedit_step(m, tok.pad_id, mc), cfg.rounds, cfg.fraction, init
     if name == "feddpa-t":
-        return clients_for(encoded), feddpa.feddpa_t_step(m, tok.pad_id, mc, init), mc.rounds, mc.fraction, init
+        return clients_for(encoded), feddpa.feddpa_t_step(m, tok.pad_id, mc, init), cfg.rounds, cfg.fraction, init
     if name == "feddpa-f":
         start = state["trained"]["fedit"]["global"]
-        return clients_for(encoded), feddpa.local_step(m, tok.pad_id, scaled(mc.train, mc.finetune_rounds), start), 1, 1.0, {}
+        return clients_for(encoded), feddpa.local_step(m, tok.pad_id, scaled(mc.train, cfg.finetune_rounds), start), 1, 1.0, {}
     if name == "local":
-        return clients_for(encoded), feddpa.local_step(m, tok.pad_id, mc.train, init), mc.rounds, 1.0, {}
+        return clients_for(encoded), feddpa.local_step(m, tok.pad_id, mc.train, init), cfg.rounds, 1.0, {}
     pooled = [e for d in encoded for e in d]  # centralized: one client holding everything, same total budget
     train = mc.train if not mc.train.max_steps else scaled(mc.train, len(encoded))
-    mc1 = feddpa.MethodConfig(**{**mc.__dict__, "train": train})
-    return clients_for([pooled]), feddpa.fedit_step(m, tok.pad_id, mc1), mc.rounds, 1.0, init
+    return clients_for([pooled]), feddpa.fedit_step(m, tok.pad_id, replace(mc, train=train)), cfg.rounds, 1.0, init
 
 
 def run_phase(name, cfg, mc, m, tok, encoded, state, save):
@@ -299,7 +297,7 @@ def run_phase(name, cfg, mc, m, tok, encoded, state, save):
         save(state)
 
     try:
-        fed.run_rounds(federation, rounds, step, fraction, cfg.seed, mc.weighting, desc=name, on_round_end=checkpoint)
+        fed.run_rounds(federation, rounds, step, fraction, cfg.seed, cfg.weighting, desc=name, on_round_end=checkpoint)
     except fed.Diverged as e:  # nothing of the failed round is saved: the checkpoint keeps the last good one
         raise fed.Diverged(f"{name}: {e}; stopped, {os.path.join(cfg.out, 'checkpoint.pt')} keeps the last "
                            f"good round ({federation.round} of {rounds} complete)") from None
