@@ -18,9 +18,38 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 ADAPTERS = ("global", "local")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout (inverted: kept elements scale by 1 / (1 - p)), with the random draws a CPU can afford.
+
+    A CPU draws about one random number per 2.5 ns, so one per element of x costs a small model's
+    LoRA step as much as all its matmuls. Draw where the drops fall instead: in a sequence of
+    independent Bernoulli(p) trials the gaps between successes are independent Geometric(p), so about
+    p * numel draws give exactly the distribution of numel (20x fewer at p = 0.05). GPUs draw cheaply
+    (and this loop would wait on the device), so they use F.dropout.
+    """
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        n, expected = x.numel(), x.numel() * self.p
+        drops, last = [], -1                    # flat positions of dropped elements; the last drawn
+        while last < n:                         # until a drop falls past the end: usually one top-up
+            k = int(expected) + 1 if not drops else int(4 * math.sqrt(expected)) + 16
+            pos = torch.empty(k, dtype=torch.long).geometric_(self.p).cumsum_(0) + last
+            drops.append(pos)
+            last = int(pos[-1])
+        drops = torch.cat(drops)
+        keep = torch.full(x.shape, 1 / (1 - self.p), dtype=x.dtype)
+        keep.view(-1)[drops[drops < n]] = 0
+        return x * keep
 
 
 class LoRALinear(nn.Module):
@@ -33,7 +62,7 @@ class LoRALinear(nn.Module):
         dev, dt = base.weight.device, base.weight.dtype
         self.lora_A = nn.ModuleDict({n: nn.Linear(base.in_features, r, bias=False, device=dev, dtype=dt) for n in names})
         self.lora_B = nn.ModuleDict({n: nn.Linear(r, base.out_features, bias=False, device=dev, dtype=dt) for n in names})
-        self.lora_dropout = nn.ModuleDict({n: nn.Dropout(dropout) for n in names})
+        self.lora_dropout = nn.ModuleDict({n: Dropout(dropout) for n in names})
         for n in names:
             self.reset(n)
         self.weights = {n: 1.0 for n in names}  # the mix; floats or (batch,) tensors
@@ -58,7 +87,10 @@ class LoRALinear(nn.Module):
             with torch.set_grad_enabled(torch.is_grad_enabled() and A.weight.requires_grad):
                 h = A(self.lora_dropout[name](x.to(A.weight.dtype)))   # (B, T, r)
                 if torch.is_tensor(w):                      # one weight per example: (B,) -> (B, 1, 1)
-                    w = w.to(h.dtype).view(-1, *[1] * (x.dim() - 1))
+                    if x.dim() != 3 or len(w) != len(x):
+                        raise ValueError(f"per-example weights ({len(w)}) need a padded batch (B, T, features) "
+                                         f"of as many examples, got input {tuple(x.shape)}")
+                    w = w.to(h.dtype).view(-1, 1, 1)
                 # w * scaling scales the rank-r activations: a pass over r features, not out_features
                 delta = B(h * (w * self.scaling))
             out = out + delta.to(out.dtype)

@@ -119,19 +119,33 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.hd, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * self.hd, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+    def forward(self, x, cos, sin, mask, cache=None, real=None):
+        """x: (B, T, dim); or packed, (N, dim): the N real tokens of a padded batch, which real (B, T)
+        marks. Only attention needs the padded layout, so only it unpacks, and packs its output again."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)               # (..., heads * hd)
+        if real is not None:
+            q, k, v = unpack(q, real), unpack(k, real), unpack(v, real)         # (B, T, heads * hd)
+        B, T, _ = q.shape
+        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)                # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)                   # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                              # (B, nkv, S, hd)
         # grouped-query attention: each kv head serves n_heads / n_kv query heads; enable_gqa shares it
-        # inside the kernel instead of copying k and v (and, when decoding, the whole cache every step)
+        # inside the kernel instead of copying k and v (and, when decoding, the whole cache every step).
+        # mask None: no padding and no cache, so plain causal attention
         gqa = self.n_kv != self.n_heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, -1)                                # (B, T, nh * hd)
+        return self.o_proj(y if real is None else y[real])
+
+
+def unpack(t, real):
+    """Packed tokens (N, C) back to the padded layout (B, T, C) that real (B, T) describes, zeros at padding."""
+    out = t.new_zeros(*real.shape, t.shape[-1])
+    out[real] = t
+    return out
 
 
 class MLP(nn.Module):
@@ -153,8 +167,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache=None, real=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, real)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -166,6 +180,51 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean_i CE(h_i @ weight.T, target_i), and its gradients, a chunk of rows at a time.
+
+    The plain way holds (N, vocab) logits and passes over them about six times (log-softmax, its
+    gradient, a zero-filled NLL gradient), a tensor too big for any cache. Here each chunk's logits
+    go straight to its loss and, when a gradient is needed, to d loss / d logits = (softmax - onehot) / N
+    and on to the gradients of h and weight, which backward only scales. Same FLOPs, one pass.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, rows, grad):  # h: (N, dim), weight: (vocab, dim), targets: (N,)
+        N = h.shape[0]
+        need_h, need_w = grad and ctx.needs_input_grad[0], grad and ctx.needs_input_grad[1]
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        for i in range(0, N, rows):
+            hc, tc = h[i:i + rows], targets[i:i + rows]
+            logp = torch.log_softmax(F.linear(hc, weight).float(), -1)       # (c, vocab)
+            loss -= logp.gather(1, tc[:, None]).sum()
+            if need_h or need_w:
+                d = logp.exp_()                                                # softmax, in place
+                d[torch.arange(len(tc), device=d.device), tc] -= 1             # softmax - onehot = N dloss/dlogits
+                if need_h:
+                    grad_h[i:i + rows] = (d.to(weight.dtype) @ weight) / N     # (c, dim)
+                if need_w:
+                    grad_w += d.t().to(hc.dtype) @ hc / N                      # (vocab, dim)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss / N
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * g.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * g).to(ctx.weight_dtype), None, None, None)
+
+
+def linear_cross_entropy(h, weight, targets, rows: int = 0):
+    """Mean cross-entropy of F.linear(h, weight) against targets, in chunks of `rows` (default: about
+    2^22 logits, 16 MB, per chunk). Gradients are formed only where autograd is recording."""
+    rows = rows or max(1, 2 ** 22 // weight.shape[0])
+    return LinearCrossEntropy.apply(h, weight, targets, rows, torch.is_grad_enabled())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,12 +252,14 @@ class Llama(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def hidden(self, input_ids, attention_mask=None, cache=None):
-        """Final normalised hidden states, (B, T, dim).
+    def hidden(self, input_ids, attention_mask=None, cache=None, packed: bool = False):
+        """Final normalised hidden states, (B, T, dim); packed=True: of the real tokens only, (N, dim),
+        in row-major order.
 
         attention_mask (B, S) marks real tokens with 1 and padding with 0 over every slot seen so far
         (S = cache length + T when decoding). Positions count real tokens only, so a left-padded
-        prompt is encoded exactly as the same prompt alone.
+        prompt is encoded exactly as the same prompt alone. Packed, padding costs nothing outside
+        attention: in a batch of examples of mixed lengths, a third of the tokens can be padding.
         """
         B, T = input_ids.shape
         start = cache.len if cache is not None else 0
@@ -206,35 +267,44 @@ class Llama(nn.Module):
             attention_mask = torch.ones(B, start + T, dtype=torch.long, device=input_ids.device)
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        if packed and cache is not None:
+            raise ValueError("packed hidden states are for whole sequences, not decoding with a cache")
         valid = attention_mask.bool()                                             # (B, S)
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]      # (B, T)
         cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (B, 1, T, hd)
-        q_slot = torch.arange(start, start + T, device=input_ids.device)[:, None]  # (T, 1)
-        k_slot = torch.arange(start + T, device=input_ids.device)[None, :]         # (1, S)
-        # causal and padding mask, (B, 1, T, S); every query may see itself, so padded rows stay finite
-        mask = ((k_slot <= q_slot) & valid[:, None, None, :]) | (k_slot == q_slot)
-        x = self.model.embed_tokens(input_ids)
+        padded = cache is not None or not bool(valid.all())
+        mask = None                                                               # causal, see Attention
+        if padded:
+            q_slot = torch.arange(start, start + T, device=input_ids.device)[:, None]  # (T, 1)
+            k_slot = torch.arange(start + T, device=input_ids.device)[None, :]         # (1, S)
+            # causal and padding mask, (B, 1, T, S); every query may see itself, so padded rows stay finite
+            mask = ((k_slot <= q_slot) & valid[:, None, None, :]) | (k_slot == q_slot)
+        real = valid if packed and padded else None
+        x = self.model.embed_tokens(input_ids if real is None else input_ids[real])  # (B, T, dim) or (N, dim)
         for block in self.model.layers:
-            x = block(x, cos.to(x.dtype), sin.to(x.dtype), mask, cache)
+            x = block(x, cos.to(x.dtype), sin.to(x.dtype), mask, cache, real)
         if cache is not None:
             cache.len += T
-        return self.model.norm(x)
+        x = self.model.norm(x)
+        return x.reshape(-1, x.shape[-1]) if packed else x
 
     def forward(self, input_ids, attention_mask=None, labels=None):
         """Returns (logits, loss).
 
-        Without labels: logits (B, T, vocab), loss None. With labels (-100 = ignored): the mean
-        cross-entropy of next-token prediction over labelled positions, and the logits (N, vocab) of
-        only those N positions: the vocabulary projection dominates the cost of small models, so it
-        is computed nowhere else.
+        Without labels: logits (B, T, vocab), loss None. With labels (-100 = ignored): logits None and
+        the mean cross-entropy of next-token prediction over labelled positions. Training runs the
+        blocks on real tokens only (packed), and the vocabulary projection, which dominates the cost of
+        small models, only at labelled positions and in chunks (linear_cross_entropy).
         """
-        h = self.hidden(input_ids, attention_mask)
         if labels is None:
-            return self.lm_head(h), None
-        targets = labels[:, 1:]                      # position t predicts token t + 1
+            return self.lm_head(self.hidden(input_ids, attention_mask)), None
+        h = self.hidden(input_ids, attention_mask, packed=True)                  # (N, dim) real tokens
+        # the token each position predicts (t + 1); the last predicts nothing. A label on a row's first
+        # real token is dropped: only padding precedes it.
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)                       # (B, T)
+        targets = targets.flatten() if attention_mask is None else targets[attention_mask.bool()]  # (N,)
         keep = targets != -100
-        logits = self.lm_head(h[:, :-1][keep])       # (N, vocab)
-        return logits, F.cross_entropy(logits.float(), targets[keep])
+        return None, linear_cross_entropy(h[keep], self.lm_head.weight, targets[keep])
 
     def represent(self, input_ids, attention_mask, pool: str = "last"):
         """An instance's representation (FedDPA's dynamic weighting), (B, dim): the final normalised hidden

@@ -2,6 +2,7 @@
 method, and small end-to-end runs. Everything runs on CPU in a few minutes; nothing is skipped."""
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -154,16 +155,38 @@ def test_represent_last_and_mean_ignore_padding():
             assert torch.allclose(mean[i], h[0].mean(0), atol=1e-5)
 
 
-def test_loss_projects_only_labelled_positions():
-    m = model.Llama(model.PRESETS["tiny"])
+def test_training_loss_and_gradients_equal_full_logits():
+    """forward(labels) runs the blocks on real tokens only and projects only labelled positions, in
+    chunks: its loss and every gradient equal the plain way's, full padded logits and F.cross_entropy."""
+    torch.manual_seed(0)
+    m = model.Llama(model.PRESETS["tiny"])  # tied embedding: the chunked loss forms its gradient too
     ids, mask = left_padded(1024)
     labels = ids.masked_fill(mask == 0, -100)
-    labels[:, :-3] = -100  # loss on the last 3 tokens only
+    labels[torch.arange(3), (mask == 0).sum(1)] = -100  # each row's first token, as data.collate never labels it
+    labels[0, -3:] = -100                                # and an unlabelled tail
+    params = list(m.parameters())
     logits, loss = m(ids, mask, labels)
     full, _ = m(ids, mask)
     ref = F.cross_entropy(full[:, :-1].reshape(-1, 1024), labels[:, 1:].reshape(-1), ignore_index=-100)
-    assert logits.shape == (3 * 3, 1024)  # 3 rows x 3 labelled targets
-    assert torch.allclose(loss, ref, atol=1e-6)
+    assert logits is None and torch.allclose(loss, ref, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(loss, params), torch.autograd.grad(ref, params)):
+        assert torch.allclose(got, want, atol=1e-6)
+    with torch.no_grad():  # no padding: the causal path, the same numbers
+        assert torch.allclose(m(ids, None, ids)[1], F.cross_entropy(m(ids)[0][:, :-1].reshape(-1, 1024), ids[:, 1:].reshape(-1)), atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 10, 64])
+def test_linear_cross_entropy_chunks(rows):
+    g = torch.Generator().manual_seed(rows)
+    h, w = torch.randn(10, 16, generator=g, requires_grad=True), torch.randn(50, 16, generator=g, requires_grad=True)
+    t = torch.randint(50, (10,), generator=g)
+    got = model.linear_cross_entropy(h, w, t, rows)
+    want = F.cross_entropy(h @ w.T, t)
+    assert torch.allclose(got, want, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(2.5 * got, (h, w)), torch.autograd.grad(2.5 * want, (h, w))):
+        assert torch.allclose(a, b, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(model.linear_cross_entropy(h, w, t, rows), want, atol=1e-6)
 
 
 # ==============================================================================================
@@ -256,6 +279,35 @@ def test_per_example_weights_equal_examples_run_alone():
             lora.set_weights(m, {"local": lam[i].item(), "global": 1 - lam[i].item()})
             alone = m(ids[i:i + 1, mask[i].bool()])[0]
             assert (batched[i, mask[i].bool()] - alone[0]).abs().max() < 1e-5
+
+
+def test_per_example_weights_refuse_packed_training_batches():
+    m = tiny_lora()
+    ids, mask = left_padded(1024)
+    lora.set_weights(m, {"local": torch.tensor([0.0, 0.35, 1.0])})
+    with pytest.raises(ValueError, match="per-example weights"):
+        m(ids, mask, ids)  # a loss packs the real tokens: no longer one row per example
+
+
+@pytest.mark.parametrize("p, shape", [(0.05, (40, 25)), (0.5, (7,))])
+def test_dropout_masks_are_independent_bernoulli(p, shape):
+    """lora.Dropout draws the gaps between drops rather than a number per element; the masks must still
+    be independent Bernoulli(p) per element (no edge effects where the draws are topped up), kept
+    values scaled by 1 / (1 - p), and nothing dropped in eval mode."""
+    torch.manual_seed(0)
+    d, x, n = lora.Dropout(p), torch.ones(shape), 4000
+    out = torch.stack([d(x) for _ in range(n)]).flatten(1)              # (n, numel)
+    assert torch.allclose(out[out != 0], torch.tensor(1 / (1 - p)))
+    drop = (out == 0).double()
+    sd = math.sqrt(p * (1 - p) / n)
+    assert (drop.mean(0) - p).abs().max() < 5 * sd                       # every element, first and last too
+    assert abs(drop.mean() - p) < 5 * sd / math.sqrt(drop.shape[1])
+    if drop.shape[1] > 1:                                                 # neighbours independent: P(both) = p^2
+        both = (drop[:, 1:] * drop[:, :-1]).mean()
+        assert abs(both - p * p) < 5 * math.sqrt(p * p / (n * (drop.shape[1] - 1)))
+    var = drop.sum(1).var()                                               # drops per mask: binomial variance
+    assert abs(var / (drop.shape[1] * p * (1 - p)) - 1) < 0.15
+    assert d.eval()(x) is x
 
 
 def test_adapter_state_roundtrip_and_mismatch_is_named():
