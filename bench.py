@@ -172,7 +172,8 @@ def loss_of(m, hf: bool, batch, bf16: bool = False):
 def train(m, hf: bool, batches, steps: int, warmup: int = 2, bf16: bool = False, lr: float = 3e-3):
     """AdamW steps over batches (cycled). Returns, for the last `steps`, one (seconds, real tokens,
     labelled tokens, loss) per step."""
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr)
+    # fused AdamW for both: what fed.train_adapter uses, and transformers' Trainer default (adamw_torch_fused)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr, fused=True)
     m.train()
     torch.manual_seed(1)  # the same LoRA dropout masks for every run
     out = []
@@ -265,7 +266,7 @@ def bench_pretrain(tok, steps: int, peak: float, warmup: int = 2):
     torch.manual_seed(0)
     m = llama.Llama(cfg)
     batches = packed_batches(tok, data.pretrain_corpus(0), warmup + steps, B=32, T=128)
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
     out = []
     for i in range(warmup + steps):
         x = batches[i % len(batches)][0]

@@ -46,7 +46,8 @@ def train_adapter(model, name: str, examples: list, cfg: LocalTrain, weights: di
     lora.set_weights(model, weights)
     params = lora.adapter_params(model, name)
     steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(examples) / cfg.batch_size))
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel per step for all the adapter's tensors (transformers' Trainer default too)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)  # linear decay to 0
     order = []
     losses, tokens = [], 0

@@ -31,25 +31,25 @@ class Dropout(nn.Dropout):
     LoRA step as much as all its matmuls. Draw where the drops fall instead: in a sequence of
     independent Bernoulli(p) trials the gaps between successes are independent Geometric(p), so about
     p * numel draws give exactly the distribution of numel (20x fewer at p = 0.05). GPUs draw cheaply
-    (and this loop would wait on the device), so they use F.dropout.
+    (and the check below would wait on the device), so they use F.dropout.
     """
+    sigmas = 4.0  # gaps drawn beyond the expected count, in standard deviations of the drop count
 
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, training=True)
-        n, expected = x.numel(), x.numel() * self.p
-        drops, last = [], -1                    # flat positions of dropped elements; the last drawn
-        while last < n:                         # until a drop falls past the end: usually one top-up
-            k = int(expected) + 1 if not drops else int(4 * math.sqrt(expected)) + 16
-            pos = torch.empty(k, dtype=torch.long).geometric_(self.p).cumsum_(0) + last
-            drops.append(pos)
-            last = int(pos[-1])
-        drops = torch.cat(drops)
-        keep = torch.full(x.shape, 1 / (1 - self.p), dtype=x.dtype)
-        keep.view(-1)[drops[drops < n]] = 0
-        return x * keep
+        p, n = self.p, x.numel()
+        k = max(1, int(n * p + self.sigmas * math.sqrt(n * p)) + 1)
+        # keep[1:] is x's mask: the sums of the gaps are the drop positions plus one, increasing
+        drops = torch.empty(k, dtype=torch.long).geometric_(p).cumsum_(0)      # (k,)
+        last = int(drops[-1])
+        keep = torch.full((max(n, last) + 1,), 1 / (1 - p), dtype=x.dtype)     # drops past the end land in the tail
+        keep[drops] = 0
+        if last < n:  # the k gaps ended before x did (a 4-sigma event): draw the rest one by one
+            keep[last + 1:n + 1].bernoulli_(1 - p).div_(1 - p)
+        return x * keep[1:n + 1].view(x.shape)
 
 
 class LoRALinear(nn.Module):
@@ -75,24 +75,24 @@ class LoRALinear(nn.Module):
             self.lora_A[name].weight.uniform_(-bound, bound, generator=generator)
             self.lora_B[name].weight.zero_()
 
-    def forward(self, x):                                   # x: (B, T, in)
+    def forward(self, x):                                   # x: (B, T, in), or packed (N, in)
         out = self.base_layer(x)                            # (B, T, out)
         if self.merged is not None:
             return out
         for name, w in self.weights.items():
             if not torch.is_tensor(w) and w == 0:
                 continue
-            A, B = self.lora_A[name], self.lora_B[name]
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight   # (r, in), (out, r)
             # an adapter that is not training is a constant here: no graph, no gradient
-            with torch.set_grad_enabled(torch.is_grad_enabled() and A.weight.requires_grad):
-                h = A(self.lora_dropout[name](x.to(A.weight.dtype)))   # (B, T, r)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and A.requires_grad):
+                h = F.linear(self.lora_dropout[name](x.to(A.dtype)), A)  # (B, T, r)
                 if torch.is_tensor(w):                      # one weight per example: (B,) -> (B, 1, 1)
                     if x.dim() != 3 or len(w) != len(x):
                         raise ValueError(f"per-example weights ({len(w)}) need a padded batch (B, T, features) "
                                          f"of as many examples, got input {tuple(x.shape)}")
                     w = w.to(h.dtype).view(-1, 1, 1)
                 # w * scaling scales the rank-r activations: a pass over r features, not out_features
-                delta = B(h * (w * self.scaling))
+                delta = F.linear(h * (w * self.scaling), B)
             out = out + delta.to(out.dtype)
         return out
 

@@ -14,6 +14,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -119,12 +120,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.hd, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * self.hd, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, real=None):
-        """x: (B, T, dim); or packed, (N, dim): the N real tokens of a padded batch, which real (B, T)
-        marks. Only attention needs the padded layout, so only it unpacks, and packs its output again."""
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)               # (..., heads * hd)
+    def forward(self, x, cos, sin, mask, cache=None, real=None, out=None):
+        """x: (B, T, dim); or packed, (N, dim): the tokens at flat positions real.index of a (B, T) batch
+        (its real ones). Only attention needs the padded layout, so only it unpacks, and packs again.
+        out (M,): the rows of packed x whose outputs are wanted; queries are formed only there."""
+        xq, qreal = (x, real) if out is None else (x[out], real._replace(index=real.index[out]))
+        q, k, v = self.q_proj(xq), self.k_proj(x), self.v_proj(x)              # (..., heads * hd)
         if real is not None:
-            q, k, v = unpack(q, real), unpack(k, real), unpack(v, real)         # (B, T, heads * hd)
+            q, k, v = unpack(q, qreal), unpack(k, real), unpack(v, real)        # (B, T, heads * hd)
         B, T, _ = q.shape
         q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)                # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)                   # (B, nkv, T, hd)
@@ -138,14 +141,24 @@ class Attention(nn.Module):
         gqa = self.n_kv != self.n_heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, -1)                                # (B, T, nh * hd)
-        return self.o_proj(y if real is None else y[real])
+        return self.o_proj(y if real is None else pack(y, qreal))
 
 
-def unpack(t, real):
-    """Packed tokens (N, C) back to the padded layout (B, T, C) that real (B, T) describes, zeros at padding."""
-    out = t.new_zeros(*real.shape, t.shape[-1])
-    out[real] = t
-    return out
+class Packing(NamedTuple):
+    """Where N packed tokens sit in a padded (B, T) batch: their flat positions b * T + t, in order."""
+    B: int
+    T: int
+    index: torch.Tensor  # (N,)
+
+
+def unpack(t, real: Packing):
+    """Packed tokens (N, C) to the padded layout (B, T, C), zeros elsewhere."""
+    return t.new_zeros(real.B * real.T, t.shape[-1]).index_copy(0, real.index, t).view(real.B, real.T, -1)
+
+
+def pack(t, real: Packing):
+    """(B, T, C) to the packed tokens only, (N, C)."""
+    return t.reshape(real.B * real.T, -1).index_select(0, real.index)
 
 
 class MLP(nn.Module):
@@ -167,8 +180,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, real=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, real)
+    def forward(self, x, cos, sin, mask, cache=None, real=None, out=None):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, real, out)
+        x = (x if out is None else x[out]) + h                   # out: only those rows go on
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -252,14 +266,18 @@ class Llama(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def hidden(self, input_ids, attention_mask=None, cache=None, packed: bool = False):
-        """Final normalised hidden states, (B, T, dim); packed=True: of the real tokens only, (N, dim),
-        in row-major order.
+    def hidden(self, input_ids, attention_mask=None, cache=None, keep=None):
+        """Final normalised hidden states, (B, T, dim); or, given keep (B, T) bool, only those positions'
+        states, (M, dim) in row-major order.
 
         attention_mask (B, S) marks real tokens with 1 and padding with 0 over every slot seen so far
         (S = cache length + T when decoding). Positions count real tokens only, so a left-padded
-        prompt is encoded exactly as the same prompt alone. Packed, padding costs nothing outside
-        attention: in a batch of examples of mixed lengths, a third of the tokens can be padding.
+        prompt is encoded exactly as the same prompt alone.
+
+        With keep (training: the positions that predict a label), work follows need. The blocks run on
+        the real tokens only, packed as (N, dim): in a batch of examples of mixed lengths a third of the
+        tokens can be padding, and only attention needs the padded layout. The last block forms queries,
+        attention output and MLP only at the kept positions; the others serve there as keys and values.
         """
         B, T = input_ids.shape
         start = cache.len if cache is not None else 0
@@ -267,44 +285,45 @@ class Llama(nn.Module):
             attention_mask = torch.ones(B, start + T, dtype=torch.long, device=input_ids.device)
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-        if packed and cache is not None:
-            raise ValueError("packed hidden states are for whole sequences, not decoding with a cache")
+        if keep is not None and cache is not None:
+            raise ValueError("keep selects positions of whole sequences, not of decoding with a cache")
         valid = attention_mask.bool()                                             # (B, S)
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]      # (B, T)
         cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (B, 1, T, hd)
-        padded = cache is not None or not bool(valid.all())
         mask = None                                                               # causal, see Attention
-        if padded:
+        if cache is not None or not bool(valid.all()):
             q_slot = torch.arange(start, start + T, device=input_ids.device)[:, None]  # (T, 1)
             k_slot = torch.arange(start + T, device=input_ids.device)[None, :]         # (1, S)
             # causal and padding mask, (B, 1, T, S); every query may see itself, so padded rows stay finite
             mask = ((k_slot <= q_slot) & valid[:, None, None, :]) | (k_slot == q_slot)
-        real = valid if packed and padded else None
-        x = self.model.embed_tokens(input_ids if real is None else input_ids[real])  # (B, T, dim) or (N, dim)
-        for block in self.model.layers:
-            x = block(x, cos.to(x.dtype), sin.to(x.dtype), mask, cache, real)
+        real = out = None
+        if keep is not None:
+            real = Packing(B, T, valid.flatten().nonzero().squeeze(1))            # (N,) the real tokens
+            out = (keep & valid)[valid].nonzero().squeeze(1)                      # (M,) rows of packed x
+        x = self.model.embed_tokens(input_ids if real is None else input_ids.flatten()[real.index])  # (B, T, dim) or (N, dim)
+        last = len(self.model.layers) - 1
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos.to(x.dtype), sin.to(x.dtype), mask, cache, real, out if i == last else None)
         if cache is not None:
             cache.len += T
-        x = self.model.norm(x)
-        return x.reshape(-1, x.shape[-1]) if packed else x
+        return self.model.norm(x)
 
     def forward(self, input_ids, attention_mask=None, labels=None):
         """Returns (logits, loss).
 
         Without labels: logits (B, T, vocab), loss None. With labels (-100 = ignored): logits None and
-        the mean cross-entropy of next-token prediction over labelled positions. Training runs the
-        blocks on real tokens only (packed), and the vocabulary projection, which dominates the cost of
-        small models, only at labelled positions and in chunks (linear_cross_entropy).
+        the mean cross-entropy of next-token prediction over labelled positions. Training computes only
+        what the loss needs (hidden(keep=...)), and the vocabulary projection, which dominates the cost
+        of small models, only at labelled positions and in chunks (linear_cross_entropy).
         """
         if labels is None:
             return self.lm_head(self.hidden(input_ids, attention_mask)), None
-        h = self.hidden(input_ids, attention_mask, packed=True)                  # (N, dim) real tokens
-        # the token each position predicts (t + 1); the last predicts nothing. A label on a row's first
-        # real token is dropped: only padding precedes it.
-        targets = F.pad(labels[:, 1:], (0, 1), value=-100)                       # (B, T)
-        targets = targets.flatten() if attention_mask is None else targets[attention_mask.bool()]  # (N,)
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)      # (B, T): the token each position predicts
         keep = targets != -100
-        return None, linear_cross_entropy(h[keep], self.lm_head.weight, targets[keep])
+        if attention_mask is not None:  # a label on a row's first real token is dropped: only padding precedes it
+            keep &= attention_mask.bool()
+        h = self.hidden(input_ids, attention_mask, keep=keep)  # (M, dim)
+        return None, linear_cross_entropy(h, self.lm_head.weight, targets[keep])
 
     def represent(self, input_ids, attention_mask, pool: str = "last"):
         """An instance's representation (FedDPA's dynamic weighting), (B, dim): the final normalised hidden

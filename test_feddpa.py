@@ -289,13 +289,14 @@ def test_per_example_weights_refuse_packed_training_batches():
         m(ids, mask, ids)  # a loss packs the real tokens: no longer one row per example
 
 
-@pytest.mark.parametrize("p, shape", [(0.05, (40, 25)), (0.5, (7,))])
-def test_dropout_masks_are_independent_bernoulli(p, shape):
+@pytest.mark.parametrize("p, shape, sigmas", [(0.05, (40, 25), 4.0), (0.5, (7,), 4.0), (0.05, (40, 25), -1.0)])
+def test_dropout_masks_are_independent_bernoulli(p, shape, sigmas):
     """lora.Dropout draws the gaps between drops rather than a number per element; the masks must still
-    be independent Bernoulli(p) per element (no edge effects where the draws are topped up), kept
-    values scaled by 1 / (1 - p), and nothing dropped in eval mode."""
+    be independent Bernoulli(p) per element, kept values scaled by 1 / (1 - p), and nothing dropped in
+    eval mode. sigmas < 0 draws too few gaps on purpose: the rare path, where the tail is drawn plainly."""
     torch.manual_seed(0)
     d, x, n = lora.Dropout(p), torch.ones(shape), 4000
+    d.sigmas = sigmas
     out = torch.stack([d(x) for _ in range(n)]).flatten(1)              # (n, numel)
     assert torch.allclose(out[out != 0], torch.tensor(1 / (1 - p)))
     drop = (out == 0).double()

@@ -161,7 +161,7 @@ def pretrain_base(cfg: Config, device) -> str:
     stream = torch.tensor([i for doc in corpus for i in [tok.bos_id, *tok.encode(doc), tok.eos_id]])
     T, B = 128, 32
     chunks = stream[:len(stream) // T * T].view(-1, T)                   # (N, T) packed documents
-    opt_ = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    opt_ = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
     warm = max(1, cfg.pretrain_steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt_, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / cfg.pretrain_steps)))
     g = torch.Generator().manual_seed(cfg.seed)
