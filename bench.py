@@ -9,17 +9,20 @@ Everything but --e2e runs in this one process on the CPU, with torch's default t
 Timings are only as quiet as the machine: take numbers worth quoting with nothing else running.
 
 What is counted
-- tok/s: real (non-padding) tokens per second of a whole training step (forward, backward, AdamW step,
-  zero_grad): the fastest of the timed steps, after 2 untimed warmup steps (on a shared machine a step
-  can take 5x its quiet time; the best step, like the best matmul, is what reproduces). Both
-  implementations get the same batches; |dloss0| is the gap between their losses on the first batch
-  before training (eval mode): a check that they compute the same thing.
+- tok/s: real (non-padding) tokens per second of a whole training step (forward, backward, fused AdamW
+  step, zero_grad): the fastest of the timed steps, after 2 untimed warmup steps (on a shared machine a
+  step can take 5x its quiet time; the best step, like the best matmul, is what reproduces). Both
+  implementations get the same batches and take turns, step by step, so a slow spell hits both;
+  "median" is the median over steps of the per-step time ratio. |dloss0| is the gap between their
+  losses on the first batch before training (eval mode): a check that they compute the same thing.
 - FLOPs: the matmul work a step needs. A frozen weight costs 4 FLOPs per token (forward 2, input
   gradient 2; it needs no weight gradient), a trained one 6 (pretraining). Counted: the blocks'
   projections at every real token, the vocabulary projection only at tokens with a label (the loss
   needs no other logits; transformers computes them all, and is not credited for it). Not counted:
   attention scores (about 4 * T * dim per layer and token), norms, LoRA's own rank-8 matmuls, the
-  embedding lookup. The usual MFU convention, 6 * N * tokens, would be 1.5x our LoRA numbers.
+  embedding lookup. The usual MFU convention, 6 * N * tokens, would be 1.5x our LoRA numbers. Ours
+  skips part of that work (the last block runs only where a label is predicted), so its GFLOP/s is
+  a rate of the work counted, not of the work done.
 - %peak: achieved GFLOP/s over the best of ten 2048^3 matmuls (torch.mm) in the same dtype, here.
 """
 import argparse
@@ -145,18 +148,20 @@ def save_base(cfg: llama.ModelConfig, d: str) -> str:
     return d
 
 
-def build(d: str, targets, hf: bool):
-    """A fresh LoRA model (r=8, alpha=16, dropout 0.05) on the weights in d: ours, as train_adapter
-    uses it (one adapter trains, alone), or LlamaForCausalLM + peft."""
+def build(d: str, targets, hf: bool, bf16: bool = False):
+    """A fresh LoRA model (r=8, alpha=16, dropout 0.05) on the weights in d: ours, as train.py builds
+    it (one adapter trains, alone), or LlamaForCausalLM + peft. bf16: the frozen base in bfloat16,
+    float32 adapters, as train.py --dtype bfloat16 and peft (autocast_adapter_dtype) both do."""
     torch.manual_seed(0)
+    dtype = torch.bfloat16 if bf16 else torch.float32
     if not hf:
-        m = lora.inject(llama.from_pretrained(d), targets, r=8, alpha=16, dropout=0.05)
+        m = lora.inject(llama.from_pretrained(d, dtype=dtype), targets, r=8, alpha=16, dropout=0.05, dtype=torch.float32)
         lora.set_weights(m, {"global": 1.0})
         lora.set_trainable(m, "global")
         return m
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
-    return get_peft_model(LlamaForCausalLM.from_pretrained(d),
+    return get_peft_model(LlamaForCausalLM.from_pretrained(d, dtype=dtype),
                           LoraConfig(r=8, lora_alpha=16, target_modules=list(targets), lora_dropout=0.05))
 
 
@@ -169,23 +174,28 @@ def loss_of(m, hf: bool, batch, bf16: bool = False):
         return m(ids, mask, labels)[1]
 
 
-def train(m, hf: bool, batches, steps: int, warmup: int = 2, bf16: bool = False, lr: float = 3e-3):
-    """AdamW steps over batches (cycled). Returns, for the last `steps`, one (seconds, real tokens,
-    labelled tokens, loss) per step."""
+def stepper(m, hf: bool, bf16: bool = False, lr: float = 3e-3):
+    """A function that takes one AdamW step of m on a batch and returns (seconds, real tokens, labelled
+    tokens, loss)."""
     # fused AdamW for both: what fed.train_adapter uses, and transformers' Trainer default (adamw_torch_fused)
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr, fused=True)
-    m.train()
-    torch.manual_seed(1)  # the same LoRA dropout masks for every run
-    out = []
-    for i in range(warmup + steps):
-        batch = batches[i % len(batches)]
+
+    def step(batch):
+        m.train()
         t0 = time.perf_counter()
         loss = loss_of(m, hf, batch, bf16)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        out.append((time.perf_counter() - t0, int(batch[1].sum()), int((batch[2][:, 1:] != -100).sum()), loss.item()))
-    return out[warmup:]
+        return time.perf_counter() - t0, int(batch[1].sum()), int((batch[2][:, 1:] != -100).sum()), loss.item()
+    return step
+
+
+def train(m, hf: bool, batches, steps: int, warmup: int = 2, bf16: bool = False) -> list:
+    """AdamW steps over batches (cycled); the (seconds, tokens, labelled, loss) of the last `steps`."""
+    step = stepper(m, hf, bf16)
+    torch.manual_seed(1)  # the same LoRA dropout masks for every run
+    return [step(batches[i % len(batches)]) for i in range(warmup + steps)][warmup:]
 
 
 def rates(cfg, steps, peak: float, per_weight: int = 4) -> tuple:
@@ -196,20 +206,36 @@ def rates(cfg, steps, peak: float, per_weight: int = 4) -> tuple:
 
 
 def compare(cfg, d: str, targets, batches, steps: int, peak: float, bf16: bool = False) -> dict:
-    """One row: ours and transformers + peft, each fresh from d, trained on the same batches."""
+    """One row: ours and transformers + peft, each fresh from d, taking turns step by step on the same
+    batches, so that a slow spell of a shared machine hits both. With bf16, transformers + peft in
+    float32 takes its turn too (row["hf32"]): target c compares against it."""
+    runs = {"ours": (False, bf16)}
+    if HAVE_HF:
+        runs.update({"hf": (True, bf16)}, **({"hf32": (True, False)} if bf16 else {}))
+    models = {name: build(d, targets, hf=hf, bf16=half) for name, (hf, half) in runs.items()}
     row = {}
-    for impl in ("ours", "hf") if HAVE_HF else ("ours",):
-        m = build(d, targets, hf=impl == "hf")
-        with torch.no_grad():
-            row[impl + "_loss0"] = loss_of(m.eval(), impl == "hf", batches[0], bf16).item()
-        row[impl] = rates(cfg, train(m, impl == "hf", batches, steps, bf16=bf16), peak)
+    with torch.no_grad():
+        for name, (hf, half) in runs.items():
+            row[name + "_loss0"] = loss_of(models[name].eval(), hf, batches[0], half).item()
+    steps_of = {name: stepper(models[name], hf, half) for name, (hf, half) in runs.items()}
+    timed = {name: [] for name in runs}
+    torch.manual_seed(1)
+    for i in range(2 + steps):  # 2 untimed warmup steps
+        for name in runs:
+            s = steps_of[name](batches[i % len(batches)])
+            if i >= 2:
+                timed[name].append(s)
+    for name in runs:
+        row[name] = rates(cfg, timed[name], peak)
+    if HAVE_HF:  # the ratio of step times, step by step, is steadier than the ratio of the best steps
+        row["median"] = sorted(h[0] / o[0] for o, h in zip(timed["ours"], timed["hf"]))[steps // 2]
     return row
 
 
 def print_row(name: str, row: dict):
     def cols(impl):
         return "{:>9.0f} {:>8.1f} {:>5.1f}%".format(*row[impl]) if impl in row else f"{'-':>9} {'-':>8} {'-':>6}"
-    ratio = f"{row['ours'][0] / row['hf'][0]:6.2f}x" if "hf" in row else f"{'-':>7}"
+    ratio = f"{row['ours'][0] / row['hf'][0]:6.2f}x {row['median']:5.2f}x" if "hf" in row else f"{'-':>7} {'-':>6}"
     dloss = f"{abs(row['ours_loss0'] - row['hf_loss0']):9.1e}" if "hf" in row else f"{'-':>9}"
     print(f"{name:<34}{cols('ours')} |{cols('hf')} |{ratio} {dloss} {rss_mb():7.0f}", flush=True)
 
@@ -321,18 +347,18 @@ def flan_rows(args, only, peak32, peak16, tmp):
           f"{'FLAN training texts' if records else 'built-in corpus'}; LoRA on q_proj, v_proj")
     n = args.steps + 2
     packed = packed_batches(tok, texts, max(n, args.check_steps))
-    a = None
     if "a" in only:
-        print_row("a fp32, 31M, 8x256, all labelled", a := compare(MID, d, QV, packed[:n], args.steps, peak32))
+        print_row("a fp32, 31M, 8x256, all labelled", compare(MID, d, QV, packed[:n], args.steps, peak32))
     if "b" in only and records:
         flan = example_batches(tok, records, n)
         shape = f"8x{sum(b[0].shape[1] for b in flan) / n:.0f}"
         print_row(f"b fp32, 31M, FLAN {shape}, response", compare(MID, d, QV, flan, args.steps, peak32))
     if "c" in only:
-        print_row("c bf16 autocast (both), as a", c := compare(MID, d, QV, packed[:n], args.steps, peak16, bf16=True))
-        if a and "hf" in a:
-            print(f"  c: ours in bf16 / transformers + peft in float32 (row a): {c['ours'][0] / a['hf'][0]:.2f}x")
-        final = [train(build(d, QV, hf=False), False, packed, args.check_steps, warmup=0, bf16=bf16)[-1][3]
+        print_row("c bf16 base + autocast (both), as a", c := compare(MID, d, QV, packed[:n], args.steps, peak16, bf16=True))
+        if "hf32" in c:
+            print(f"  c: ours in bf16 / transformers + peft in float32, taking turns in the same run: "
+                  f"{c['ours'][0] / c['hf32'][0]:.2f}x ({c['hf32'][0]:.0f} tok/s)")
+        final = [train(build(d, QV, hf=False, bf16=bf16), False, packed, args.check_steps, warmup=0, bf16=bf16)[-1][3]
                  for bf16 in (False, True)]
         diff = 100 * abs(final[1] - final[0]) / final[0]
         print(f"  c: loss after {args.check_steps} steps from the same init on the same batches: float32 "
@@ -343,7 +369,7 @@ def flan_rows(args, only, peak32, peak16, tmp):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per scenario, after 2 warmup steps (default 5)")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per scenario, after 2 warmup steps (default 8)")
     ap.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios (default: all)")
     ap.add_argument("--check-steps", type=int, default=50, help="scenario c: steps of the bf16 vs fp32 loss check")
     ap.add_argument("--flan", default=os.path.join(HERE, "..", "shared", "data", "feddpa-flan1"), help="FLAN data")
@@ -364,8 +390,9 @@ def main(argv=None):
 
     if only & {"a", "b", "c", "d"}:
         print(f"\n1. LoRA training step (r=8, alpha 16, dropout 0.05, AdamW); fastest of {args.steps} steps after 2 warmup")
-        print(f"{'':<34}{'ours':^25}|{'transformers + peft':^25}|{'ours/HF':>7} {'|dloss0|':>9} {'RSS MB':>7}")
-        print(f"{'scenario':<34}{'tok/s':>9} {'GFLOP/s':>8} {'peak':>6} |{'tok/s':>9} {'GFLOP/s':>8} {'peak':>6} |")
+        print(f"{'':<34}{'ours':^25}|{'transformers + peft':^25}|{'ours/HF':^14} {'|dloss0|':>9} {'RSS MB':>7}")
+        print(f"{'scenario':<34}{'tok/s':>9} {'GFLOP/s':>8} {'peak':>6} |{'tok/s':>9} {'GFLOP/s':>8} {'peak':>6} |"
+              f"{'best':>7} {'median':>6}")
     if only & {"a", "b", "c"}:
         flan_rows(args, only, peak32, peak16, tmp.name)
     if only & {"d", "infer", "pretrain"}:
@@ -373,9 +400,11 @@ def main(argv=None):
         d = save_base(llama.PRESETS["base"], os.path.join(tmp.name, "base"))
     if "d" in only:
         print(f"  d model: the built-in base, {describe(llama.PRESETS['base'])}; LoRA on all seven projections")
-        batches = example_batches(tok, [r for client in fd.clients for r in client], args.steps + 2)
-        row = compare(llama.PRESETS["base"], d, lora.TARGETS, batches, args.steps, peak32)
-        print_row("d fp32, default base, 7 targets", row)
+        records = [r for client in fd.clients for r in client]
+        for B in (8, 4):  # 4: the batch of the default run
+            batches = example_batches(tok, records, args.steps + 2, B=B)
+            row = compare(llama.PRESETS["base"], d, lora.TARGETS, batches, args.steps, peak32)
+            print_row(f"d fp32, default base, batch {B}", row)
     if "infer" in only:
         batched, single = bench_inference(d, tok, fd)
         print(f"\n2. FedDPA inference, dynamic weighting, default base, 64 instances, 32 greedy tokens\n"

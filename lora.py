@@ -53,13 +53,15 @@ class Dropout(nn.Dropout):
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, names=ADAPTERS, r: int = 8, alpha: float = 16, dropout: float = 0.05):
+    def __init__(self, base: nn.Linear, names=ADAPTERS, r: int = 8, alpha: float = 16, dropout: float = 0.05,
+                 dtype=None):
         super().__init__()
         if r < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {r}")
         self.base_layer = base.requires_grad_(False)
         self.scaling = alpha / r
-        dev, dt = base.weight.device, base.weight.dtype
+        # dtype: the adapters' own (default the base's); a bfloat16 base keeps float32 adapters, which train
+        dev, dt = base.weight.device, dtype or base.weight.dtype
         self.lora_A = nn.ModuleDict({n: nn.Linear(base.in_features, r, bias=False, device=dev, dtype=dt) for n in names})
         self.lora_B = nn.ModuleDict({n: nn.Linear(r, base.out_features, bias=False, device=dev, dtype=dt) for n in names})
         self.lora_dropout = nn.ModuleDict({n: Dropout(dropout) for n in names})
@@ -122,7 +124,7 @@ class LoRALinear(nn.Module):
 # Whole-model helpers
 
 def inject(model: nn.Module, targets=("q_proj", "v_proj"), names=ADAPTERS, r: int = 8, alpha: float = 16,
-           dropout: float = 0.05, seed: int = 0) -> nn.Module:
+           dropout: float = 0.05, seed: int = 0, dtype=None) -> nn.Module:
     """Freeze the model and wrap every nn.Linear whose attribute name is in targets (the paper: q and v)."""
     bad = set(targets) - set(TARGETS)
     if bad:
@@ -132,7 +134,7 @@ def inject(model: nn.Module, targets=("q_proj", "v_proj"), names=ADAPTERS, r: in
     for parent in list(model.modules()):
         for attr, child in list(parent.named_children()):
             if attr in targets and isinstance(child, nn.Linear):
-                wrapped = LoRALinear(child, names, r, alpha, dropout)
+                wrapped = LoRALinear(child, names, r, alpha, dropout, dtype)
                 for n in names:
                     wrapped.reset(n, gen)
                 setattr(parent, attr, wrapped)

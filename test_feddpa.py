@@ -253,6 +253,34 @@ def test_a_step_changes_only_the_trained_adapter(train):
         assert changed == (f".{train}." in k and "lora_" in k), k
 
 
+def test_bfloat16_base_trains_float32_adapters():
+    """train.py --dtype bfloat16: the frozen base in bfloat16, float32 adapters (they train), autocast.
+    Same start as float32 (the adapters are initialised in float32 either way), gradients reach only
+    the adapter, and the loss stays close to float32's."""
+    torch.manual_seed(0)
+    ref = model.Llama(model.PRESETS["tiny"])
+    models = {}
+    for dt in (torch.float32, torch.bfloat16):
+        m = model.Llama(model.PRESETS["tiny"])
+        m.load_state_dict(ref.state_dict())
+        models[dt] = lora.inject(m.to(dt), dropout=0.0, dtype=torch.float32)
+        lora.set_trainable(models[dt], "global")
+        lora.set_weights(models[dt], {"global": 1.0})
+    half = models[torch.bfloat16]
+    assert all(p.dtype == torch.float32 for p in lora.adapter_params(half, "global"))
+    assert all(p.dtype == torch.bfloat16 for n, p in half.named_parameters() if "lora_" not in n)
+    assert all(torch.equal(a, b) for a, b in zip(lora.adapter_params(half, "global"),
+                                                 lora.adapter_params(models[torch.float32], "global")))
+    ids, mask = left_padded(1024)
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = half(ids, mask, labels)[1]
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora.adapter_params(half, "global"))
+    assert all(p.grad is None for n, p in half.named_parameters() if ".global." not in n)
+    assert abs(loss.item() - models[torch.float32](ids, mask, labels)[1].item()) < 0.02 * loss.item()
+
+
 def test_merge_then_unmerge_restores_and_matches_unmerged():
     m = tiny_lora().eval()
     ids, mask = left_padded(1024)
@@ -518,14 +546,17 @@ def test_p_and_ttp():
 # ==============================================================================================
 # train.py: a tiny end-to-end run of every method
 
-def test_every_method_end_to_end_on_a_tiny_run(tiny_dir, tmp_path, capsys):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_method_end_to_end_on_a_tiny_run(tiny_dir, tmp_path, capsys, dtype):
     bench = data.builtin_benchmark(seed=0, n_train=40, n_test=6)
     data.write_federated(data.federated_data("tiny", bench.clients[:3], [r for recs in list(bench.tests.values())[:3] for r in recs]),
                          tmp_path / "data")
     out = tmp_path / "out"
     train.main(["--data", str(tmp_path / "data"), "--model", str(tiny_dir), "--rounds", "2", "--local-steps", "2",
                 "--batch-size", "4", "--micro-batch-size", "2", "--test-per-task", "3", "--max-new-tokens", "4",
-                "--out", str(out), "-v"])
+                "--dtype", dtype, "--out", str(out), "-v"])
+    # adapters train and are saved in float32 whatever the base's dtype
+    assert {t.dtype for t in model.read_safetensors(str(out / "adapters" / "fedit" / "global.safetensors")).values()} == {torch.float32}
     res = json.loads((out / "results.json").read_text())
     assert set(res["methods"]) == set(feddpa.METHODS)
     for method, r in res["methods"].items():

@@ -64,14 +64,14 @@ class Config:
     pool: str = opt("last", "instance representation: 'last' prompt token or 'mean'")
     lambda_to: str = opt("local", "adapter that gets lambda: 'local' (the paper's text) or 'global' (official code)")
     finetune_rounds: float = opt(10.0, "FedDPA-F: local fine-tuning budget, in rounds of local training")
-    test_per_task: int = opt(50, "test instances per task (0 = all)")
+    test_per_task: int = opt(40, "test instances per task (0 = all)")
     max_new_tokens: int = opt(32, "generation length (the paper: 80)")
     num_beams: int = opt(1, "beam search width (the paper: 4)")
     eval_batch_size: int = opt(64, "prompts per generation batch")
-    pretrain_steps: int = opt(300, "steps of pretraining for the built-in base model")
+    pretrain_steps: int = opt(200, "steps of pretraining for the built-in base model")
     seed: int = opt(0, "seed for everything")
     device: str = opt("auto", "auto, cpu or cuda")
-    dtype: str = opt("float32", "float32 or bfloat16 (autocast)")
+    dtype: str = opt("float32", "float32, or bfloat16: the frozen base in bfloat16, autocast, float32 adapters")
     out: str = opt("runs/default", "output folder")
     cache: str = opt("~/.cache/feddpa", "where the built-in base model is cached")
 
@@ -520,9 +520,13 @@ def run(cfg: Config, args):
     tok, model_cfg = load_tokenizer(model_dir)
     encoded = encode_clients(fd, tok, cfg.cutoff)
     check_lengths(cfg, tok, model_cfg.max_seq_len, fd, encoded)
-    m = llama.from_pretrained(model_dir, device=device)
+    # bfloat16: the frozen base is stored in bfloat16 (half the memory, no cast at every step); the
+    # adapters, which train, stay float32, and autocast runs the matmuls in bfloat16
+    base_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    m = llama.from_pretrained(model_dir, dtype=base_dtype, device=device)
     pretrain_seconds = time.time() - t0
-    lora.inject(m, cfg.targets.split(","), r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
+    lora.inject(m, cfg.targets.split(","), r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed,
+                dtype=torch.float32)
     m.eval()
 
     def save(s):
