@@ -328,12 +328,15 @@ class Llama(nn.Module):
     def represent(self, input_ids, attention_mask, pool: str = "last"):
         """An instance's representation (FedDPA's dynamic weighting), (B, dim): the final normalised hidden
         state at the last real token ('last'), or its masked mean over real tokens ('mean')."""
-        h = self.hidden(input_ids, attention_mask)
-        m = attention_mask.to(h.dtype)
         if pool == "mean":
+            h = self.hidden(input_ids, attention_mask)
+            m = attention_mask.to(h.dtype)
             return (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
-        last = (attention_mask * torch.arange(m.shape[1], device=m.device)).argmax(-1)  # (B,)
-        return h[torch.arange(h.shape[0], device=h.device), last]
+        B, T = attention_mask.shape
+        last = (attention_mask * torch.arange(T, device=attention_mask.device)).argmax(-1)  # (B,)
+        keep = torch.zeros(B, T, dtype=torch.bool, device=attention_mask.device)
+        keep[torch.arange(B, device=keep.device), last] = True
+        return self.hidden(input_ids, attention_mask, keep=keep)  # (B, dim): one kept position per row
 
     # ------------------------------------------------------------------------------------------
     # Decoding: prompts are left-padded, so every sequence's next token goes in the same cache slot.
