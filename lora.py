@@ -46,10 +46,10 @@ class Dropout(nn.Dropout):
         drops = torch.empty(k, dtype=torch.long).geometric_(p).cumsum_(0)      # (k,)
         last = int(drops[-1])
         keep = torch.full((max(n, last) + 1,), 1 / (1 - p), dtype=x.dtype)     # drops past the end land in the tail
-        keep[drops] = 0
+        keep.index_fill_(0, drops, 0)
         if last < n:  # the k gaps ended before x did (a 4-sigma event): draw the rest one by one
             keep[last + 1:n + 1].bernoulli_(1 - p).div_(1 - p)
-        return x * keep[1:n + 1].view(x.shape)
+        return x * keep.narrow(0, 1, n).view(x.shape)
 
 
 class LoRALinear(nn.Module):
