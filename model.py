@@ -5,9 +5,10 @@ model and nothing else: no data, no federation, no device decisions. Parameter n
 Hugging Face Llama layout (`model.layers.N.self_attn.q_proj.weight`, ..., `lm_head.weight`) so real
 checkpoints load key by key, and `save_pretrained` writes an ordinary HF directory.
 
-Contents, top to bottom: config and presets; RMSNorm, rotary embeddings, grouped-query attention,
-SwiGLU MLP; the model with its loss, instance representation and KV-cached greedy / beam decoding;
-safetensors read and written by hand; loading and saving HF directories; tokenizers.
+Contents, top to bottom: config and presets; RMSNorm, rotary embeddings, grouped-query attention
+(with packed batches: padding removed outside attention), SwiGLU MLP; the chunked cross-entropy; the
+model with its loss, instance representation and KV-cached greedy / beam decoding; safetensors read
+and written by hand; loading and saving HF directories; tokenizers.
 """
 import json
 import math
