@@ -275,10 +275,11 @@ class Llama(nn.Module):
         (S = cache length + T when decoding). Positions count real tokens only, so a left-padded
         prompt is encoded exactly as the same prompt alone.
 
-        With keep (training: the positions that predict a label), work follows need. The blocks run on
-        the real tokens only, packed as (N, dim): in a batch of examples of mixed lengths a third of the
-        tokens can be padding, and only attention needs the padded layout. The last block forms queries,
-        attention output and MLP only at the kept positions; the others serve there as keys and values.
+        With keep (training: the positions that predict a label), work follows need. If there is padding,
+        the blocks run on the real tokens only, packed as (N, dim): in a batch of examples of mixed
+        lengths a third of the tokens can be padding, and only attention needs the padded layout; and the
+        last block forms queries, attention output and MLP only at the kept positions, the others serving
+        there as keys and values. Without padding nothing is packed (it would only copy).
         """
         B, T = input_ids.shape
         start = cache.len if cache is not None else 0
@@ -298,7 +299,7 @@ class Llama(nn.Module):
             # causal and padding mask, (B, 1, T, S); every query may see itself, so padded rows stay finite
             mask = ((k_slot <= q_slot) & valid[:, None, None, :]) | (k_slot == q_slot)
         real = out = None
-        if keep is not None:
+        if keep is not None and mask is not None:  # padding: pack the real tokens
             real = Packing(B, T, valid.flatten().nonzero().squeeze(1))            # (N,) the real tokens
             out = (keep & valid)[valid].nonzero().squeeze(1)                      # (M,) rows of packed x
         x = self.model.embed_tokens(input_ids if real is None else input_ids.flatten()[real.index])  # (B, T, dim) or (N, dim)
@@ -307,6 +308,8 @@ class Llama(nn.Module):
             x = block(x, cos.to(x.dtype), sin.to(x.dtype), mask, cache, real, out if i == last else None)
         if cache is not None:
             cache.len += T
+        if keep is not None and real is None:  # no padding, nothing packed: the kept states are picked here
+            x = x[keep]
         return self.model.norm(x)
 
     def forward(self, input_ids, attention_mask=None, labels=None):
