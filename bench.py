@@ -209,9 +209,11 @@ def compare(cfg, d: str, targets, batches, steps: int, peak: float, bf16: bool =
     """One row: ours and transformers + peft, each fresh from d, taking turns step by step on the same
     batches, so that a slow spell of a shared machine hits both. With bf16, transformers + peft in
     float32 takes its turn too (row["hf32"]): target c compares against it."""
-    runs = {"ours": (False, bf16)}
+    runs = {"ours": (False, bf16)}  # name: (transformers + peft?, bf16?)
     if HAVE_HF:
-        runs.update({"hf": (True, bf16)}, **({"hf32": (True, False)} if bf16 else {}))
+        runs["hf"] = (True, bf16)
+        if bf16:
+            runs["hf32"] = (True, False)
     models = {name: build(d, targets, hf=hf, bf16=half) for name, (hf, half) in runs.items()}
     row = {}
     with torch.no_grad():
