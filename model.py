@@ -268,8 +268,8 @@ class Llama(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
     def hidden(self, input_ids, attention_mask=None, cache=None, keep=None):
-        """Final normalised hidden states, (B, T, dim); or, given keep (B, T) bool, only those positions'
-        states, (M, dim) in row-major order.
+        """Final normalised hidden states, (B, T, dim); or, given keep (B, T) bool marking real tokens,
+        only those positions' states, (M, dim) in row-major order.
 
         attention_mask (B, S) marks real tokens with 1 and padding with 0 over every slot seen so far
         (S = cache length + T when decoding). Positions count real tokens only, so a left-padded
@@ -301,11 +301,12 @@ class Llama(nn.Module):
         real = out = None
         if keep is not None and mask is not None:  # padding: pack the real tokens
             real = Packing(B, T, valid.flatten().nonzero().squeeze(1))            # (N,) the real tokens
-            out = (keep & valid)[valid].nonzero().squeeze(1)                      # (M,) rows of packed x
+            out = keep[valid].nonzero().squeeze(1)                                # (M,) rows of packed x
         x = self.model.embed_tokens(input_ids if real is None else input_ids.flatten()[real.index])  # (B, T, dim) or (N, dim)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         last = len(self.model.layers) - 1
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos.to(x.dtype), sin.to(x.dtype), mask, cache, real, out if i == last else None)
+            x = block(x, cos, sin, mask, cache, real, out if i == last else None)
         if cache is not None:
             cache.len += T
         if keep is not None and real is None:  # no padding, nothing packed: the kept states are picked here
