@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 import lora
 from data import collate
+from model import IGNORE_INDEX
 
 
 @dataclass
@@ -37,34 +38,34 @@ class Diverged(Exception):
     """The loss became NaN or infinite; the message names where."""
 
 
-def train_adapter(model, name: str, examples: list, cfg: LocalTrain, weights: dict, pad_id: int,
+def train_adapter(model, name: str, examples: list, train: LocalTrain, weights: dict, pad_id: int,
                   generator: torch.Generator, where: str = "") -> dict:
     """Train adapter `name` (only it) on encoded examples, the others mixed in with fixed `weights`.
 
     Returns {"loss": mean loss, "steps": n, "tokens": labelled tokens seen}."""
     lora.set_trainable(model, name)
     lora.set_weights(model, weights)
-    params = lora.adapter_params(model, name)
-    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(examples) / cfg.batch_size))
+    params = list(lora.adapter_tensors(model, name).values())
+    steps = train.max_steps or max(1, math.ceil(train.epochs * len(examples) / train.batch_size))
     # fused: one kernel per step for all the adapter's tensors (transformers' Trainer default too)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)  # linear decay to 0
     order = []
     losses, tokens = [], 0
     model.train()
     for _ in range(steps):
-        while len(order) < cfg.batch_size:  # epochs of seeded shuffles, as long as the budget needs
+        while len(order) < train.batch_size:  # epochs of seeded shuffles, as long as the budget needs
             order += torch.randperm(len(examples), generator=generator).tolist()
-        batch, order = [examples[i] for i in order[:cfg.batch_size]], order[cfg.batch_size:]
-        micro = [batch[i:i + cfg.micro_batch_size] for i in range(0, len(batch), cfg.micro_batch_size)]
+        batch, order = [examples[i] for i in order[:train.batch_size]], order[train.batch_size:]
+        micro = [batch[i:i + train.micro_batch_size] for i in range(0, len(batch), train.micro_batch_size)]
         step_loss = 0.0
         for mb in micro:
             ids, mask, labels = (t.to(params[0].device) for t in collate(mb, pad_id))
-            with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=train.bf16):
                 loss = model(ids, mask, labels)[1] / len(micro)
             loss.backward()
             step_loss += loss.item()
-            tokens += int((labels[:, 1:] != -100).sum())
+            tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
         if not math.isfinite(step_loss):
             raise Diverged(f"loss became {step_loss} while training the {name} adapter{where}")
         opt.step()
@@ -135,14 +136,14 @@ def run_rounds(fed: Federation, rounds: int, client_update, fraction: float = 1.
         sent = nbytes(fed.global_adapter) * len(chosen)
         updates, metrics = [], []
         for cid in tqdm(chosen, desc=f"round {r}", leave=False, unit="client"):
-            update, m = client_update(r, fed.clients[cid], fed.global_adapter)   # down: global adapter
+            update, client_metrics = client_update(r, fed.clients[cid], fed.global_adapter)  # down: global adapter
             updates.append(update)                                               # up: Update only
-            metrics.append(m)
+            metrics.append(client_metrics)
         fed.global_adapter = fedavg(updates, weighting)
         fed.round = r + 1
         fed.history.append({
             "round": r, "clients": chosen,
-            "loss": sum(m["loss"] for m in metrics) / len(metrics),
+            "loss": sum(cm["loss"] for cm in metrics) / len(metrics),
             "bytes_down": sent,
             "bytes_up": sum(nbytes(u.adapter) for u in updates),
             "seconds": time.time() - t0,

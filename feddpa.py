@@ -1,31 +1,39 @@
-"""FedDPA: dual-personalizing adapters (Yang et al., NeurIPS 2024), its baselines, and evaluation.
+"""FedDPA: dual-personalizing adapters (Yang et al., NeurIPS 2024), its baselines, and how each is evaluated.
 
 Each client owns a *global* adapter, trained locally and averaged by the server every round (it
 learns what all clients share: test-time personalization), and a *local* adapter that never leaves
 the client (it learns the client's own task: personalization). The local adapter is learned in one
-of two ways, sequentially (F) or iteratively (T):
+of two ways (Sec. 4.2), sequentially (F) or iteratively (T):
 
-  FedDPA-F  federated LoRA for R rounds, then each client fine-tunes a copy of the final global
-            adapter on its own data; that copy is its local adapter.
+  FedDPA-F  federated LoRA (FedIT) for R rounds, then each client fine-tunes a copy of the final
+            global adapter on its own data; that copy is its local adapter.
   FedDPA-T  round 0 trains the global adapter alone; from round 1 each selected client first trains
             its local adapter with the global one mixed in and frozen,
                 h = W x + (1 - a) * dW_global x + a * dW_local x,      a = 0.5,
             then trains its copy of the global adapter alone and sends it for FedAvg.
 
-At inference the two are mixed per test instance (the instance-wise dynamic weighting mechanism):
-        lambda(x) = clamp(alpha * mean_k cos(r(x), r(x_k)), 0, 1),   alpha = 0.5,
+At inference the two are mixed per test instance (the instance-wise dynamic weighting, Sec. 4.3):
+        lambda(x) = clamp(s * mean_k cos(r(x), r(x_k)), 0, 1),   s = 0.5 (lambda_scale),
 where r is the model's representation of an instruction (local adapter active) and x_1..x_K are
 K = 5 of the client's training instructions, drawn once; the local adapter gets lambda and the
-global one 1 - lambda, so instances that look like the client's own data lean on its local adapter.
+global one 1 - lambda (mix), so instances that look like the client's own data lean on its local
+adapter. The `-fixed` rows (the paper's ablation) use the training mix a instead.
 
-Baselines on the same model, data and budget: the base model (no adapter), Local (each client
-alone), FedIT (one federated adapter), Centralized (one adapter on the pooled data). Scores: ROUGE-1
-F1 (the paper's metric), ROUGE-L and exact match; P = a client's score on its own task, TTP = its
-mean over all tasks, each averaged over clients.
+Baselines on the same model and data: the base model (no adapter), Local (each client alone), FedIT
+(one federated adapter), Centralized (one adapter on the pooled data). Scores: ROUGE-1 F1 (the
+paper's metric), ROUGE-L and exact match; P = a client's score on its own task, TTP = its mean over
+all tasks, each averaged over clients (Sec. 5.1).
+
+Top to bottom: the methods and the training phases each needs; the mix; the client steps; each
+phase's clients, step and schedule (FedDPA-F's hand-over from FedIT included); the dynamic weight;
+ROUGE; generation with a mix; evaluating each method; P and TTP. Not here: the LoRA layers
+(lora.py), the round loop, local training and FedAvg (fed.py), the run folder (runs.py).
 """
 import re
+import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,49 +41,68 @@ import torch.nn.functional as F
 import lora
 from data import encode_prompt, pad_left
 from fed import Client, LocalTrain, Update, train_adapter
+from generate import generate
 
 METHODS = ("base", "local", "fedit", "centralized", "feddpa-f", "feddpa-f-fixed", "feddpa-t", "feddpa-t-fixed")
+PHASES = {  # training phase -> the methods that need it, in the order they run (FedDPA-F needs FedIT first)
+    "fedit": {"fedit", "feddpa-f", "feddpa-f-fixed"},
+    "feddpa-f": {"feddpa-f", "feddpa-f-fixed"},
+    "feddpa-t": {"feddpa-t", "feddpa-t-fixed"},
+    "local": {"local"},
+    "centralized": {"centralized"},
+}
 
 
 @dataclass
-class MethodConfig:
-    """What the client steps and the dynamic weighting below need; the round schedule is train.py's."""
+class Recipe:
+    """Every setting of the method: the schedule, local training, FedDPA-T's mix, the dynamic weight."""
     train: LocalTrain = field(default_factory=LocalTrain)
-    mix: float = 0.5                # FedDPA-T: the local adapter's weight a while training it
-    alpha: float = 0.5              # dynamic weighting scale: lambda in [0, alpha]
+    rounds: int = 20                # communication rounds R
+    fraction: float = 1.0           # clients sampled per round (FedIT, FedDPA-T)
+    local_weight: float = 0.5       # a: the local adapter's weight while FedDPA-T trains it; the -fixed rows' mix
+    finetune_rounds: float = 10.0   # FedDPA-F: local fine-tuning budget, in rounds of local training
+    lambda_scale: float = 0.5       # s: lambda in [0, s]
     k_refs: int = 5                 # K training instructions per client for the dynamic weight
     pool: str = "last"              # instance representation: 'last' prompt token or 'mean'
     lambda_to: str = "local"        # which adapter gets lambda; 'global' is what the official code does
+    seed: int = 0
+
+
+def mix(lam, to: str = "local") -> dict:
+    """The two adapters' weights when adapter `to` gets lam (a float or a (batch,) tensor) and the other
+    1 - lam: the only way the two are ever mixed, in training and in evaluation."""
+    other = "global" if to == "local" else "local"
+    return {to: lam, other: 1 - lam}
 
 
 # ----------------------------------------------------------------------------------------------
 # Client steps: what one selected client does in one round, given the global adapter it received.
 # They return the Update message (global adapter + example count) and local metrics.
 
-def fedit_step(model, pad_id, cfg: MethodConfig):
+def fedit_step(model, pad_id, train: LocalTrain):
     """FedIT (plain federated LoRA) and FedDPA-T's round 0: train the global adapter alone."""
     def step(round_, client: Client, global_adapter):
         lora.set_adapter(model, "global", global_adapter)
-        m = train_adapter(model, "global", client.data, cfg.train, {"global": 1.0}, pad_id, client.generator,
-                          where=f" of client {client.id} in round {round_}")
-        return Update(lora.get_adapter(model, "global"), len(client.data)), m
+        metrics = train_adapter(model, "global", client.data, train, {"global": 1.0}, pad_id, client.generator,
+                                where=f" of client {client.id} in round {round_}")
+        return Update(lora.get_adapter(model, "global"), len(client.data)), metrics
     return step
 
 
-def feddpa_t_step(model, pad_id, cfg: MethodConfig, fresh_local):
+def feddpa_t_step(model, pad_id, train: LocalTrain, local_weight: float, fresh_local: dict):
     """FedDPA-T (iterative learning): local adapter with the frozen global one mixed in, then the global alone."""
-    global_step = fedit_step(model, pad_id, cfg)
+    global_step = fedit_step(model, pad_id, train)
 
     def step(round_, client: Client, global_adapter):
         if round_ == 0:
             return global_step(round_, client, global_adapter)
         lora.set_adapter(model, "global", global_adapter)
         lora.set_adapter(model, "local", client.local if client.local is not None else fresh_local)
-        m1 = train_adapter(model, "local", client.data, cfg.train, {"local": cfg.mix, "global": 1 - cfg.mix},
-                           pad_id, client.generator, where=f" of client {client.id} in round {round_}")
+        local = train_adapter(model, "local", client.data, train, mix(local_weight), pad_id, client.generator,
+                              where=f" of client {client.id} in round {round_}")
         client.local = lora.get_adapter(model, "local")   # stays on the client
-        update, m2 = global_step(round_, client, global_adapter)
-        return update, {"loss": (m1["loss"] + m2["loss"]) / 2, "local_loss": m1["loss"], "global_loss": m2["loss"]}
+        update, glob = global_step(round_, client, global_adapter)
+        return update, {"loss": (local["loss"] + glob["loss"]) / 2, "local_loss": local["loss"], "global_loss": glob["loss"]}
     return step
 
 
@@ -85,15 +112,61 @@ def local_step(model, pad_id, train: LocalTrain, start: dict):
     initial adapter, R rounds). The adapter carries over between rounds."""
     def step(round_, client: Client, global_adapter):
         lora.set_adapter(model, "local", client.local if client.local is not None else start)
-        m = train_adapter(model, "local", client.data, train, {"local": 1.0}, pad_id, client.generator,
-                          where=f" of client {client.id} in round {round_}")
+        metrics = train_adapter(model, "local", client.data, train, {"local": 1.0}, pad_id, client.generator,
+                                where=f" of client {client.id} in round {round_}")
         client.local = lora.get_adapter(model, "local")
-        return Update({}, len(client.data)), m
+        return Update({}, len(client.data)), metrics
     return step
 
 
 # ----------------------------------------------------------------------------------------------
-# Instance-wise dynamic weighting mechanism (inference)
+# Training phases: each is one federated run (fed.run_rounds) of some clients with one client step.
+
+@dataclass
+class Phase:
+    clients: list          # fed.Client, each with its own seeded data order
+    step: Callable         # the client step
+    rounds: int
+    fraction: float        # clients sampled per round
+    start: dict            # the global adapter sent in round 0 ({}: none is sent)
+
+
+def scaled(train: LocalTrain, factor: float) -> LocalTrain:
+    return replace(train, epochs=train.epochs * factor, max_steps=round(train.max_steps * factor))
+
+
+def setup_phase(name: str, model, pad_id: int, recipe: Recipe, datasets: list, init: dict, trained: dict) -> Phase:
+    """Phase `name` on the clients' encoded datasets, every adapter starting from init; trained holds
+    the phases already run ({phase: {"global": adapter, "locals": [...]}}): FedDPA-F starts from FedIT's."""
+    def clients(sets):
+        return [Client(i, d, torch.Generator().manual_seed(recipe.seed * 1000 + i)) for i, d in enumerate(sets)]
+    train = recipe.train
+    if name == "fedit":
+        return Phase(clients(datasets), fedit_step(model, pad_id, train), recipe.rounds, recipe.fraction, init)
+    if name == "feddpa-t":
+        step = feddpa_t_step(model, pad_id, train, recipe.local_weight, init)
+        return Phase(clients(datasets), step, recipe.rounds, recipe.fraction, init)
+    if name == "feddpa-f":  # the hand-over: each client fine-tunes a copy of FedIT's final global adapter
+        step = local_step(model, pad_id, scaled(train, recipe.finetune_rounds), trained["fedit"]["global"])
+        return Phase(clients(datasets), step, 1, 1.0, {})
+    if name == "local":
+        return Phase(clients(datasets), local_step(model, pad_id, train, init), recipe.rounds, 1.0, {})
+    if name == "centralized":  # one client holding everything, the same total number of optimizer steps
+        pooled = [e for d in datasets for e in d]
+        train = train if not train.max_steps else scaled(train, len(datasets))
+        return Phase(clients([pooled]), fedit_step(model, pad_id, train), recipe.rounds, 1.0, init)
+    raise ValueError(f"unknown phase {name!r}")
+
+
+def phase_result(name: str, global_adapter: dict, clients: list, trained: dict) -> dict:
+    """What a finished phase leaves for evaluation: its global adapter (FedDPA-F's is FedIT's) and each
+    client's local adapter (None where a client trained none)."""
+    return {"global": trained["fedit"]["global"] if name == "feddpa-f" else global_adapter,
+            "locals": [c.local for c in clients]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Instance-wise dynamic weighting mechanism (inference, Sec. 4.3)
 
 def prompt_batches(tok, records, batch_size, cutoff=512):
     """Encoded, left-padded prompts in batches of similar length; yields (indices, ids, mask)."""
@@ -121,17 +194,28 @@ def draw_references(records, k: int, seed: int, client_id: int) -> list:
 @torch.no_grad()
 def reference_reps(model, tok, refs, pool, device, cutoff=512) -> torch.Tensor:
     """Cached representations of the client's reference instructions, (K, dim); local adapter loaded."""
-    reps = torch.empty(len(refs), model.cfg.dim, device=device)
+    reps = torch.empty(len(refs), model.config.dim, device=device)
     for idx, ids, mask in prompt_batches(tok, refs, len(refs), cutoff):
         reps[idx] = represent(model, ids.to(device), mask.to(device), pool).float()
     return reps
 
 
-def dynamic_lambda(reps, ref_reps, alpha: float):
-    """lambda = clamp(alpha * mean_k cos(r(x), r(x_k)), 0, 1), per instance: (B, dim), (K, dim) -> (B,)."""
+def dynamic_lambda(reps, ref_reps, scale: float):
+    """lambda = clamp(scale * mean_k cos(r(x), r(x_k)), 0, 1), per instance: (B, dim), (K, dim) -> (B,)."""
     cos = F.cosine_similarity(reps.float()[:, None, :], ref_reps[None, :, :], dim=-1)  # (B, K)
-    return (alpha * cos.mean(-1)).clamp(0.0, 1.0)
+    return (scale * cos.mean(-1)).clamp(0.0, 1.0)
 
+
+@dataclass
+class Dynamic:
+    """A client's dynamic weight: its cached reference representations and how lambda is applied."""
+    ref_reps: torch.Tensor     # (K, dim)
+    scale: float               # lambda_scale
+    pool: str
+    to: str                    # the adapter that gets lambda
+
+    def lam(self, model, ids, mask):
+        return dynamic_lambda(represent(model, ids, mask, self.pool), self.ref_reps, self.scale)  # (B,)
 
 # ----------------------------------------------------------------------------------------------
 # Scores: ROUGE as the rouge-score package computes it (lower-case, alphanumeric tokens, no stemming)
@@ -174,7 +258,7 @@ def score(preds, refs) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Generation with a given mix
+# Generation with a mix, and each method's evaluation
 
 @dataclass
 class Decode:
@@ -185,39 +269,69 @@ class Decode:
 
 
 @torch.no_grad()
-def answer(model, tok, records, dec: Decode, device, mix=None, refs=None, cfg: MethodConfig = None) -> tuple:
-    """Answers to records, in order, and the lambda used for each (None for a fixed mix).
+def answer(model, tok, records, dec: Decode, device, weights: dict | None = None, dynamic: Dynamic | None = None):
+    """Answers to records, in order, and the lambda used for each (None without a dynamic weight).
 
-    mix: a fixed {adapter: weight} dict, or 'dynamic' with refs = the client's cached reference
-    representations. Dynamic weights are per example inside each batch, never one instance at a time."""
+    weights: a fixed mix {adapter: weight}; or dynamic: lambda per instance, applied per example inside
+    each batch, never one instance at a time."""
     out, lams = [None] * len(records), [None] * len(records)
     for idx, ids, mask in prompt_batches(tok, records, dec.batch_size, dec.cutoff):
         ids, mask = ids.to(device), mask.to(device)
-        if mix == "dynamic":
-            lam = dynamic_lambda(represent(model, ids, mask, cfg.pool), refs, cfg.alpha)   # (B,)
-            w = lam.repeat_interleave(dec.num_beams)  # beams are laid out example-major
-            mine, other = ("local", "global") if cfg.lambda_to == "local" else ("global", "local")
-            lora.set_weights(model, {mine: w, other: 1 - w})
+        if dynamic is not None:
+            lam = dynamic.lam(model, ids, mask)                                   # (B,)
+            lora.set_weights(model, mix(lam.repeat_interleave(dec.num_beams), dynamic.to))  # beams: example-major
             for i, v in zip(idx, lam.tolist()):
                 lams[i] = v
         else:
-            lora.set_weights(model, mix or {})
-        gen = model.generate(ids, mask, dec.max_new_tokens, tok.eos_id, tok.pad_id, dec.num_beams)
+            lora.set_weights(model, weights or {})
+        gen = generate(model, ids, mask, dec.max_new_tokens, tok.eos_id, tok.pad_id, dec.num_beams)
         for i, row in zip(idx, gen.tolist()):
             row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
             out[i] = tok.decode(row).strip()
     return out, lams
 
 
-def evaluate(model, tok, tests: dict, dec: Decode, device, mix=None, refs=None, cfg=None) -> dict:
-    """Scores of one model (one mix of adapters already loaded) on every task's test set."""
+def evaluate(model, tok, tests: dict, dec: Decode, device, weights=None, dynamic=None) -> dict:
+    """Scores of one model (its adapters already loaded) on every task's test set."""
     result = {}
     for task, records in tests.items():
-        preds, lams = answer(model, tok, records, dec, device, mix, refs, cfg)
+        preds, lams = answer(model, tok, records, dec, device, weights, dynamic)
         result[task] = score(preds, [r["output"] for r in records])
-        if mix == "dynamic":
+        if dynamic is not None:
             result[task]["lambda"] = sum(lams) / max(len(lams), 1)
     return result
+
+
+def evaluate_method(method: str, model, tok, tests: dict, client_data: list, client_tasks: list, trained: dict,
+                    init: dict, recipe: Recipe, dec: Decode, device) -> dict:
+    """Each client's scores on every task with the adapters and mix of `method`; P and TTP.
+
+    client_data: each client's training records (the dynamic weight's references); trained: as for
+    setup_phase. Models that every client shares (base, FedIT, Centralized) are evaluated once."""
+    t0 = time.time()
+    if method in ("base", "fedit", "centralized"):
+        if method != "base":
+            lora.set_adapter(model, "global", trained[method]["global"])
+        scores = evaluate(model, tok, tests, dec, device, {} if method == "base" else {"global": 1.0})
+        per_client = [scores] * len(client_data)
+    else:
+        phase = trained[method.removesuffix("-fixed")]
+        per_client = []
+        for i, records in enumerate(client_data):
+            lora.set_adapter(model, "local", phase["locals"][i] if phase["locals"][i] is not None else init)
+            if method == "local":
+                per_client.append(evaluate(model, tok, tests, dec, device, {"local": 1.0}))
+                continue
+            lora.set_adapter(model, "global", phase["global"])
+            if method.endswith("-fixed"):
+                per_client.append(evaluate(model, tok, tests, dec, device, mix(recipe.local_weight)))
+            else:
+                refs = draw_references(records, recipe.k_refs, recipe.seed, i)
+                ref_reps = reference_reps(model, tok, refs, recipe.pool, device, dec.cutoff)
+                dynamic = Dynamic(ref_reps, recipe.lambda_scale, recipe.pool, recipe.lambda_to)
+                per_client.append(evaluate(model, tok, tests, dec, device, dynamic=dynamic))
+    return {**p_and_ttp(per_client, client_tasks), "per_client": per_client,
+            "exact": p_and_ttp(per_client, client_tasks, "exact"), "eval_seconds": time.time() - t0}
 
 
 def p_and_ttp(per_client: list, client_tasks: list, metric: str = "rouge1") -> dict:

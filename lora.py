@@ -1,18 +1,19 @@
 """LoRA by hand, by composition around a frozen nn.Linear, with FedDPA's two named adapters.
 
-LoRA (Hu et al., 2022) adds a low-rank update to a frozen weight: y = W x + (alpha / r) * B A x, with
+LoRA (Hu et al., 2022) adds a low-rank update to a frozen weight: y = W x + (lora_alpha / r) * B A x, with
 A (r, in) kaiming-uniform and B (out, r) zero, so training starts from the base model exactly.
 FedDPA (Yang et al., 2024) keeps two such updates per layer, a *global* adapter that
 the server averages and a *local* one that never leaves the client, and mixes them:
 
-    y = W x + sum_name w_name * (alpha / r) * B_name A_name dropout(x)
+    y = W x + sum_name w_name * (lora_alpha / r) * B_name A_name dropout(x)
 
-with w_global = 1 - lambda, w_local = lambda. Each w is a float or a (batch,) tensor, so instance-wise
-weights apply per example inside one batch. Exactly one adapter (or none) trains at a time; the
+where the weights {name: w} are the mix (feddpa.mix says which mix each method uses). Each w is a
+float or a (batch,) tensor, so instance-wise weights apply per example inside one batch. Exactly one adapter (or none) trains at a time; the
 others contribute under no-grad, as the paper's code detaches them.
 
 Parameter names follow peft's layout (`q_proj.base_layer`, `q_proj.lora_A.<adapter>.weight`), and an
 adapter's state dict drops the adapter name, so a global adapter can be loaded as a local one.
+Not here: which adapter trains when, and with which mix (fed.py, feddpa.py).
 """
 import math
 
@@ -53,13 +54,13 @@ class Dropout(nn.Dropout):
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, names=ADAPTERS, r: int = 8, alpha: float = 16, dropout: float = 0.05,
+    def __init__(self, base: nn.Linear, names=ADAPTERS, r: int = 8, lora_alpha: float = 16, dropout: float = 0.05,
                  dtype=None):
         super().__init__()
         if r < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {r}")
         self.base_layer = base.requires_grad_(False)
-        self.scaling = alpha / r
+        self.scaling = lora_alpha / r
         # dtype: the adapters' own (default the base's); a bfloat16 base keeps float32 adapters, which train
         dev, dt = base.weight.device, dtype or base.weight.dtype
         self.lora_A = nn.ModuleDict({n: nn.Linear(base.in_features, r, bias=False, device=dev, dtype=dt) for n in names})
@@ -123,7 +124,7 @@ class LoRALinear(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Whole-model helpers
 
-def inject(model: nn.Module, targets=("q_proj", "v_proj"), names=ADAPTERS, r: int = 8, alpha: float = 16,
+def inject(model: nn.Module, targets=("q_proj", "v_proj"), names=ADAPTERS, r: int = 8, lora_alpha: float = 16,
            dropout: float = 0.05, seed: int = 0, dtype=None) -> nn.Module:
     """Freeze the model and wrap every nn.Linear whose attribute name is in targets (the paper: q and v)."""
     bad = set(targets) - set(TARGETS)
@@ -134,7 +135,7 @@ def inject(model: nn.Module, targets=("q_proj", "v_proj"), names=ADAPTERS, r: in
     for parent in list(model.modules()):
         for attr, child in list(parent.named_children()):
             if attr in targets and isinstance(child, nn.Linear):
-                wrapped = LoRALinear(child, names, r, alpha, dropout, dtype)
+                wrapped = LoRALinear(child, names, r, lora_alpha, dropout, dtype)
                 for n in names:
                     wrapped.reset(n, gen)
                 setattr(parent, attr, wrapped)
@@ -143,38 +144,38 @@ def inject(model: nn.Module, targets=("q_proj", "v_proj"), names=ADAPTERS, r: in
 
 
 def lora_layers(model: nn.Module):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    return [(path, module) for path, module in model.named_modules() if isinstance(module, LoRALinear)]
 
 
 def set_trainable(model: nn.Module, name):
     """Make exactly one adapter trainable (or none); the base model never trains."""
-    for _, m in lora_layers(model):
-        for n in m.lora_A:
-            m.lora_A[n].weight.requires_grad_(n == name)
-            m.lora_B[n].weight.requires_grad_(n == name)
+    for _, layer in lora_layers(model):
+        for n in layer.lora_A:
+            layer.lora_A[n].weight.requires_grad_(n == name)
+            layer.lora_B[n].weight.requires_grad_(n == name)
 
 
 def set_weights(model: nn.Module, weights: dict):
     """Set the mix {adapter: float or (batch,) tensor}; adapters not named get weight 0."""
-    for _, m in lora_layers(model):
-        m.weights = {n: weights.get(n, 0.0) for n in m.lora_A}
+    for _, layer in lora_layers(model):
+        layer.weights = {n: weights.get(n, 0.0) for n in layer.lora_A}
 
 
-def adapter_params(model: nn.Module, name: str):
-    return [p for _, m in lora_layers(model) for p in (m.lora_A[name].weight, m.lora_B[name].weight)]
+def adapter_tensors(model: nn.Module, name: str) -> dict:
+    """Adapter `name`'s parameters, keyed without the adapter name: '<layer path>.lora_A.weight'."""
+    return {f"{path}.{ab}.weight": getattr(layer, ab)[name].weight
+            for path, layer in lora_layers(model) for ab in ("lora_A", "lora_B")}
 
 
 def get_adapter(model: nn.Module, name: str) -> dict:
-    """One adapter's tensors, keyed without the adapter name: '<layer path>.lora_A.weight'."""
-    return {f"{path}.{ab}.weight": getattr(m, ab)[name].weight.detach().clone()
-            for path, m in lora_layers(model) for ab in ("lora_A", "lora_B")}
+    """A copy of one adapter's tensors, keyed as adapter_tensors."""
+    return {key: p.detach().clone() for key, p in adapter_tensors(model, name).items()}
 
 
 def check_adapter(model: nn.Module, state: dict, name: str = "global"):
     """Adapter `name`'s parameters by key; ValueError naming the first tensor of `state` that is missing,
     unexpected or of another shape."""
-    own = {f"{path}.{ab}.weight": getattr(m, ab)[name].weight
-           for path, m in lora_layers(model) for ab in ("lora_A", "lora_B")}
+    own = adapter_tensors(model, name)
     for key in sorted(set(own) | set(state)):
         if key not in state:
             raise ValueError(f"adapter tensor {key} is missing")
@@ -194,16 +195,11 @@ def set_adapter(model: nn.Module, name: str, state: dict):
             p.copy_(state[key])
 
 
-def reset_adapter(model: nn.Module, name: str, generator=None):
-    for _, m in lora_layers(model):
-        m.reset(name, generator)
-
-
 def merge(model: nn.Module, weights: dict):
-    for _, m in lora_layers(model):
-        m.merge(weights)
+    for _, layer in lora_layers(model):
+        layer.merge(weights)
 
 
 def unmerge(model: nn.Module):
-    for _, m in lora_layers(model):
-        m.unmerge()
+    for _, layer in lora_layers(model):
+        layer.unmerge()

@@ -1,0 +1,266 @@
+"""Files: safetensors by hand, atomic writes, and Hugging Face Llama directories (config, weights,
+tokenizer), read and written so that transformers reads what we write and we read what it writes.
+
+A porter can skip this file: it holds no part of the method. Everything that cannot be used raises
+CheckpointError with one line naming the file and the problem; nothing is unpickled but through
+torch.load(..., weights_only=True).
+
+Top to bottom: safetensors (read, write); atomic_write; HF directories (config.json, the standard
+weight layouts, from_pretrained / save_pretrained); tokenizers behind one interface.
+"""
+import json
+import math
+import os
+import struct
+
+import torch
+
+from model import Llama, ModelConfig
+
+
+def first_line(e: Exception) -> str:
+    """An exception as one line, for error messages."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors, by hand: 8-byte little-endian header length, a JSON header naming each tensor's
+# dtype, shape and [begin, end) byte offsets into the raw buffer that follows.
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message is one line naming the file."""
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def read_safetensors(path: str) -> dict:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
+        n = struct.unpack("<Q", head)[0]
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, an over-long number
+            raise CheckpointError(f"{path}: header is not valid JSON ({str(e).splitlines()[0][:200]})") from None
+        buf = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8) if size > 8 + n else torch.empty(0, dtype=torch.uint8)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
+            ok = type(shape) is list and all(type(d) is int and 0 <= d < 1 << 63 for d in [*shape, begin, end])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        if not ok:
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape or offsets")
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not begin <= end <= buf.numel() or end - begin != nbytes:
+            raise CheckpointError(f"{path}: tensor {name!r} offsets [{begin}, {end}) do not fit its "
+                                  f"shape {shape} or the {buf.numel()}-byte buffer")
+        # clone: a fresh, aligned buffer per tensor (offsets need not be multiples of the item size)
+        out[name] = buf[begin:end].clone().view(dtype).reshape(shape)
+    return out
+
+
+def write_safetensors(tensors: dict, path: str):
+    rev = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, t in tensors.items():
+        b = t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": rev[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
+        chunks.append(b)
+        offset += len(b)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)  # pad so the buffer starts 8-byte aligned
+    atomic_write(path, [struct.pack("<Q", len(h)), h, *chunks])
+
+
+def atomic_write(path: str, chunks):
+    """Write bytes to path via a temporary file, fsync and rename: never a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C included: the old file stays, the partial one goes
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face directories: config.json plus model.safetensors, sharded safetensors with an index,
+# or pytorch_model.bin.
+
+HF_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+           "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size", "hidden_dim": "intermediate_size",
+           "norm_eps": "rms_norm_eps", "max_seq_len": "max_position_embeddings",
+           "tie_embeddings": "tie_word_embeddings", "bos_id": "bos_token_id", "eos_id": "eos_token_id"}
+
+
+def config_from_hf(path: str) -> ModelConfig:
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read config ({e})") from None
+    if hf.get("model_type") != "llama":
+        raise CheckpointError(f"{path}: model_type {hf.get('model_type')!r} is not 'llama'")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise CheckpointError(f"{path}: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise CheckpointError(f"{path}: attention or MLP biases are not supported")
+    kw = {ours: hf[theirs] for ours, theirs in HF_KEYS.items() if hf.get(theirs) is not None}
+    kw.setdefault("n_kv_heads", kw.get("n_heads"))
+    kw.setdefault("tie_embeddings", False)  # HF's LlamaConfig default
+    for key in ("bos_id", "eos_id"):  # some checkpoints list several EOS ids; the first is the main one
+        if isinstance(kw.get(key), list):
+            kw[key] = kw[key][0]
+    kw["rope_theta"] = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    try:
+        config = ModelConfig(**kw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if hf.get("head_dim", config.head_dim) != config.head_dim:
+        raise CheckpointError(f"{path}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
+    return config
+
+
+def read_weights(d: str) -> dict:
+    """All tensors of an HF directory, whichever of the standard weight layouts it uses."""
+    def path(name):
+        return os.path.join(d, name)
+    if os.path.isfile(path("model.safetensors")):
+        return read_safetensors(path("model.safetensors"))
+    for index, reader in (("model.safetensors.index.json", read_safetensors),
+                          ("pytorch_model.bin.index.json", read_bin)):
+        if os.path.isfile(path(index)):
+            try:
+                with open(path(index)) as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{path(index)}: unreadable shard index ({e})") from None
+            out = {}
+            for shard in shards:
+                out.update(reader(path(shard)))
+            return out
+    if os.path.isfile(path("pytorch_model.bin")):
+        return read_bin(path("pytorch_model.bin"))
+    raise CheckpointError(f"{d}: no model.safetensors, sharded safetensors index or pytorch_model.bin")
+
+
+def read_bin(path: str) -> dict:
+    try:  # weights_only: a checkpoint is data, never code to unpickle
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot load ({first_line(e)})") from None
+
+
+def from_pretrained(d: str, dtype=torch.float32, device="cpu") -> Llama:
+    config = config_from_hf(os.path.join(d, "config.json"))
+    sd = {k: v for k, v in read_weights(d).items() if not k.endswith("rotary_emb.inv_freq")}
+    if config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    with torch.device("meta"):  # no memory for weights that are about to be replaced
+        model = Llama(config)
+    expected = {k: v for k, v in model.state_dict().items() if not (config.tie_embeddings and k == "lm_head.weight")}
+    for k in sorted(set(expected) | set(sd)):
+        if k not in sd:
+            raise CheckpointError(f"{d}: tensor {k} is missing from the checkpoint")
+        if k not in expected:
+            raise CheckpointError(f"{d}: unexpected tensor {k} in the checkpoint")
+        if tuple(sd[k].shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"{d}: tensor {k} has shape {tuple(sd[k].shape)}, "
+                                  f"the config implies {tuple(expected[k].shape)}")
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.init_rope()
+    return model.to(device)
+
+
+def save_pretrained(model: Llama, d: str):
+    """Write config.json and model.safetensors as HF's LlamaForCausalLM would."""
+    config = model.config
+    os.makedirs(d, exist_ok=True)
+    hf = {theirs: getattr(config, ours) for ours, theirs in HF_KEYS.items()}
+    hf.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", rope_theta=config.rope_theta,
+              head_dim=config.head_dim, attention_bias=False, mlp_bias=False,
+              torch_dtype=str(model.lm_head.weight.dtype).removeprefix("torch."))
+    sd = {k: v for k, v in model.state_dict().items() if not (config.tie_embeddings and k == "lm_head.weight")}
+    write_safetensors(sd, os.path.join(d, "model.safetensors"))
+    atomic_write(os.path.join(d, "config.json"), [json.dumps(hf, indent=2).encode()])
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers behind one interface: encode(text) -> ids (no special tokens), decode(ids) -> text,
+# bos_id, eos_id, pad_id, add_bos (whether a sequence starts with BOS, as the model was trained).
+
+class SentencePieceTokenizer:
+    def __init__(self, path: str):
+        import sentencepiece as spm
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+        self.add_bos = True
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list:
+        return self.sp.encode(text, out_type=int)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+class HFTokenizer:
+    """tokenizer.json through the optional `tokenizers` package."""
+
+    def __init__(self, d: str, config: ModelConfig):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise SystemExit(f"{d}/tokenizer.json needs the 'tokenizers' package: pip install tokenizers") from None
+        self.tok = Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
+        extra = {}
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if os.path.isfile(os.path.join(d, name)):
+                with open(os.path.join(d, name)) as f:
+                    extra = {**json.load(f), **extra}
+        pad = extra.get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        self.bos_id, self.eos_id = config.bos_id, config.eos_id
+        self.pad_id = self.tok.token_to_id(pad) if pad and self.tok.token_to_id(pad) is not None else self.eos_id
+        self.add_bos = bool(extra.get("add_bos_token", False))
+        self.vocab_size = self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def load_tokenizer(d: str, config: ModelConfig):
+    """The tokenizer of HF directory d: tokenizer.model (SentencePiece) or tokenizer.json."""
+    try:
+        if os.path.isfile(os.path.join(d, "tokenizer.model")):
+            return SentencePieceTokenizer(os.path.join(d, "tokenizer.model"))
+        if os.path.isfile(os.path.join(d, "tokenizer.json")):
+            return HFTokenizer(d, config)
+    except Exception as e:  # what sentencepiece or tokenizers raise for a damaged file
+        raise CheckpointError(f"{d}: cannot load the tokenizer ({first_line(e)})") from None
+    raise CheckpointError(f"{d}: no tokenizer.model or tokenizer.json")

@@ -1,0 +1,79 @@
+"""Pretraining the built-in foundation model: a tiny Llama (model.PRESETS["base"]) that learns the
+built-in world's language from its corpus (builtin.py), not its tasks, cached as an HF directory.
+
+A porter can skip this file: with a real checkpoint (--model DIR) nothing here runs. bench.py times
+the same loop.
+"""
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+
+import torch
+from tqdm import tqdm
+
+import builtin
+import data
+import hf
+from model import PRESETS, Llama, ModelConfig
+
+
+def train_tokenizer(path: str, seed: int = 0):
+    """The base's tokenizer. It also sees the benchmark's prompts, so that their words are pieces rather
+    than bytes; the model itself never sees them before fine-tuning."""
+    prompts = [data.format_prompt(r) + r["output"] for recs in builtin.benchmark(seed).clients for r in recs]
+    data.train_tokenizer(builtin.corpus(seed) + prompts, path, PRESETS["base"].vocab_size)
+    return hf.SentencePieceTokenizer(path)
+
+
+def corpus_chunks(tok, seed: int = 0, T: int = 128) -> torch.Tensor:
+    """The corpus as one [BOS] doc [EOS] ... stream cut into rows of T tokens, (N, T)."""
+    stream = torch.tensor([i for doc in builtin.corpus(seed) for i in [tok.bos_id, *tok.encode(doc), tok.eos_id]])
+    return stream[:len(stream) // T * T].view(-1, T)
+
+
+def pretrain(model: Llama, chunks: torch.Tensor, steps: int, seed: int = 0, bf16: bool = False, batch: int = 32,
+             lr: float = 3e-3) -> list:
+    """Train every weight of model on random rows of chunks: AdamW, warmup then cosine decay, gradient
+    clipping at 1.0. Returns (seconds, loss) per step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    g = torch.Generator().manual_seed(seed)
+    device = model.lm_head.weight.device
+    log = []
+    bar = tqdm(range(steps), desc="pretraining the built-in base", leave=False)
+    for _ in bar:
+        t0 = time.perf_counter()
+        x = chunks[torch.randint(len(chunks), (batch,), generator=g)].to(device)  # (batch, T)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(x, labels=x)[1]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        log.append((time.perf_counter() - t0, loss.item()))
+        bar.set_postfix(loss=f"{log[-1][1]:.3f}")
+    return log
+
+
+def base_model(cache: str, seed: int, steps: int, device, bf16: bool = False) -> str:
+    """The HF directory of the built-in base, pretrained for `steps` on first use and cached under `cache`."""
+    preset = PRESETS["base"]
+    key = json.dumps([asdict(preset), seed, steps] + (["bfloat16"] if bf16 else []))
+    d = os.path.join(os.path.expanduser(cache), f"base-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+    if os.path.isfile(os.path.join(d, "model.safetensors")):
+        return d
+    tmp = f"{d}.tmp{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    tok = train_tokenizer(os.path.join(tmp, "tokenizer.model"), seed)
+    torch.manual_seed(seed)
+    model = Llama(ModelConfig(**{**asdict(preset), "bos_id": tok.bos_id, "eos_id": tok.eos_id})).to(device)
+    pretrain(model, corpus_chunks(tok, seed), steps, seed, bf16)
+    hf.save_pretrained(model.cpu(), tmp)
+    os.replace(tmp, d) if not os.path.exists(d) else shutil.rmtree(tmp)
+    return d

@@ -1,0 +1,265 @@
+"""The run folder: what a run writes, and how an interrupted run is checked and resumed.
+
+    OUT/config.json        every setting of the run (train.Config), written when the run starts
+    OUT/checkpoint.pt      the whole state after the last complete round (atomic; --resume reads it)
+    OUT/results.json       scores, training histories and timings of every method
+    OUT/adapters/<phase>/  global.safetensors and client<i>_local.safetensors
+
+The state is a plain dict of tensors and containers, so torch.load(..., weights_only=True) reads it:
+    init       the initial adapter every phase starts from
+    trained    {phase: {"global", "locals", "history", "seconds"}} for every finished phase
+    results    {method: {"P", "TTP", "exact", "per_client", "eval_seconds"}} for every evaluated method
+    current    None, or the phase in progress: its global adapter, rounds done, history, each client's
+               (local adapter, data-order generator state), and every RNG state
+run_phase runs one training phase (feddpa.Phase) with fed.run_rounds and writes that state after every
+round. A porter can skip this file: it holds no part of the method.
+"""
+import glob
+import io
+import json
+import os
+import pickle
+import random
+import shutil
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import fed
+import lora
+from feddpa import METHODS, PHASES, phase_result
+from hf import atomic_write, first_line, write_safetensors
+
+OUTPUTS = ("results.json", "checkpoint.pt", "config.json", "adapters")
+
+
+class UserError(Exception):
+    """A problem the user can fix; main prints it as one line."""
+
+
+def get_rng() -> dict:
+    return {"python": random.getstate(), "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng(rng: dict):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
+    st = rng["numpy"]
+    np.random.set_state((st[0], np.array(st[1], dtype=np.uint32), *st[2:]))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():  # a GPU run resumed on a CPU continues, not bit for bit
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Starting: refuse to touch another run's results unless told to; read only until everything is checked
+
+def check_new(out: str, overwrite: bool):
+    taken = [f for f in OUTPUTS if os.path.exists(os.path.join(out, f))]
+    if taken and not overwrite:
+        raise UserError(f"{out}: holds another run ({taken[0]}); use --resume {out}, --overwrite, or another --out")
+
+
+def read_config(out: str) -> dict:
+    path = os.path.join(out, "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot resume from it ({first_line(e)})") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: cannot resume from it (not a JSON object)")
+    return saved
+
+
+def start(out: str, config: dict, state: dict):
+    """A new run's first writes, once everything has been checked: the old run's files go (--overwrite),
+    then the initial checkpoint and config.json, so that from here on --resume always works."""
+    os.makedirs(out, exist_ok=True)
+    for name in OUTPUTS:
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    save_state(out, state)
+    atomic_write(os.path.join(out, "config.json"), [json.dumps(config, indent=1).encode()])
+
+
+def remove_partial_writes(out: str):
+    for tmp in glob.glob(os.path.join(glob.escape(out), "**", "*.tmp[0-9]*"), recursive=True):
+        os.remove(tmp)  # what a killed atomic_write left behind
+
+
+# ----------------------------------------------------------------------------------------------
+# The checkpoint
+
+def save_state(out: str, state: dict):
+    """The whole run after a round, written atomically (a kill at any moment leaves the previous one):
+    adapters, round, metrics, every RNG and client generator. No optimizer state: each local run
+    starts a fresh AdamW, so none carries over between rounds."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(os.path.join(out, "checkpoint.pt"), [buf.getvalue()])
+
+
+def load_state(out: str) -> dict:
+    path = os.path.join(out, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no checkpoint to resume from")
+    try:  # weights_only: tensors and plain containers; a checkpoint is never code to unpickle
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: holds objects other than tensors and plain data; refusing to load it") from None
+    except Exception as e:
+        raise UserError(f"{path}: unreadable checkpoint ({first_line(e)})") from None
+
+
+def check_state(state, model, n_clients: int, path: str):
+    """Refuse, before anything is written, a checkpoint that does not fit this run: every entry of the
+    layout above with its type, each adapter with exactly the model's tensor names and shapes, each
+    phase one entry per client, and generator states that load."""
+    def need(ok, what):
+        if not ok:
+            raise UserError(f"{path}: not a checkpoint of this program ({what})")
+
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    def entry(d, keys, where):
+        need(isinstance(d, dict) and set(keys) <= set(d), f"{where} lacks one of {', '.join(keys)}")
+        return d
+
+    def adapter(where, a, optional=False):
+        if optional and not a:  # the Local baseline has no global adapter, a client may have no local one
+            return
+        need(isinstance(a, dict) and all(torch.is_tensor(t) for t in a.values()), f"{where} is not an adapter")
+        try:
+            lora.check_adapter(model, a)
+        except ValueError as e:
+            raise UserError(f"{path}: {where}: {e}") from None
+
+    def clients(where, xs, phase):
+        need(isinstance(xs, list), f"{where}: clients are not a list")
+        if len(xs) != (1 if phase == "centralized" else n_clients):
+            raise UserError(f"{path}: {where} has {len(xs)} clients, the data {n_clients}")
+
+    def history(where, h):
+        need(isinstance(h, list) and all(isinstance(r, dict) and all(number(r.get(k)) for k in
+             ("loss", "seconds", "bytes_up", "bytes_down")) for r in h), f"{where}: malformed history")
+
+    entry(state, ("init", "trained", "results", "current"), "the checkpoint")
+    adapter("initial adapter", state["init"])
+    need(isinstance(state["trained"], dict) and set(state["trained"]) <= set(PHASES), "unknown phase")
+    for phase, t in state["trained"].items():
+        entry(t, ("global", "locals", "history", "seconds"), phase)
+        adapter(f"{phase} global adapter", t["global"], optional=True)
+        clients(phase, t["locals"], phase)
+        for i, local in enumerate(t["locals"]):
+            adapter(f"{phase} client {i} local adapter", local, optional=True)
+        history(phase, t["history"])
+        need(number(t["seconds"]), f"{phase}: seconds")
+    need(isinstance(state["results"], dict) and set(state["results"]) <= set(METHODS), "unknown method")
+    for method, r in state["results"].items():
+        entry(r, ("P", "TTP", "exact", "per_client", "eval_seconds"), method)
+        need(all(number(x) for x in (r["P"], r["TTP"], r["eval_seconds"])), f"{method}: scores")
+        need(all(number(entry(r["exact"], ("P", "TTP"), method)[k]) for k in ("P", "TTP")), f"{method}: exact match")
+        need(isinstance(r["per_client"], list) and len(r["per_client"]) == n_clients, f"{method}: per-client scores")
+    cur = state["current"]
+    if cur is not None:
+        entry(cur, ("phase", "global", "round", "history", "clients", "rng"), "the phase in progress")
+        need(cur["phase"] in PHASES and isinstance(cur["round"], int), "the phase in progress")
+        adapter(f"{cur['phase']} global adapter", cur["global"], optional=True)
+        clients(cur["phase"], cur["clients"], cur["phase"])
+        history(cur["phase"], cur["history"])
+        for i, pair in enumerate(cur["clients"]):
+            need(isinstance(pair, (list, tuple)) and len(pair) == 2, f"client {i}'s state")
+            adapter(f"{cur['phase']} client {i} local adapter", pair[0], optional=True)
+            try:
+                torch.Generator().set_state(pair[1])
+            except (TypeError, RuntimeError) as e:
+                need(False, f"client {i}'s generator: {first_line(e)}")
+        saved = get_rng()
+        try:
+            set_rng(cur["rng"])
+        except Exception as e:  # whatever the random modules raise for a state that is not theirs
+            need(False, f"RNG states: {first_line(e)}")
+        finally:
+            set_rng(saved)
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+
+def write_results(out: str, config: dict, state: dict, client_tasks: list, seconds: float):
+    res = {"config": config, "client_tasks": client_tasks, "methods": {}, "training": {},
+           "seconds": {"total": seconds, "pretrain": state.get("pretrain_seconds", 0.0)}}
+    for method, r in state["results"].items():
+        res["methods"][method] = {"P": r["P"], "TTP": r["TTP"], "P_exact": r["exact"]["P"],
+                                  "TTP_exact": r["exact"]["TTP"], "eval_seconds": r["eval_seconds"],
+                                  "per_client": r["per_client"]}
+    for phase, t in state["trained"].items():
+        res["training"][phase] = {"seconds": t["seconds"], "history": t["history"],
+                                  "bytes": sum(h["bytes_up"] + h["bytes_down"] for h in t["history"])}
+        d = os.path.join(out, "adapters", phase)
+        os.makedirs(d, exist_ok=True)
+        if t["global"]:
+            write_safetensors(t["global"], os.path.join(d, "global.safetensors"))
+        for i, local in enumerate(t["locals"]):
+            if local is not None:
+                write_safetensors(local, os.path.join(d, f"client{i}_local.safetensors"))
+    atomic_write(os.path.join(out, "results.json"), [json.dumps(res, indent=1).encode()])
+
+
+def print_table(results: dict, tasks: list, client_tasks: list, verbose: bool):
+    print(f"\n{'method':<16}{'P':>8}{'TTP':>8}{'P(EM)':>8}{'TTP(EM)':>9}   (ROUGE-1 F1 / exact match, %)")
+    for method, r in results.items():
+        print(f"{method:<16}{r['P']:8.1f}{r['TTP']:8.1f}{r['exact']['P']:8.1f}{r['exact']['TTP']:9.1f}")
+    if verbose:
+        for method, r in results.items():
+            print(f"\n{method}: ROUGE-1 per client (rows, own task marked *) and test task (columns)")
+            print(" " * 10 + "".join(f"{t[:9]:>10}" for t in tasks))
+            for i, scores in enumerate(r["per_client"]):
+                print(f"client {i:<3}" + "".join(f"{scores[t]['rouge1']:9.1f}{'*' if t == client_tasks[i] else ' '}"
+                                                 for t in tasks))
+
+
+# ----------------------------------------------------------------------------------------------
+# One training phase, checkpointed after every round and resumed from the last complete one
+
+def run_phase(name: str, phase, state: dict, save, seed: int, weighting: str, out: str):
+    """Run feddpa.Phase `name` with fed.run_rounds; state["current"] holds its progress after each round
+    (continued from there if it is this phase's), state["trained"][name] its result at the end."""
+    federation = fed.Federation(phase.start, phase.clients)
+    resume = state.get("current")
+    if resume and resume["phase"] == name:  # continue from the last complete round
+        federation.global_adapter, federation.round, federation.history = resume["global"], resume["round"], resume["history"]
+        for c, (local, gen) in zip(phase.clients, resume["clients"]):
+            c.local = local
+            c.generator.set_state(gen)
+        set_rng(resume["rng"])
+    else:
+        torch.manual_seed(seed * 7919 + list(PHASES).index(name))  # dropout, per phase
+
+    def checkpoint(f: fed.Federation):
+        h = f.history[-1]
+        tqdm.write(f"{name:>12} round {h['round']:>2}: loss {h['loss']:.3f}, {len(h['clients'])} clients, "
+                   f"{(h['bytes_down'] + h['bytes_up']) / 1e6:.2f} MB, {h['seconds']:.1f}s")
+        state["current"] = {"phase": name, "global": f.global_adapter, "round": f.round, "history": f.history,
+                            "clients": [(c.local, c.generator.get_state()) for c in f.clients], "rng": get_rng()}
+        save(state)
+
+    try:
+        fed.run_rounds(federation, phase.rounds, phase.step, phase.fraction, seed, weighting, desc=name,
+                       on_round_end=checkpoint)
+    except fed.Diverged as e:  # nothing of the failed round is saved: the checkpoint keeps the last good one
+        raise fed.Diverged(f"{name}: {e}; stopped, {os.path.join(out, 'checkpoint.pt')} keeps the last "
+                           f"good round ({federation.round} of {phase.rounds} complete)") from None
+    hist = federation.history
+    print(f"{name:>12}: {phase.rounds} round(s), loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}, "
+          f"{sum(h['bytes_up'] + h['bytes_down'] for h in hist) / 1e6:.2f} MB sent, {sum(h['seconds'] for h in hist):.1f}s")
+    result = phase_result(name, federation.global_adapter, phase.clients, state["trained"])
+    state["trained"][name] = {**result, "history": hist, "seconds": sum(h["seconds"] for h in hist)}
+    state["current"] = None
+    save(state)
