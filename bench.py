@@ -38,10 +38,14 @@ import warnings
 
 import torch
 
+import builtin
 import data
 import feddpa
+import hf
 import lora
-import model as llama
+import pretrain
+from generate import generate
+from model import PRESETS, Llama, ModelConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 try:
@@ -57,7 +61,7 @@ except ImportError:
 # Scenarios a-c: a 31.4M-parameter Llama (23.2M in the blocks, 8.2M in the tied embedding / vocabulary
 # projection). The vocabulary is 16000 because the 2,400 FLAN training texts support at most 30,640
 # SentencePiece pieces, so Llama's 32000 cannot be trained on them.
-MID = llama.ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=1376, vocab_size=16000,
+MID = ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=1376, vocab_size=16000,
                         max_seq_len=512)
 QV = ("q_proj", "v_proj")  # the paper's targets
 SCENARIOS = ("a", "b", "c", "d", "infer", "pretrain")
@@ -86,16 +90,16 @@ def matmul_peak(dtype, n: int = 2048, reps: int = 10) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def step_flops(cfg: llama.ModelConfig, tokens: int, labelled: int, per_weight: int = 4) -> int:
+def step_flops(cfg: ModelConfig, tokens: int, labelled: int, per_weight: int = 4) -> int:
     """Matmul FLOPs of training steps over `tokens` real tokens, `labelled` of them with a label."""
     attn = cfg.dim * cfg.head_dim * 2 * (cfg.n_heads + cfg.n_kv_heads)   # q, o and k, v
     blocks = cfg.n_layers * (attn + 3 * cfg.dim * cfg.hidden_dim)
     return per_weight * (blocks * tokens + cfg.dim * cfg.vocab_size * labelled)
 
 
-def describe(cfg: llama.ModelConfig) -> str:
+def describe(cfg: ModelConfig) -> str:
     with torch.device("meta"):
-        n = sum(p.numel() for p in llama.Llama(cfg).parameters())
+        n = sum(p.numel() for p in Llama(cfg).parameters())
     return (f"dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads / {cfg.n_kv_heads} kv, SwiGLU {cfg.hidden_dim}, "
             f"vocab {cfg.vocab_size}{' tied' if cfg.tie_embeddings else ''}: {n / 1e6:.1f}M parameters")
 
@@ -117,8 +121,7 @@ def flan_data(path: str):
 
 def packed_batches(tok, texts, n: int, B: int = 8, T: int = 256) -> list:
     """Texts as one [BOS] text [EOS] stream cut into (B, T) batches, labels on every token."""
-    stream = torch.tensor([i for t in texts for i in [tok.bos_id, *tok.encode(t), tok.eos_id]])
-    rows = stream[:len(stream) // T * T].view(-1, T)
+    rows = pretrain.token_rows(tok, texts, T)
     out = [rows[i * B:(i + 1) * B] for i in range(min(n, len(rows) // B))]
     return [(x, torch.ones_like(x), x) for x in out]
 
@@ -131,31 +134,23 @@ def example_batches(tok, records, n: int, B: int = 8, seed: int = 0) -> list:
             for _ in range(n)]
 
 
-def builtin_tokenizer(d: str):
-    """The tokenizer train.pretrain_base trains: the built-in corpus plus the benchmark's prompts."""
-    fd = data.builtin_benchmark(0)
-    prompts = [data.format_prompt(r) + r["output"] for client in fd.clients for r in client]
-    data.train_tokenizer(data.pretrain_corpus(0) + prompts, os.path.join(d, "tok.model"), llama.PRESETS["base"].vocab_size)
-    return llama.SentencePieceTokenizer(os.path.join(d, "tok.model")), fd
-
-
 # ----------------------------------------------------------------------------------------------
 # Models: one set of random base weights in an HF directory, loaded fresh by both implementations
 
-def save_base(cfg: llama.ModelConfig, d: str) -> str:
+def save_base(cfg: ModelConfig, d: str) -> str:
     torch.manual_seed(0)
-    llama.save_pretrained(llama.Llama(cfg), d)
+    hf.save_pretrained(Llama(cfg), d)
     return d
 
 
-def build(d: str, targets, hf: bool, bf16: bool = False):
+def build(d: str, targets, is_hf: bool, bf16: bool = False):
     """A fresh LoRA model (r=8, alpha=16, dropout 0.05) on the weights in d: ours, as train.py builds
     it (one adapter trains, alone), or LlamaForCausalLM + peft. bf16: the frozen base in bfloat16,
     float32 adapters, as train.py --dtype bfloat16 and peft (autocast_adapter_dtype) both do."""
     torch.manual_seed(0)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    if not hf:
-        m = lora.inject(llama.from_pretrained(d, dtype=dtype), targets, r=8, alpha=16, dropout=0.05, dtype=torch.float32)
+    if not is_hf:
+        m = lora.inject(hf.from_pretrained(d, dtype=dtype), targets, r=8, lora_alpha=16, dropout=0.05, dtype=torch.float32)
         lora.set_weights(m, {"global": 1.0})
         lora.set_trainable(m, "global")
         return m
@@ -165,16 +160,16 @@ def build(d: str, targets, hf: bool, bf16: bool = False):
                           LoraConfig(r=8, lora_alpha=16, target_modules=list(targets), lora_dropout=0.05))
 
 
-def loss_of(m, hf: bool, batch, bf16: bool = False):
+def loss_of(m, is_hf: bool, batch, bf16: bool = False):
     ids, mask, labels = batch
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        if hf:  # positions count real tokens, as ours do, so left-padded rows match
+        if is_hf:  # positions count real tokens, as ours do, so left-padded rows match
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             return m(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels).loss
         return m(ids, mask, labels)[1]
 
 
-def stepper(m, hf: bool, bf16: bool = False, lr: float = 3e-3):
+def stepper(m, is_hf: bool, bf16: bool = False, lr: float = 3e-3):
     """A function that takes one AdamW step of m on a batch and returns (seconds, real tokens, labelled
     tokens, loss)."""
     # fused AdamW for both: what fed.train_adapter uses, and transformers' Trainer default (adamw_torch_fused)
@@ -183,7 +178,7 @@ def stepper(m, hf: bool, bf16: bool = False, lr: float = 3e-3):
     def step(batch):
         m.train()
         t0 = time.perf_counter()
-        loss = loss_of(m, hf, batch, bf16)
+        loss = loss_of(m, is_hf, batch, bf16)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -191,9 +186,9 @@ def stepper(m, hf: bool, bf16: bool = False, lr: float = 3e-3):
     return step
 
 
-def train(m, hf: bool, batches, steps: int, warmup: int = 2, bf16: bool = False) -> list:
+def train(m, is_hf: bool, batches, steps: int, warmup: int = 2, bf16: bool = False) -> list:
     """AdamW steps over batches (cycled); the (seconds, tokens, labelled, loss) of the last `steps`."""
-    step = stepper(m, hf, bf16)
+    step = stepper(m, is_hf, bf16)
     torch.manual_seed(1)  # the same LoRA dropout masks for every run
     return [step(batches[i % len(batches)]) for i in range(warmup + steps)][warmup:]
 
@@ -214,12 +209,12 @@ def compare(cfg, d: str, targets, batches, steps: int, peak: float, bf16: bool =
         runs["hf"] = (True, bf16)
         if bf16:
             runs["hf32"] = (True, False)
-    models = {name: build(d, targets, hf=hf, bf16=half) for name, (hf, half) in runs.items()}
+    models = {name: build(d, targets, is_hf=is_hf, bf16=half) for name, (is_hf, half) in runs.items()}
     row = {}
     with torch.no_grad():
-        for name, (hf, half) in runs.items():
-            row[name + "_loss0"] = loss_of(models[name].eval(), hf, batches[0], half).item()
-    steps_of = {name: stepper(models[name], hf, half) for name, (hf, half) in runs.items()}
+        for name, (is_hf, half) in runs.items():
+            row[name + "_loss0"] = loss_of(models[name].eval(), is_hf, batches[0], half).item()
+    steps_of = {name: stepper(models[name], is_hf, half) for name, (is_hf, half) in runs.items()}
     timed = {name: [] for name in runs}
     torch.manual_seed(1)
     for i in range(2 + steps):  # 2 untimed warmup steps
@@ -245,39 +240,40 @@ def print_row(name: str, row: dict):
 # ----------------------------------------------------------------------------------------------
 # FedDPA inference: our batched per-example weighting vs the official one-instance-at-a-time loop
 
-def one_at_a_time(m, tok, records, train_records, dec: feddpa.Decode, mc: feddpa.MethodConfig, seed: int = 0):
+def one_at_a_time(m, tok, records, train_records, dec: feddpa.Decode, recipe: feddpa.Recipe, seed: int = 0):
     """The official code's procedure: for each test instance, draw K training instructions afresh,
     represent them and the instance (one batch of K + 1, local adapter alone), set lambda as a
     scalar weight, then generate that instance alone."""
     rng = random.Random(seed)
     out = []
     for rec in records:
-        prompts = [data.encode_prompt(tok, r, dec.cutoff) for r in rng.sample(train_records, mc.k_refs) + [rec]]
+        prompts = [data.encode_prompt(tok, r, dec.cutoff) for r in rng.sample(train_records, recipe.k_refs) + [rec]]
         ids, mask = data.pad_left(prompts, tok.pad_id)
-        reps = feddpa.represent(m, ids, mask, mc.pool).float()
-        lam = feddpa.dynamic_lambda(reps[-1:], reps[:-1], mc.alpha).item()
-        lora.set_weights(m, {"local": lam, "global": 1 - lam})
+        reps = feddpa.represent(m, ids, mask, recipe.pool).float()
+        lam = feddpa.dynamic_lambda(reps[-1:], reps[:-1], recipe.lambda_scale).item()
+        lora.set_weights(m, feddpa.mix(lam, recipe.lambda_to))
         prompt = torch.tensor([prompts[-1]])
-        out.append(m.generate(prompt, torch.ones_like(prompt), dec.max_new_tokens, tok.eos_id, tok.pad_id))
+        out.append(generate(m, prompt, torch.ones_like(prompt), dec.max_new_tokens, tok.eos_id, tok.pad_id))
     return out
 
 
 def bench_inference(d: str, tok, fd, n: int = 64):
     """Instances/s of both procedures on client 0's own task: the default base model with all seven
     projections adapted, random non-zero global and local adapters, 32 greedy tokens."""
-    m = build(d, lora.TARGETS, hf=False).eval()
+    m = build(d, lora.TARGETS, is_hf=False).eval()
     g = torch.Generator().manual_seed(0)
     for _, layer in lora.lora_layers(m):
         for name in lora.ADAPTERS:
             layer.lora_B[name].weight.data.normal_(0, 0.02, generator=g)
     records = fd.tests[fd.client_tasks[0]][:n]
-    dec, mc = feddpa.Decode(max_new_tokens=32, batch_size=64), feddpa.MethodConfig()
+    dec, recipe = feddpa.Decode(max_new_tokens=32, batch_size=64), feddpa.Recipe()
 
     def ours():
-        refs = feddpa.draw_references(fd.clients[0], mc.k_refs, 0, 0)
-        feddpa.answer(m, tok, records, dec, "cpu", "dynamic", feddpa.reference_reps(m, tok, refs, mc.pool, "cpu"), mc)
+        refs = feddpa.draw_references(fd.clients[0], recipe.k_refs, 0, 0)
+        ref_reps = feddpa.reference_reps(m, tok, refs, recipe.pool, "cpu")
+        feddpa.answer(m, tok, records, dec, "cpu", dynamic=feddpa.Dynamic(ref_reps, recipe.lambda_scale, recipe.pool, recipe.lambda_to))
     rate = {}
-    for name, run in (("batched", ours), ("single", lambda: one_at_a_time(m, tok, records, fd.clients[0], dec, mc))):
+    for name, run in (("batched", ours), ("single", lambda: one_at_a_time(m, tok, records, fd.clients[0], dec, recipe))):
         for _ in range(2):  # the faster of two runs, as for training
             t0 = time.perf_counter()
             run()
@@ -289,22 +285,10 @@ def bench_inference(d: str, tok, fd, n: int = 64):
 # Pretraining the built-in base, and the default run end to end
 
 def bench_pretrain(tok, steps: int, peak: float, warmup: int = 2):
-    """The train.pretrain_base loop shape: full training, batch 32 x 128 packed tokens, AdamW + clipping."""
-    cfg = llama.PRESETS["base"]
+    """pretrain.pretrain, the loop that trains the built-in base: batch 32 x 128, AdamW + clipping."""
     torch.manual_seed(0)
-    m = llama.Llama(cfg)
-    batches = packed_batches(tok, data.pretrain_corpus(0), warmup + steps, B=32, T=128)
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
-    out = []
-    for i in range(warmup + steps):
-        x = batches[i % len(batches)][0]
-        t0 = time.perf_counter()
-        m(x, labels=x)[1].backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        out.append((time.perf_counter() - t0, x.numel(), x[:, 1:].numel(), None))
-    return rates(cfg, out[warmup:], peak, per_weight=6)
+    log = pretrain.pretrain(Llama(PRESETS["base"]), pretrain.token_rows(tok, builtin.corpus(0)), warmup + steps)
+    return rates(PRESETS["base"], [(secs, 32 * 128, 32 * 127, loss) for secs, loss in log[warmup:]], peak, per_weight=6)
 
 
 def bench_e2e() -> tuple:
@@ -326,7 +310,7 @@ def bench_e2e() -> tuple:
 
 def profile(d: str, batches, steps: int = 3):
     """torch.profiler's table of our LoRA training step (scenario a)."""
-    m = build(d, QV, hf=False)
+    m = build(d, QV, is_hf=False)
     train(m, False, batches, steps=0)
     with torch.profiler.profile() as prof:
         train(m, False, batches, steps=steps, warmup=0)
@@ -342,9 +326,9 @@ def flan_rows(args, only, peak32, peak16, tmp):
     d = save_base(MID, os.path.join(tmp, "mid"))
     if texts is None:
         print(f"  (no FLAN data at {args.flan}: a and c use the built-in corpus, b is skipped)")
-        texts = data.pretrain_corpus(0)
+        texts = builtin.corpus(0)
     data.train_tokenizer(texts, os.path.join(d, "tokenizer.model"), 16000 if records else 1024)
-    tok = llama.SentencePieceTokenizer(os.path.join(d, "tokenizer.model"))
+    tok = hf.SentencePieceTokenizer(os.path.join(d, "tokenizer.model"))
     print(f"  a-c model: {describe(MID)}; tokenizer: {tok.vocab_size} pieces trained on the "
           f"{'FLAN training texts' if records else 'built-in corpus'}; LoRA on q_proj, v_proj")
     n = args.steps + 2
@@ -360,7 +344,7 @@ def flan_rows(args, only, peak32, peak16, tmp):
         if "hf32" in c:
             print(f"  c: ours in bf16 / transformers + peft in float32, taking turns in the same run: "
                   f"{c['ours'][0] / c['hf32'][0]:.2f}x ({c['hf32'][0]:.0f} tok/s)")
-        final = [train(build(d, QV, hf=False, bf16=bf16), False, packed, args.check_steps, warmup=0, bf16=bf16)[-1][3]
+        final = [train(build(d, QV, is_hf=False, bf16=bf16), False, packed, args.check_steps, warmup=0, bf16=bf16)[-1][3]
                  for bf16 in (False, True)]
         diff = 100 * abs(final[1] - final[0]) / final[0]
         print(f"  c: loss after {args.check_steps} steps from the same init on the same batches: float32 "
@@ -398,14 +382,14 @@ def main(argv=None):
     if only & {"a", "b", "c"}:
         flan_rows(args, only, peak32, peak16, tmp.name)
     if only & {"d", "infer", "pretrain"}:
-        tok, fd = builtin_tokenizer(tmp.name)
-        d = save_base(llama.PRESETS["base"], os.path.join(tmp.name, "base"))
+        tok, fd = pretrain.train_tokenizer(os.path.join(tmp.name, "tok.model")), builtin.benchmark(0)
+        d = save_base(PRESETS["base"], os.path.join(tmp.name, "base"))
     if "d" in only:
-        print(f"  d model: the built-in base, {describe(llama.PRESETS['base'])}; LoRA on all seven projections")
+        print(f"  d model: the built-in base, {describe(PRESETS['base'])}; LoRA on all seven projections")
         records = [r for client in fd.clients for r in client]
         for B in (8, 4):  # 4: the batch of the default run
             batches = example_batches(tok, records, args.steps + 2, B=B)
-            row = compare(llama.PRESETS["base"], d, lora.TARGETS, batches, args.steps, peak32)
+            row = compare(PRESETS["base"], d, lora.TARGETS, batches, args.steps, peak32)
             print_row(f"d fp32, default base, batch {B}", row)
     if "infer" in only:
         batched, single = bench_inference(d, tok, fd)

@@ -10,7 +10,6 @@ each block taking (x, ctx) where ctx carries what attention needs (rotary tables
 for training batches where the real tokens sit); the chunked cross-entropy; the model with its
 training loss, its hidden states and FedDPA's instance representation.
 """
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 

@@ -29,16 +29,16 @@ def train_tokenizer(path: str, seed: int = 0):
     return hf.SentencePieceTokenizer(path)
 
 
-def corpus_chunks(tok, seed: int = 0, T: int = 128) -> torch.Tensor:
-    """The corpus as one [BOS] doc [EOS] ... stream cut into rows of T tokens, (N, T)."""
-    stream = torch.tensor([i for doc in builtin.corpus(seed) for i in [tok.bos_id, *tok.encode(doc), tok.eos_id]])
+def token_rows(tok, texts: list, T: int = 128) -> torch.Tensor:
+    """Texts as one [BOS] text [EOS] ... stream cut into rows of T tokens, (N, T)."""
+    stream = torch.tensor([i for text in texts for i in [tok.bos_id, *tok.encode(text), tok.eos_id]])
     return stream[:len(stream) // T * T].view(-1, T)
 
 
-def pretrain(model: Llama, chunks: torch.Tensor, steps: int, seed: int = 0, bf16: bool = False, batch: int = 32,
+def pretrain(model: Llama, rows: torch.Tensor, steps: int, seed: int = 0, bf16: bool = False, batch: int = 32,
              lr: float = 3e-3) -> list:
-    """Train every weight of model on random rows of chunks: AdamW, warmup then cosine decay, gradient
-    clipping at 1.0. Returns (seconds, loss) per step."""
+    """Train every weight of model on random rows (N, T) of token_rows: AdamW, warmup then cosine decay,
+    gradient clipping at 1.0. Returns (seconds, loss) per step."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -48,7 +48,7 @@ def pretrain(model: Llama, chunks: torch.Tensor, steps: int, seed: int = 0, bf16
     bar = tqdm(range(steps), desc="pretraining the built-in base", leave=False)
     for _ in bar:
         t0 = time.perf_counter()
-        x = chunks[torch.randint(len(chunks), (batch,), generator=g)].to(device)  # (batch, T)
+        x = rows[torch.randint(len(rows), (batch,), generator=g)].to(device)  # (batch, T)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(x, labels=x)[1]
         loss.backward()
@@ -73,7 +73,7 @@ def base_model(cache: str, seed: int, steps: int, device, bf16: bool = False) ->
     tok = train_tokenizer(os.path.join(tmp, "tokenizer.model"), seed)
     torch.manual_seed(seed)
     model = Llama(ModelConfig(**{**asdict(preset), "bos_id": tok.bos_id, "eos_id": tok.eos_id})).to(device)
-    pretrain(model, corpus_chunks(tok, seed), steps, seed, bf16)
+    pretrain(model, token_rows(tok, builtin.corpus(seed)), steps, seed, bf16)
     hf.save_pretrained(model.cpu(), tmp)
     os.replace(tmp, d) if not os.path.exists(d) else shutil.rmtree(tmp)
     return d

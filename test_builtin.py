@@ -1,0 +1,116 @@
+"""builtin.py: the built-in benchmark (counts, splits, balanced labels, answers that follow each task's
+stated rule), its corpus, and `python builtin.py --write`."""
+import re
+from collections import Counter
+
+import pytest
+
+import builtin
+import data
+from conftest import CATEGORIES, tree_bytes
+
+def test_same_seed_same_benchmark_files(tmp_path):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        data.write_federated(builtin.benchmark(seed=seed, n_train=30, n_test=20), tmp_path / name)
+    a, b, c = (tree_bytes(tmp_path / name) for name in "abc")
+    assert a == b and set(a) == set(c) and a != c
+    loaded = data.load_federated(tmp_path / "a")
+    assert loaded.clients == builtin.benchmark(seed=0, n_train=30, n_test=20).clients
+
+
+# ------------------------------------------------------------------- built-in benchmark
+
+def test_builtin_benchmark_tasks_counts_and_splits(world):
+    assert world.client_tasks == CATEGORIES and list(world.tests) == CATEGORIES and world.notes == []
+    for category, train_set in zip(CATEGORIES, world.clients):
+        test = world.tests[category]
+        assert len(train_set) == 300 and len(test) == 200
+        assert {r["category"] for r in train_set + test} == {category}
+        train_prompts = {data.format_prompt(r) for r in train_set}
+        assert len(train_prompts) == 300
+        assert train_prompts.isdisjoint(data.format_prompt(r) for r in test)
+
+
+def test_builtin_answers_classification_balanced_generation_long(world, tok):
+    classification = generation = 0
+    for category, test in world.tests.items():
+        words = [len(r["output"].split()) for r in test]
+        if max(words) <= 2:
+            classification += 1
+            assert Counter(r["output"] for r in test).most_common(1)[0][1] <= len(test) / 2, category
+            positions = Counter(re.findall(r"\n- (.+)", r["instruction"]).index(r["output"]) for r in test)
+            assert positions.most_common(1)[0][1] <= len(test) / 2, category  # nor a favourite option slot
+        else:
+            generation += 1
+            assert sum(words) / len(words) >= 5 and max(words) <= 12, category
+        assert max(len(data.encode_prompt(tok, r)) for r in test) <= 64, category
+    assert classification >= 4 and generation >= 2
+
+
+def expected_answer(category, instruction):
+    """Each task's rule as its docstring states it, recomputed from the instruction text."""
+    words = re.findall(r"[A-Za-z]+", instruction)
+    if category == "coreference":
+        pronoun = re.search(r'"(\w+)"', instruction)[1]
+        options = re.findall(r"\n- (\w+)", instruction)
+        return next(o for o in options if (o in builtin.MALE) == (pronoun in ("he", "him")))
+    if category == "entailment":
+        said = re.search(r"is (\w+) and (\w+)\.", instruction).groups()
+        stated = re.search(r"is (\w+)\.", instruction)[1]
+        return "yes" if stated in said else "no" if builtin.OPPOSITE[stated] in said else "maybe"
+    if category == "linguistic_acceptability":
+        noun, verb = re.search(r"(\w+) (\w+) (?:in|near|at) the \w+\.", instruction).groups()
+        agree = (noun in builtin.NOUNS.values()) == (verb in builtin.VERBS.values())
+        return "acceptable" if agree else "unacceptable"
+    if category == "paraphrase":
+        adjectives = [w for w in words if w in builtin.ADJECTIVES]
+        return "yes" if builtin.SYNONYM[adjectives[0]] == adjectives[-1] else "no"
+    if category == "question_classification":
+        first = re.search(r"\b(who|where|when|how|what|why)\b", instruction)[1]
+        return dict(who="person", where="place", when="time", how="number", what="food", why="reason")[first]
+    if category == "structure_to_text":
+        fields = dict(f.split(": ") for f in re.search(r"(\w+: [\w ]+(?: \| \w+: [\w ]+)+)$", instruction)[1].split(" | "))
+        price = fields["price"] + " " if "price" in fields else ""
+        near = " near " + fields["near"] if "near" in fields else ""
+        return f"{fields['name']} serves {price}{fields['food']} in the {fields['area']}{near}."
+    if category == "text_formatting":
+        head, last = instruction.split(": ", 1)[1].split(" and ")
+        *before, item = head.split(" ")
+        items = [item]  # the list runs back from "and" over words of the same kind
+        while before and (before[-1] in builtin.FOODS or before[-1] in builtin.NAMES or before[-1] in builtin.NOUNS.values()):
+            items.insert(0, before.pop())
+        return " ".join(before + [", ".join(items) + " and " + last]).strip() + "."
+    word = re.search(r'"(\w+)"', instruction)[1]
+    lines = [re.sub(r"^Sentence \d: ", "", line) for line in instruction.split("\n")[:2]]
+    senses = [next(s for s in (0, 1) for t in builtin.HOMONYMS[word][s]
+                   if re.fullmatch(re.escape(t).replace(re.escape("{n}"), r"\w+"), line)) for line in lines]
+    return "same" if senses[0] == senses[1] else "different"
+
+
+def test_builtin_answers_follow_the_stated_rules(world):
+    for category, records in zip(world.client_tasks, world.clients):
+        for r in records[:100] + world.tests[category][:100]:
+            assert r["output"] == expected_answer(category, r["instruction"]), r
+
+
+def test_pretrain_corpus_is_plain_text_without_benchmark_examples(world):
+    corpus = builtin.corpus(seed=0)
+    assert corpus == builtin.corpus(seed=0) != builtin.corpus(seed=1)
+    text = "\n".join(corpus)
+    assert 200_000 < len(text.encode()) < 1_000_000
+    assert "###" not in text and "OPTIONS" not in text
+    for records in [*world.clients, *world.tests.values()]:
+        for r in records:
+            assert r["instruction"] not in text
+            assert len(r["output"].split()) <= 2 or r["output"] not in text
+
+
+def test_command_writes_benchmark(tmp_path, capsys):
+    builtin.main(["--write", str(tmp_path / "out"), "--seed", "3"])
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1 and "builtin-seed3" in line
+    assert data.load_federated(tmp_path / "out").clients == builtin.benchmark(seed=3).clients
+    for argv in (["--write", str(tmp_path / "out")], ["--seed", "x", "--write", "y"], []):
+        with pytest.raises(SystemExit) as exit_:
+            builtin.main(argv)
+        assert exit_.value.code == 2

@@ -1,0 +1,34 @@
+"""The layout: each file imports only files of lower layers (no cycles, no arrow upwards), and states
+what it is in its docstring. The layers, lowest first, as the README's reading order has them."""
+import ast
+
+import pytest
+
+from conftest import ROOT
+
+LAYERS = [{"model", "lora"}, {"generate", "hf"}, {"data"}, {"builtin"}, {"pretrain", "fed"}, {"feddpa"},
+          {"runs"}, {"train"}, {"bench"}]
+LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def project_imports(path) -> set:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module.split(".")[0])
+    return found & set(LAYER)
+
+
+@pytest.mark.parametrize("name", sorted(LAYER))
+def test_imports_go_down_the_layers_only(name):
+    path = ROOT / f"{name}.py"
+    for imported in project_imports(path):
+        assert LAYER[imported] < LAYER[name], f"{name}.py imports {imported}.py, which is not below it"
+    assert ast.get_docstring(ast.parse(path.read_text())), f"{name}.py has no docstring"
+
+
+def test_every_library_file_is_in_a_layer():
+    files = {p.stem for p in ROOT.glob("*.py") if not p.stem.startswith("test_") and p.stem != "conftest"}
+    assert files == set(LAYER)

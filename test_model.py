@@ -1,0 +1,109 @@
+"""model.py and generate.py: logits, greedy and beam search equal to transformers' LlamaForCausalLM
+(random tiny models with grouped-query attention, tied and untied, and a real pretrained checkpoint),
+the representation, and the training loss and gradients of the packed, chunked forward."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hf
+import model
+from conftest import hf_tiny, left_padded, smollm2_dir, until_eos
+from generate import generate
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_logits_and_greedy_match_transformers(tmp_path, tie):
+    theirs = hf_tiny(tmp_path, tie=tie)
+    ours = hf.from_pretrained(str(tmp_path)).eval()
+    assert ours.config.tie_embeddings == tie and ours.config.n_kv_heads == 2
+    ids, mask = left_padded(96)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # HF's generate() positions for left padding
+    with torch.no_grad():
+        ref = theirs(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        got, _ = ours(ids, mask)
+    assert (ref - got)[mask.bool()].abs().max() <= 1e-4
+    want = theirs.generate(ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                       eos_token_id=2, pad_token_id=0)[:, ids.shape[1]:]
+    assert torch.equal(generate(ours, ids, mask, 20, eos_id=-1, pad_id=0), want)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_beam_search_matches_transformers(tmp_path, seed):
+    theirs = hf_tiny(tmp_path, seed=seed, vocab=48)
+    with torch.no_grad():  # make EOS likely so that beams finish at different lengths
+        theirs.lm_head.weight[2] += 0.4 * seed * theirs.lm_head.weight[2].sign()
+    theirs.save_pretrained(tmp_path)
+    ours = hf.from_pretrained(str(tmp_path)).eval()
+    ids, mask = left_padded(48, seed=seed, lengths=(4, 6, 3, 6))
+    want = theirs.generate(ids, attention_mask=mask, max_new_tokens=12, num_beams=4, do_sample=False,
+                       eos_token_id=2, pad_token_id=0)[:, ids.shape[1]:]
+    got = generate(ours, ids, mask, 12, eos_id=2, pad_id=0, num_beams=4)
+    assert [until_eos(r) for r in got] == [until_eos(r) for r in want]
+
+
+def test_represent_last_and_mean_ignore_padding():
+    m = model.Llama(model.PRESETS["tiny"]).eval()
+    ids, mask = left_padded(1024)
+    with torch.no_grad():
+        last, mean = m.represent(ids, mask, "last"), m.represent(ids, mask, "mean")
+        for i in range(len(ids)):
+            alone = ids[i:i + 1, mask[i].bool()]
+            h = m.hidden(alone)
+            assert torch.allclose(last[i], h[0, -1], atol=1e-5)
+            assert torch.allclose(mean[i], h[0].mean(0), atol=1e-5)
+
+
+def test_training_loss_and_gradients_equal_full_logits():
+    """forward(labels) runs the blocks on real tokens only and projects only labelled positions, in
+    chunks: its loss and every gradient equal the plain way's, full padded logits and F.cross_entropy."""
+    torch.manual_seed(0)
+    m = model.Llama(model.PRESETS["tiny"])  # tied embedding: the chunked loss forms its gradient too
+    ids, mask = left_padded(1024)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[torch.arange(3), (mask == 0).sum(1)] = -100  # each row's first token, as data.collate never labels it
+    labels[0, -3:] = -100                                # and an unlabelled tail
+    params = list(m.parameters())
+    logits, loss = m(ids, mask, labels)
+    full, _ = m(ids, mask)
+    ref = F.cross_entropy(full[:, :-1].reshape(-1, 1024), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert logits is None and torch.allclose(loss, ref, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(loss, params), torch.autograd.grad(ref, params)):
+        assert torch.allclose(got, want, atol=1e-6)
+    with torch.no_grad():  # no padding: the causal path, the same numbers
+        assert torch.allclose(m(ids, None, ids)[1], F.cross_entropy(m(ids)[0][:, :-1].reshape(-1, 1024), ids[:, 1:].reshape(-1)), atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 10, 64])
+def test_linear_cross_entropy_chunks(rows):
+    g = torch.Generator().manual_seed(rows)
+    h, w = torch.randn(10, 16, generator=g, requires_grad=True), torch.randn(50, 16, generator=g, requires_grad=True)
+    t = torch.randint(50, (10,), generator=g)
+    got = model.linear_cross_entropy(h, w, t, rows)
+    want = F.cross_entropy(h @ w.T, t)
+    assert torch.allclose(got, want, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(2.5 * got, (h, w)), torch.autograd.grad(2.5 * want, (h, w))):
+        assert torch.allclose(a, b, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(model.linear_cross_entropy(h, w, t, rows), want, atol=1e-6)
+
+
+def test_real_checkpoint_smollm2_matches_transformers():
+    """SmolLM2-135M-Instruct, a real pretrained Llama, built offline by ../shared/tools/get_smollm2.py."""
+    from transformers import AutoModelForCausalLM
+    d = smollm2_dir()
+    ours = hf.from_pretrained(d).eval()
+    tok = hf.load_tokenizer(d, ours.config)
+    theirs = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    enc = [tok.encode(p) for p in ("The capital of France is", "def fibonacci(n):", "Once upon a time")]
+    T = max(map(len, enc))
+    ids = torch.tensor([[tok.pad_id] * (T - len(e)) + e for e in enc])
+    mask = torch.tensor([[0] * (T - len(e)) + [1] * len(e) for e in enc])
+    with torch.no_grad():
+        want = theirs(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        got, _ = ours(ids, mask)
+    assert (want - got)[mask.bool()].abs().max() <= 1e-4
+    chat = tok.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    x = torch.tensor([chat])
+    out = generate(ours, x, torch.ones_like(x), 24, tok.eos_id, tok.pad_id)
+    ref = theirs.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False)[:, len(chat):]
+    assert until_eos(out[0], tok.eos_id) == until_eos(ref[0], tok.eos_id)
+    assert "Paris" in tok.decode(out[0])

@@ -1,0 +1,407 @@
+"""runs.py and train.py: runs killed or interrupted and resumed bit-identical, and every error a user can
+fix as one line with the output folder left untouched."""
+import hashlib
+import json
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import train
+from conftest import MALFORMED, ROOT, safetensors_bytes, small_fed, tree_bytes
+
+# train.main in a subprocess that stops itself at an exact point: `how` n, counted from the start
+# of that process. Deterministic, and the process really dies (SIGKILL) or is really interrupted.
+RUNNER = r"""
+import os, signal, sys
+import torch
+import model, runs, train
+torch.set_num_threads(1)  # the same arithmetic in every process
+how, n = sys.argv[1], int(sys.argv[2])
+count = 0
+
+def tick():
+    global count
+    count += 1
+    return count == n
+
+forward = model.Llama.forward
+def counted_forward(self, *args, **kwargs):  # training forward passes only (generation uses hidden)
+    if how in ("mid", "sigint", "nan") and torch.is_grad_enabled() and tick():
+        if how == "mid":                     # SIGKILL in the middle of a round
+            os.kill(os.getpid(), signal.SIGKILL)
+        if how == "sigint":                  # Ctrl-C in the middle of a round
+            os.kill(os.getpid(), signal.SIGINT)
+        if how == "nan":                     # this client's loss becomes NaN
+            logits, loss = forward(self, *args, **kwargs)
+            return logits, loss * float("nan")
+    return forward(self, *args, **kwargs)
+model.Llama.forward = counted_forward
+
+save_state = runs.save_state
+def counted_save(out, state):
+    if how == "write" and tick():            # SIGKILL inside the n-th checkpoint write, before its rename
+        replace = os.replace
+        def kill_before_rename(src, dst):
+            if dst.endswith("checkpoint.pt"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            replace(src, dst)
+        os.replace = kill_before_rename
+    save_state(out, state)
+    if how == "between" and tick():          # SIGKILL right after the n-th checkpoint is complete
+        os.kill(os.getpid(), signal.SIGKILL)
+runs.save_state = counted_save
+
+train.main(sys.argv[3:])
+"""
+
+# With TINY_RUN: forward passes 1-18 are FedIT (3 rounds x 3 clients x 2 steps); 19-24 FedDPA-T's
+# round 0 (global only); 25-36 its round 1 and 37-48 its round 2 (per client 2 local, then 2 global
+# steps). Checkpoint writes: 1 the initial state, 2-4 FedIT's rounds, 5 its end, 6-8 FedDPA-T's
+# rounds, 9 its end, 10-11 after evaluating each method.
+
+
+def run_tiny(how, n, *args, timeout=120):
+    return subprocess.run([sys.executable, "-c", RUNNER, how, str(n), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def checkpoint_round(out):
+    state = torch.load(Path(out) / "checkpoint.pt", weights_only=True)
+    cur = state["current"]
+    return (cur["phase"], cur["round"]) if cur else None
+
+
+def untimed(x):
+    """results.json without what differs between two identical runs: timings and the output folder."""
+    if isinstance(x, dict):
+        return {k: untimed(v) for k, v in x.items() if k not in ("seconds", "eval_seconds", "out")}
+    return [untimed(v) for v in x] if isinstance(x, list) else x
+
+
+def outcome(out):
+    out = Path(out)
+    adapters = {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "adapters").rglob("*.safetensors"))}
+    return untimed(json.loads((out / "results.json").read_text())), adapters
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_run, tmp_path_factory):
+    """The uninterrupted run."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    r = run_tiny("none", 0, *tiny_run[2], "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return outcome(out)
+
+
+# (how, n, exit code, the checkpoint's (phase, completed rounds) afterwards) for each interruption,
+# each followed by `--resume`; the last resume runs to the end.
+INTERRUPTIONS = {
+    "SIGKILL between rounds": [("between", 7, -signal.SIGKILL, ("feddpa-t", 2))],
+    "SIGKILL mid-round, then mid-checkpoint-write": [
+        ("mid", 40, -signal.SIGKILL, ("feddpa-t", 2)),                  # client 0, round 2, global training
+        ("write", 1, -signal.SIGKILL, ("feddpa-t", 2))],                # resumed: round 2's checkpoint never lands
+    "Ctrl-C mid-round": [("sigint", 9, 130, ("fedit", 1))],              # client 1 in round 1
+    "NaN loss": [("nan", 25, 2, ("feddpa-t", 1))],                       # FedDPA-T: client 0 in round 1
+}
+
+
+@pytest.mark.parametrize("case", INTERRUPTIONS)
+def test_interrupted_and_resumed_run_is_bit_identical(case, tiny_run, reference, tmp_path):
+    out = str(tmp_path / "run")
+    resume = False
+    for how, n, code, where in INTERRUPTIONS[case]:
+        r = run_tiny(how, n, *(["--resume", out] if resume else [*tiny_run[2], "--out", out]))
+        assert r.returncode == code, r.stderr
+        assert checkpoint_round(out) == where
+        assert "Traceback" not in r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        if how == "sigint":
+            assert last == f"interrupted; completed rounds are saved. Resume with: python train.py --resume {out}"
+        if how == "nan":  # names the method, client and round; the last good round stays
+            assert last.startswith("error: feddpa-t: loss became nan while training the local adapter of client 0 in round 1")
+            assert "checkpoint.pt keeps the last good round (1 of 3 complete)" in last
+        if how == "write":
+            assert list(Path(out).glob("checkpoint.pt.tmp*"))  # the half-done write, never renamed
+        resume = True
+    r = run_tiny("none", 0, "--resume", out)
+    assert r.returncode == 0, r.stderr
+    assert not list(Path(out).rglob("*.tmp*"))
+    assert outcome(out) == reference
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: exit code 2, one line on stderr that names the problem and the file, no traceback, and
+# an existing output folder left byte for byte as it was.
+
+def main_error(argv, capsys):
+    """(exit code, stderr) of train.main(argv) run in this process."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    return e.value.code, capsys.readouterr().err
+
+
+def assert_one_line(err, *pieces):
+    assert "Traceback" not in err
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    for piece in pieces:
+        assert piece in err, err
+
+
+@pytest.fixture(scope="module")
+def interrupted(tiny_run, tmp_path_factory):
+    """The folder of a run killed after FedDPA-T's round 1: FedIT done, local adapters in the checkpoint."""
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    r = run_tiny("between", 7, *tiny_run[2], "--out", str(out))
+    assert r.returncode == -signal.SIGKILL and checkpoint_round(out) == ("feddpa-t", 2)
+    return out
+
+
+@pytest.fixture
+def run_copy(interrupted, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(interrupted, out)
+    return out
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_data_exits_with_one_line_and_keeps_the_output(case, tiny_run, run_copy, capsys, tmp_path):
+    mutate, pieces = MALFORMED[case]
+    bad = tmp_path / "bad"
+    data.write_federated(small_fed(), bad)
+    mutate(bad)
+    before = tree_bytes(run_copy)
+    code, err = main_error(["--data", str(bad), "--model", str(tiny_run[0]), "--out", str(run_copy), "--overwrite"], capsys)
+    assert code == 2
+    assert_one_line(err, "error: ", *pieces)
+    assert tree_bytes(run_copy) == before
+
+
+def edit_checkpoint(change):
+    def edit(out):
+        path = out / "checkpoint.pt"
+        state = torch.load(path, weights_only=True)
+        change(state)
+        torch.save(state, path)
+    return edit
+
+
+Q0 = "model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+class Payload:
+    """What a malicious checkpoint would run when unpickled: here, create a file."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)
+
+
+BAD_CHECKPOINTS = {  # case -> (edit of a run folder, message pieces)
+    "adapter of the wrong shape": (
+        edit_checkpoint(lambda s: s["trained"]["fedit"]["global"].update({Q0: torch.zeros(4, 64)})),
+        ["checkpoint.pt: fedit global adapter: adapter tensor " + Q0, "shape (4, 64)", "expects (8, 64)"]),
+    "local adapter of the wrong shape": (
+        edit_checkpoint(lambda s: s["current"]["clients"][2][0].update({Q0: torch.zeros(8, 32)})),
+        ["checkpoint.pt: feddpa-t client 2 local adapter: adapter tensor " + Q0, "shape (8, 32)"]),
+    "renamed adapter tensor": (
+        edit_checkpoint(lambda s: s["init"].update({"lm_head.lora_A.weight": s["init"].pop(Q0)})),
+        ["checkpoint.pt: initial adapter: unexpected adapter tensor lm_head.lora_A.weight"]),
+    "fewer clients": (edit_checkpoint(lambda s: s["trained"]["fedit"]["locals"].pop()),
+                      ["checkpoint.pt: fedit has 2 clients, the data 3"]),
+    "not this program's": (edit_checkpoint(lambda s: s.pop("trained")), ["checkpoint.pt: not a checkpoint of this program"]),
+    "truncated": (lambda out: (out / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes()[:5000]),
+                  ["checkpoint.pt: unreadable checkpoint"]),
+    "pickled code": (lambda out: torch.save({"init": Payload(out.parent / "pwned")}, out / "checkpoint.pt"),
+                     ["checkpoint.pt: holds objects other than tensors and plain data; refusing to load it"]),
+    "no checkpoint": (lambda out: (out / "checkpoint.pt").unlink(), ["checkpoint.pt: no checkpoint to resume from"]),
+    "bad config.json": (lambda out: (out / "config.json").write_text('{"rounds": "3"}'),
+                        ["config.json: rounds is '3', not a int"]),
+    "history of the wrong type": (edit_checkpoint(lambda s: s["trained"]["fedit"]["history"].append("round 4")),
+                                  ["checkpoint.pt: not a checkpoint of this program (fedit: malformed history)"]),
+    "round of the wrong type": (edit_checkpoint(lambda s: s["current"].update(round="2")),
+                                 ["checkpoint.pt: not a checkpoint of this program (the phase in progress)"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHECKPOINTS)
+def test_bad_checkpoint_exits_with_one_line_and_keeps_the_output(case, run_copy, capsys):
+    edit, pieces = BAD_CHECKPOINTS[case]
+    edit(run_copy)
+    before = tree_bytes(run_copy)
+    code, err = main_error(["--resume", str(run_copy)], capsys)
+    assert code == 2
+    assert_one_line(err, "error: ", *pieces)
+    assert tree_bytes(run_copy) == before
+    assert not (run_copy.parent / "pwned").exists()
+
+
+def edit_weights(change):
+    """Rewrite the copied base model's model.safetensors: change(header, buffer) -> file bytes."""
+    def edit(base):
+        raw = (base / "model.safetensors").read_bytes()
+        n = struct.unpack("<Q", raw[:8])[0]
+        (base / "model.safetensors").write_bytes(change(json.loads(raw[8:8 + n]), raw[8 + n:]))
+    return edit
+
+
+def entry(header):
+    return next(k for k in header if k != "__metadata__")
+
+
+BAD_MODELS = {  # --model DIR whose model.safetensors is damaged -> message pieces
+    "header length past the end": (edit_weights(lambda h, b: struct.pack("<Q", 10 ** 9) + json.dumps(h).encode()),
+                                   ["model.safetensors: header length 1000000000 runs past the end"]),
+    "truncated": (edit_weights(lambda h, b: safetensors_bytes(h, b[:len(b) // 2])), ["model.safetensors: tensor", "do not fit"]),
+    "offsets outside the buffer": (
+        edit_weights(lambda h, b: safetensors_bytes({**h, entry(h): {**h[entry(h)], "data_offsets": [len(b), len(b) + 64]}}, b)),
+        ["model.safetensors: tensor", "offsets", "do not fit"]),
+    "unknown dtype": (edit_weights(lambda h, b: safetensors_bytes({**h, entry(h): {**h[entry(h)], "dtype": "Q7"}}, b)),
+                      ["model.safetensors: tensor", "unsupported dtype 'Q7'"]),
+    "header not JSON": (edit_weights(lambda h, b: struct.pack("<Q", 4) + b"{{{{" + b), ["model.safetensors: header is not valid JSON"]),
+    "boolean in a shape": (edit_weights(lambda h, b: safetensors_bytes({**h, entry(h): {**h[entry(h)], "shape": [True, 1]}}, b)),
+                           ["model.safetensors: tensor", "malformed shape"]),
+    "empty file": (lambda base: (base / "model.safetensors").write_bytes(b""), ["model.safetensors: truncated safetensors file"]),
+    "a tensor of another shape": (
+        lambda base: (base / "config.json").write_text((base / "config.json").read_text().replace('"intermediate_size": 176', '"intermediate_size": 180')),
+        ["tensor model.layers.0.mlp.down_proj.weight has shape (64, 176), the config implies (64, 180)"]),
+    "damaged tokenizer": (lambda base: (base / "tokenizer.model").write_bytes(b"\x00junk"), ["cannot load the tokenizer"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_MODELS)
+def test_bad_model_exits_with_one_line_and_keeps_the_output(case, tiny_run, run_copy, capsys, tmp_path):
+    edit, pieces = BAD_MODELS[case]
+    base = tmp_path / "base"
+    shutil.copytree(tiny_run[0], base)
+    edit(base)
+    before = tree_bytes(run_copy)
+    code, err = main_error([*tiny_run[2], "--model", str(base), "--out", str(run_copy), "--overwrite"], capsys)
+    assert code == 2
+    assert_one_line(err, f"error: {base}", *pieces)
+    assert tree_bytes(run_copy) == before
+
+
+BAD_CONFIGS = {  # extra arguments -> message pieces
+    "another run's folder": ([], ["holds another run (results.json); use --resume", "--overwrite"]),
+    "unknown method": (["--overwrite", "--methods", "fedit,fedprox"], ["unknown method(s) fedprox; choose from base, local"]),
+    "client fraction 0": (["--overwrite", "--fraction", "0"], ["--fraction 0.0 must be in (0, 1]"]),
+    "rank 0": (["--overwrite", "--lora-r", "0"], ["--lora-r 0 must be >= 1"]),
+    "cutoff shorter than the prompt": (["--overwrite", "--cutoff", "8"], ["--cutoff 8 is too short: the prompt template alone takes"]),
+    "more clients than examples": (["--overwrite", "--clients", "100", "--min-client-size", "1"],
+                                   ["data: --clients 100: cannot give 100 clients 1 records each from 60 records"]),
+    "longer than the model reads": (["--overwrite", "--cutoff", "512", "--max-new-tokens", "250"],
+                                    ["the model reads at most 256 tokens", "--max-new-tokens 250"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_impossible_config_exits_with_one_line_and_keeps_the_output(case, tiny_run, run_copy, capsys):
+    extra, pieces = BAD_CONFIGS[case]
+    (run_copy / "results.json").write_text("{}")  # as a finished run has one
+    before = tree_bytes(run_copy)
+    code, err = main_error([*tiny_run[2], "--out", str(run_copy), *extra], capsys)
+    assert code == 2
+    assert_one_line(err, "error: ", *pieces)
+    assert tree_bytes(run_copy) == before
+
+
+def test_earlier_flag_and_config_names_still_work(tmp_path):
+    """--alpha and --mix became --lambda-scale and --local-weight; the old flags and the old names in a
+    run folder's config.json still mean the same."""
+    cfg, _ = train.parse_args(["--alpha", "0.3", "--mix", "0.4"])
+    assert (cfg.lambda_scale, cfg.local_weight) == (0.3, 0.4)
+    cfg, _ = train.parse_args(["--lambda-scale", "0.2", "--local-weight", "0.6"])
+    assert (cfg.lambda_scale, cfg.local_weight) == (0.2, 0.6)
+    old = {k: v for k, v in vars(train.Config()).items() if k not in ("lambda_scale", "local_weight")}
+    (tmp_path / "config.json").write_text(json.dumps({**old, "alpha": 0.35, "mix": 0.45}))
+    resumed = train.resumed_config(train.Config(), str(tmp_path))
+    assert (resumed.lambda_scale, resumed.local_weight, resumed.out) == (0.35, 0.45, str(tmp_path))
+
+
+def test_diverging_run_stops_naming_client_and_round(tiny_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = main_error([*tiny_run[2], "--out", str(out), "--lr", "1e30"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: fedit: loss became")
+    assert "of client 0 in round 0; stopped" in err and "keeps the last good round (0 of 3 complete)" in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["current"] is None  # the initial state
+
+
+def test_errors_in_a_subprocess_are_one_line_without_traceback(tiny_run, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_run[0], base)
+    BAD_MODELS["offsets outside the buffer"][0](base)
+    for args in ([*tiny_run[2], "--model", str(base), "--out", str(tmp_path / "a")],
+                 [*tiny_run[2], "--out", str(tmp_path / "b"), "--methods", "fedavg"]):
+        r = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and r.stdout == ""
+        assert_one_line(r.stderr, "error: ")
+        assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    r = subprocess.run([sys.executable, "train.py", *args, "--debug"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "UserError: unknown method(s) fedavg" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# A small run of every method, bit for bit as recorded: adapters, the pretrained base, every score and
+# loss. Recorded before the architecture step (so the step changed no number); a change that is meant
+# to change numbers records it anew, saying why: python test_runs.py --record
+
+GOLDEN = ROOT / "testdata" / "golden_run.json"
+GOLDEN_ARGS = ["--rounds", "3", "--local-steps", "2", "--test-per-task", "5", "--pretrain-steps", "20",
+               "--max-new-tokens", "8"]
+
+
+def machine() -> str:
+    """Bits are only reproducible on the same CPU kind, torch and thread count."""
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    return f"{cpu}; torch {torch.__version__}; {torch.get_num_threads()} threads"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fingerprint(out: Path, cache: Path) -> dict:
+    res = json.loads((out / "results.json").read_text())
+    return {"machine": machine(),
+            "base": {p.name: sha256(p) for p in sorted(cache.glob("base-*/*"))},
+            "adapters": {str(p.relative_to(out)): sha256(p) for p in sorted((out / "adapters").rglob("*.safetensors"))},
+            "methods": {m: {k: v for k, v in r.items() if k != "eval_seconds"} for m, r in res["methods"].items()},
+            "training": {p: [{k: v for k, v in h.items() if k != "seconds"} for h in t["history"]]
+                         for p, t in res["training"].items()}}
+
+
+def golden_run(tmp: Path) -> dict:
+    train.main([*GOLDEN_ARGS, "--out", str(tmp / "out"), "--cache", str(tmp / "cache")])
+    return fingerprint(tmp / "out", tmp / "cache")
+
+
+def test_small_run_is_bit_identical_to_the_recorded_one(tmp_path):
+    recorded = json.loads(GOLDEN.read_text())
+    if recorded["machine"] != machine():
+        pytest.skip(f"{GOLDEN.name} was recorded on {recorded['machine']}, this is {machine()}: floating point "
+                    "differs across machines; record it here with python test_runs.py --record")
+    got = golden_run(tmp_path)
+    assert got["base"] == recorded["base"]            # the pretrained built-in base and its tokenizer
+    assert got["training"] == recorded["training"]    # every round's loss, clients and bytes
+    assert got["adapters"] == recorded["adapters"]    # every adapter file
+    assert got["methods"] == recorded["methods"]      # every score and mean lambda
+
+
+if __name__ == "__main__":
+    import tempfile
+    if sys.argv[1:] != ["--record"]:
+        raise SystemExit("usage: python test_runs.py --record   (writes testdata/golden_run.json)")
+    with tempfile.TemporaryDirectory() as d:
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(golden_run(Path(d)), indent=1) + "\n")
