@@ -28,7 +28,6 @@ What is counted
 import argparse
 import os
 import platform
-import random
 import resource
 import subprocess
 import sys
@@ -38,14 +37,13 @@ import warnings
 
 import torch
 
+import bench_infer
 import builtin
 import data
-import feddpa
 import hf
 import lora
 import pretrain
-from generate import generate
-from model import PRESETS, Llama, ModelConfig
+from model import IGNORE_INDEX, PRESETS, Llama, ModelConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 try:
@@ -182,7 +180,7 @@ def stepper(m, is_hf: bool, bf16: bool = False, lr: float = 3e-3):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0, int(batch[1].sum()), int((batch[2][:, 1:] != -100).sum()), loss.item()
+        return time.perf_counter() - t0, int(batch[1].sum()), int((batch[2][:, 1:] != IGNORE_INDEX).sum()), loss.item()
     return step
 
 
@@ -235,50 +233,6 @@ def print_row(name: str, row: dict):
     ratio = f"{row['ours'][0] / row['hf'][0]:6.2f}x {row['median']:5.2f}x" if "hf" in row else f"{'-':>7} {'-':>6}"
     dloss = f"{abs(row['ours_loss0'] - row['hf_loss0']):9.1e}" if "hf" in row else f"{'-':>9}"
     print(f"{name:<34}{cols('ours')} |{cols('hf')} |{ratio} {dloss} {rss_mb():7.0f}", flush=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# FedDPA inference: our batched per-example weighting vs the official one-instance-at-a-time loop
-
-def one_at_a_time(m, tok, records, train_records, dec: feddpa.Decode, recipe: feddpa.Recipe, seed: int = 0):
-    """The official code's procedure: for each test instance, draw K training instructions afresh,
-    represent them and the instance (one batch of K + 1, local adapter alone), set lambda as a
-    scalar weight, then generate that instance alone."""
-    rng = random.Random(seed)
-    out = []
-    for rec in records:
-        prompts = [data.encode_prompt(tok, r, dec.cutoff) for r in rng.sample(train_records, recipe.k_refs) + [rec]]
-        ids, mask = data.pad_left(prompts, tok.pad_id)
-        reps = feddpa.represent(m, ids, mask, recipe.pool).float()
-        lam = feddpa.dynamic_lambda(reps[-1:], reps[:-1], recipe.lambda_scale).item()
-        lora.set_weights(m, feddpa.mix(lam, recipe.lambda_to))
-        prompt = torch.tensor([prompts[-1]])
-        out.append(generate(m, prompt, torch.ones_like(prompt), dec.max_new_tokens, tok.eos_id, tok.pad_id))
-    return out
-
-
-def bench_inference(d: str, tok, fd, n: int = 64):
-    """Instances/s of both procedures on client 0's own task: the default base model with all seven
-    projections adapted, random non-zero global and local adapters, 32 greedy tokens."""
-    m = build(d, lora.TARGETS, is_hf=False).eval()
-    g = torch.Generator().manual_seed(0)
-    for _, layer in lora.lora_layers(m):
-        for name in lora.ADAPTERS:
-            layer.lora_B[name].weight.data.normal_(0, 0.02, generator=g)
-    records = fd.tests[fd.client_tasks[0]][:n]
-    dec, recipe = feddpa.Decode(max_new_tokens=32, batch_size=64), feddpa.Recipe()
-
-    def ours():
-        refs = feddpa.draw_references(fd.clients[0], recipe.k_refs, 0, 0)
-        ref_reps = feddpa.reference_reps(m, tok, refs, recipe.pool, "cpu")
-        feddpa.answer(m, tok, records, dec, "cpu", dynamic=feddpa.Dynamic(ref_reps, recipe.lambda_scale, recipe.pool, recipe.lambda_to))
-    rate = {}
-    for name, run in (("batched", ours), ("single", lambda: one_at_a_time(m, tok, records, fd.clients[0], dec, recipe))):
-        for _ in range(2):  # the faster of two runs, as for training
-            t0 = time.perf_counter()
-            run()
-            rate[name] = max(rate.get(name, 0), n / (time.perf_counter() - t0))
-    return rate["batched"], rate["single"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,7 +346,7 @@ def main(argv=None):
             row = compare(PRESETS["base"], d, lora.TARGETS, batches, args.steps, peak32)
             print_row(f"d fp32, default base, batch {B}", row)
     if "infer" in only:
-        batched, single = bench_inference(d, tok, fd)
+        batched, single = bench_infer.bench_inference(d, tok, fd)
         print(f"\n2. FedDPA inference, dynamic weighting, default base, 64 instances, 32 greedy tokens\n"
               f"   batched per-example weights, cached references (ours)   {batched:8.2f} instances/s\n"
               f"   one at a time, references drawn per instance (official) {single:8.2f} instances/s"

@@ -15,7 +15,7 @@ import struct
 
 import torch
 
-from model import Llama, ModelConfig
+from model import Llama, ModelConfig, state_mismatch
 
 
 def first_line(e: Exception) -> str:
@@ -178,14 +178,9 @@ def from_pretrained(d: str, dtype=torch.float32, device="cpu") -> Llama:
     with torch.device("meta"):  # no memory for weights that are about to be replaced
         model = Llama(config)
     expected = {k: v for k, v in model.state_dict().items() if not (config.tie_embeddings and k == "lm_head.weight")}
-    for k in sorted(set(expected) | set(sd)):
-        if k not in sd:
-            raise CheckpointError(f"{d}: tensor {k} is missing from the checkpoint")
-        if k not in expected:
-            raise CheckpointError(f"{d}: unexpected tensor {k} in the checkpoint")
-        if tuple(sd[k].shape) != tuple(expected[k].shape):
-            raise CheckpointError(f"{d}: tensor {k} has shape {tuple(sd[k].shape)}, "
-                                  f"the config implies {tuple(expected[k].shape)}")
+    problem = state_mismatch(expected, sd, "tensor", "the config implies")
+    if problem:
+        raise CheckpointError(f"{d}: {problem}")
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

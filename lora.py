@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import state_mismatch
+
 ADAPTERS = ("global", "local")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -176,14 +178,9 @@ def check_adapter(model: nn.Module, state: dict, name: str = "global"):
     """Adapter `name`'s parameters by key; ValueError naming the first tensor of `state` that is missing,
     unexpected or of another shape."""
     own = adapter_tensors(model, name)
-    for key in sorted(set(own) | set(state)):
-        if key not in state:
-            raise ValueError(f"adapter tensor {key} is missing")
-        if key not in own:
-            raise ValueError(f"unexpected adapter tensor {key}")
-        if tuple(state[key].shape) != tuple(own[key].shape):
-            raise ValueError(f"adapter tensor {key} has shape {tuple(state[key].shape)}, "
-                             f"the model expects {tuple(own[key].shape)}")
+    problem = state_mismatch(own, state, "adapter tensor")
+    if problem:
+        raise ValueError(problem)
     return own
 
 

@@ -333,3 +333,15 @@ class Llama(nn.Module):
         keep[torch.arange(B, device=keep.device), last] = True
         return self.hidden(input_ids, attention_mask, keep=keep)  # (B, dim): one kept position per row
 
+
+def state_mismatch(expected: dict, given: dict, noun: str = "tensor", source: str = "the model expects"):
+    """The first tensor of `given` that is missing, unexpected or of another shape than in `expected`
+    (both {name: tensor}), as a phrase for an error message; None if they match."""
+    for key in sorted(set(expected) | set(given)):
+        if key not in given:
+            return f"{noun} {key} is missing"
+        if key not in expected:
+            return f"unexpected {noun} {key}"
+        if tuple(given[key].shape) != tuple(expected[key].shape):
+            return f"{noun} {key} has shape {tuple(given[key].shape)}, {source} {tuple(expected[key].shape)}"
+    return None

@@ -6,8 +6,8 @@ import pytest
 
 from conftest import ROOT
 
-LAYERS = [{"model", "lora"}, {"generate", "hf"}, {"data"}, {"builtin"}, {"pretrain", "fed"}, {"feddpa"},
-          {"runs"}, {"train"}, {"bench"}]
+LAYERS = [{"model"}, {"lora", "generate", "hf"}, {"data"}, {"builtin"}, {"pretrain", "fed"}, {"feddpa"},
+          {"runs"}, {"train", "bench_infer"}, {"bench"}]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 

@@ -1,0 +1,55 @@
+"""Inference benchmark (bench.py runs it): FedDPA's instance-wise dynamic weighting as feddpa.answer does
+it, per-example weights inside batches with each client's references encoded once, against the official
+code's procedure, one test instance at a time with its references drawn and encoded afresh.
+"""
+import random
+import time
+
+import torch
+
+import data
+import feddpa
+import hf
+import lora
+from generate import generate
+
+
+def one_at_a_time(m, tok, records, train_records, dec: feddpa.Decode, recipe: feddpa.Recipe, seed: int = 0):
+    """The official code's procedure: for each test instance, draw K training instructions afresh,
+    represent them and the instance (one batch of K + 1, local adapter alone), set lambda as a
+    scalar weight, then generate that instance alone."""
+    rng = random.Random(seed)
+    out = []
+    for rec in records:
+        prompts = [data.encode_prompt(tok, r, dec.cutoff) for r in rng.sample(train_records, recipe.k_refs) + [rec]]
+        ids, mask = data.pad_left(prompts, tok.pad_id)
+        reps = feddpa.represent(m, ids, mask, recipe.pool).float()
+        lam = feddpa.dynamic_lambda(reps[-1:], reps[:-1], recipe.lambda_scale).item()
+        lora.set_weights(m, feddpa.mix(lam, recipe.lambda_to))
+        prompt = torch.tensor([prompts[-1]])
+        out.append(generate(m, prompt, torch.ones_like(prompt), dec.max_new_tokens, tok.eos_id, tok.pad_id))
+    return out
+
+
+def bench_inference(d: str, tok, fd, n: int = 64):
+    """Instances/s of both procedures on client 0's own task: the default base model with all seven
+    projections adapted, random non-zero global and local adapters, 32 greedy tokens."""
+    m = lora.inject(hf.from_pretrained(d), lora.TARGETS, r=8, lora_alpha=16, dropout=0.05).eval()
+    g = torch.Generator().manual_seed(0)
+    for _, layer in lora.lora_layers(m):
+        for name in lora.ADAPTERS:
+            layer.lora_B[name].weight.data.normal_(0, 0.02, generator=g)
+    records = fd.tests[fd.client_tasks[0]][:n]
+    dec, recipe = feddpa.Decode(max_new_tokens=32, batch_size=64), feddpa.Recipe()
+
+    def ours():
+        refs = feddpa.draw_references(fd.clients[0], recipe.k_refs, 0, 0)
+        ref_reps = feddpa.reference_reps(m, tok, refs, recipe.pool, "cpu")
+        feddpa.answer(m, tok, records, dec, "cpu", dynamic=feddpa.Dynamic(ref_reps, recipe.lambda_scale, recipe.pool, recipe.lambda_to))
+    rate = {}
+    for name, run in (("batched", ours), ("single", lambda: one_at_a_time(m, tok, records, fd.clients[0], dec, recipe))):
+        for _ in range(2):  # the faster of two runs, as for training
+            t0 = time.perf_counter()
+            run()
+            rate[name] = max(rate.get(name, 0), n / (time.perf_counter() - t0))
+    return rate["batched"], rate["single"]
