@@ -3,7 +3,7 @@
 Each client owns a *global* adapter, trained locally and averaged by the server every round (it
 learns what all clients share: test-time personalization), and a *local* adapter that never leaves
 the client (it learns the client's own task: personalization). The local adapter is learned in one
-of two ways (Sec. 4.2), sequentially (F) or iteratively (T):
+of two ways, sequentially (F) or iteratively (T), as the paper names them:
 
   FedDPA-F  federated LoRA (FedIT) for R rounds, then each client fine-tunes a copy of the final
             global adapter on its own data; that copy is its local adapter.
@@ -12,7 +12,7 @@ of two ways (Sec. 4.2), sequentially (F) or iteratively (T):
                 h = W x + (1 - a) * dW_global x + a * dW_local x,      a = 0.5,
             then trains its copy of the global adapter alone and sends it for FedAvg.
 
-At inference the two are mixed per test instance (the instance-wise dynamic weighting, Sec. 4.3):
+At inference the two are mixed per test instance (the paper's instance-wise dynamic weighting mechanism):
         lambda(x) = clamp(s * mean_k cos(r(x), r(x_k)), 0, 1),   s = 0.5 (lambda_scale),
 where r is the model's representation of an instruction (local adapter active) and x_1..x_K are
 K = 5 of the client's training instructions, drawn once; the local adapter gets lambda and the
@@ -22,7 +22,7 @@ adapter. The `-fixed` rows (the paper's ablation) use the training mix a instead
 Baselines on the same model and data: the base model (no adapter), Local (each client alone), FedIT
 (one federated adapter), Centralized (one adapter on the pooled data). Scores: ROUGE-1 F1 (the
 paper's metric), ROUGE-L and exact match; P = a client's score on its own task, TTP = its mean over
-all tasks, each averaged over clients (Sec. 5.1).
+all tasks, each averaged over clients.
 
 Top to bottom: the methods and the training phases each needs; the mix; the client steps; each
 phase's clients, step and schedule (FedDPA-F's hand-over from FedIT included); the dynamic weight;
@@ -166,7 +166,7 @@ def phase_result(name: str, global_adapter: dict, clients: list, trained: dict) 
 
 
 # ----------------------------------------------------------------------------------------------
-# Instance-wise dynamic weighting mechanism (inference, Sec. 4.3)
+# Instance-wise dynamic weighting mechanism (inference)
 
 def prompt_batches(tok, records, batch_size, cutoff=512):
     """Encoded, left-padded prompts in batches of similar length; yields (indices, ids, mask)."""
