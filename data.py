@@ -41,18 +41,24 @@ def format_prompt(rec: dict) -> str:
 def encode_example(tok, rec: dict, cutoff: int = 512) -> dict | None:
     """[BOS] prompt response [EOS] as ids, with labels IGNORE_INDEX on BOS and the prompt.
 
-    Prompt and response are encoded separately so the label boundary is exact (one joint
-    encoding could merge a piece across it); generation sees the same split, since the
-    model continues from the encoded prompt. A long example loses the end of its response,
-    EOS included. If the prompt alone fills `cutoff` the response would be lost whole, so
-    this returns None and the caller counts the record as dropped.
+    As the official code does: the ids are the joint encoding of prompt + response (so the response is
+    tokenized in context: after "### Response:\n" a SentencePiece Llama tokenizer writes "yes", not the
+    "▁yes" of the response alone), and the label boundary is the length of the prompt's own encoding,
+    which is what generation continues from. Where the joint encoding merges a piece across that
+    boundary, the prompt's own encoding is kept and the response is encoded alone, so that the
+    response is still what is learned. A long example loses the end of its response, EOS included.
+    If the prompt alone fills `cutoff` the response would be lost whole, so this returns None and the
+    caller counts the record as dropped.
     """
-    prompt = [tok.bos_id] * tok.add_bos + tok.encode(format_prompt(rec))
+    bos = [tok.bos_id] * tok.add_bos
+    prompt = bos + tok.encode(format_prompt(rec))
     if len(prompt) >= cutoff:
         return None
-    response = tok.encode(rec["output"]) + [tok.eos_id]
-    return {"input_ids": (prompt + response)[:cutoff],
-            "labels": ([IGNORE_INDEX] * len(prompt) + response)[:cutoff]}
+    ids = bos + tok.encode(format_prompt(rec) + rec["output"])
+    if ids[:len(prompt)] != prompt:
+        ids = prompt + tok.encode(rec["output"])
+    ids = ids + [tok.eos_id]
+    return {"input_ids": ids[:cutoff], "labels": ([IGNORE_INDEX] * len(prompt) + ids[len(prompt):])[:cutoff]}
 
 
 def encode_prompt(tok, rec: dict, cutoff: int = 512) -> list[int]:

@@ -31,6 +31,7 @@ class LocalTrain:
     batch_size: int = 16          # examples per optimizer step
     micro_batch_size: int = 8     # examples per forward pass (gradients accumulate)
     weight_decay: float = 0.0
+    max_grad_norm: float = 1.0    # clip the gradient's global norm before each step (0: off), as transformers' Trainer
     bf16: bool = False            # bfloat16 autocast for the forward pass (CPU or GPU)
 
 
@@ -42,7 +43,7 @@ def train_adapter(model, name: str, examples: list, train: LocalTrain, weights: 
                   generator: torch.Generator, where: str = "") -> dict:
     """Train adapter `name` (only it) on encoded examples, the others mixed in with fixed `weights`.
 
-    Returns {"loss": mean loss, "steps": n, "tokens": labelled tokens seen}."""
+    Returns {"loss": mean loss, "steps": optimizer steps, "examples": examples seen, "tokens": labelled tokens}."""
     lora.set_trainable(model, name)
     lora.set_weights(model, weights)
     params = list(lora.adapter_tensors(model, name).values())
@@ -68,13 +69,15 @@ def train_adapter(model, name: str, examples: list, train: LocalTrain, weights: 
             tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
         if not math.isfinite(step_loss):
             raise Diverged(f"loss became {step_loss} while training the {name} adapter{where}")
+        if train.max_grad_norm > 0:  # after accumulation, before the step, as the official Trainer does
+            torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(step_loss)
     model.eval()
     lora.set_trainable(model, None)
-    return {"loss": sum(losses) / len(losses), "steps": steps, "tokens": tokens}
+    return {"loss": sum(losses) / len(losses), "steps": steps, "examples": steps * train.batch_size, "tokens": tokens}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,6 +147,8 @@ def run_rounds(fed: Federation, rounds: int, client_update, fraction: float = 1.
         fed.history.append({
             "round": r, "clients": chosen,
             "loss": sum(cm["loss"] for cm in metrics) / len(metrics),
+            "steps": [cm["steps"] for cm in metrics],         # optimizer steps of each chosen client
+            "examples": [cm["examples"] for cm in metrics],
             "bytes_down": sent,
             "bytes_up": sum(nbytes(u.adapter) for u in updates),
             "seconds": time.time() - t0,

@@ -8,9 +8,12 @@ of two ways, sequentially (F) or iteratively (T), as the paper names them:
   FedDPA-F  federated LoRA (FedIT) for R rounds, then each client fine-tunes a copy of the final
             global adapter on its own data; that copy is its local adapter.
   FedDPA-T  round 0 trains the global adapter alone; from round 1 each selected client first trains
-            its local adapter with the global one mixed in and frozen,
+            its local adapter (at its first time, a fresh one of its own: A random, B = 0) with the
+            global one mixed in and frozen,
                 h = W x + (1 - a) * dW_global x + a * dW_local x,      a = 0.5,
             then trains its copy of the global adapter alone and sends it for FedAvg.
+A client's local adapter stays on it across the rounds it is not sampled in; a client that never
+trained one is evaluated with the global adapter alone (and the results say so).
 
 At inference the two are mixed per test instance (the paper's instance-wise dynamic weighting mechanism):
         lambda(x) = clamp(s * mean_k cos(r(x), r(x_k)), 0, 1),   s = 0.5 (lambda_scale),
@@ -60,7 +63,7 @@ class Recipe:
     rounds: int = 20                # communication rounds R
     fraction: float = 1.0           # clients sampled per round (FedIT, FedDPA-T)
     local_weight: float = 0.5       # a: the local adapter's weight while FedDPA-T trains it; the -fixed rows' mix
-    finetune_rounds: float = 10.0   # FedDPA-F: local fine-tuning budget, in rounds of local training
+    finetune_rounds: float = 1.0    # FedDPA-F: local fine-tuning budget, in rounds of local training (the paper: 1)
     lambda_scale: float = 0.5       # s: lambda in [0, s]
     k_refs: int = 5                 # K training instructions per client for the dynamic weight
     pool: str = "last"              # instance representation: 'last' prompt token or 'mean'
@@ -89,7 +92,13 @@ def fedit_step(model, pad_id, train: LocalTrain):
     return step
 
 
-def feddpa_t_step(model, pad_id, train: LocalTrain, local_weight: float, fresh_local: dict):
+def fresh_local(model, seed: int, client_id: int) -> dict:
+    """A client's own initial local adapter for FedDPA-T, as the official code adds one per client at its
+    first local round: A kaiming-uniform from the client's seeded draw, B = 0."""
+    return lora.new_adapter(model, torch.Generator().manual_seed(seed * 1_000_003 + 500_000 + client_id))
+
+
+def feddpa_t_step(model, pad_id, train: LocalTrain, local_weight: float, seed: int):
     """FedDPA-T (iterative learning): local adapter with the frozen global one mixed in, then the global alone."""
     global_step = fedit_step(model, pad_id, train)
 
@@ -97,12 +106,13 @@ def feddpa_t_step(model, pad_id, train: LocalTrain, local_weight: float, fresh_l
         if round_ == 0:
             return global_step(round_, client, global_adapter)
         lora.set_adapter(model, "global", global_adapter)
-        lora.set_adapter(model, "local", client.local if client.local is not None else fresh_local)
+        lora.set_adapter(model, "local", client.local if client.local is not None else fresh_local(model, seed, client.id))
         local = train_adapter(model, "local", client.data, train, mix(local_weight), pad_id, client.generator,
                               where=f" of client {client.id} in round {round_}")
         client.local = lora.get_adapter(model, "local")   # stays on the client
         update, glob = global_step(round_, client, global_adapter)
-        return update, {"loss": (local["loss"] + glob["loss"]) / 2, "local_loss": local["loss"], "global_loss": glob["loss"]}
+        return update, {"loss": (local["loss"] + glob["loss"]) / 2, "local_loss": local["loss"], "global_loss": glob["loss"],
+                        "steps": local["steps"] + glob["steps"], "examples": local["examples"] + glob["examples"]}
     return step
 
 
@@ -144,13 +154,13 @@ def setup_phase(name: str, model, pad_id: int, recipe: Recipe, datasets: list, i
     if name == "fedit":
         return Phase(clients(datasets), fedit_step(model, pad_id, train), recipe.rounds, recipe.fraction, init)
     if name == "feddpa-t":
-        step = feddpa_t_step(model, pad_id, train, recipe.local_weight, init)
+        step = feddpa_t_step(model, pad_id, train, recipe.local_weight, recipe.seed)
         return Phase(clients(datasets), step, recipe.rounds, recipe.fraction, init)
-    if name == "feddpa-f":  # the hand-over: each client fine-tunes a copy of FedIT's final global adapter
+    if name == "feddpa-f":  # the hand-over: every client fine-tunes a copy of FedIT's final global adapter
         step = local_step(model, pad_id, scaled(train, recipe.finetune_rounds), trained["fedit"]["global"])
         return Phase(clients(datasets), step, 1, 1.0, {})
-    if name == "local":
-        return Phase(clients(datasets), local_step(model, pad_id, train, init), recipe.rounds, 1.0, {})
+    if name == "local":  # sampled as FedIT is: the same clients in the same rounds
+        return Phase(clients(datasets), local_step(model, pad_id, train, init), recipe.rounds, recipe.fraction, {})
     if name == "centralized":  # one client holding everything, the same total number of optimizer steps
         pooled = [e for d in datasets for e in d]
         train = train if not train.max_steps else scaled(train, len(datasets))
@@ -307,8 +317,10 @@ def evaluate_method(method: str, model, tok, tests: dict, client_data: list, cli
     """Each client's scores on every task with the adapters and mix of `method`; P and TTP.
 
     client_data: each client's training records (the dynamic weight's references); trained: as for
-    setup_phase. Models that every client shares (base, FedIT, Centralized) are evaluated once."""
+    setup_phase. Models that every client shares (base, FedIT, Centralized) are evaluated once.
+    "no_local" lists the clients that never trained a local adapter."""
     t0 = time.time()
+    no_local = []
     if method in ("base", "fedit", "centralized"):
         if method != "base":
             lora.set_adapter(model, "global", trained[method]["global"])
@@ -318,7 +330,13 @@ def evaluate_method(method: str, model, tok, tests: dict, client_data: list, cli
         phase = trained[method.removesuffix("-fixed")]
         per_client = []
         for i, records in enumerate(client_data):
-            lora.set_adapter(model, "local", phase["locals"][i] if phase["locals"][i] is not None else init)
+            local = phase["locals"][i]
+            if local is None:  # never sampled to train one: the global adapter alone (Local: the base model)
+                if phase["global"]:
+                    lora.set_adapter(model, "global", phase["global"])
+                per_client.append(evaluate(model, tok, tests, dec, device, {"global": 1.0} if phase["global"] else {}))
+                continue
+            lora.set_adapter(model, "local", local)
             if method == "local":
                 per_client.append(evaluate(model, tok, tests, dec, device, {"local": 1.0}))
                 continue
@@ -330,7 +348,8 @@ def evaluate_method(method: str, model, tok, tests: dict, client_data: list, cli
                 ref_reps = reference_reps(model, tok, refs, recipe.pool, device, dec.cutoff)
                 dynamic = Dynamic(ref_reps, recipe.lambda_scale, recipe.pool, recipe.lambda_to)
                 per_client.append(evaluate(model, tok, tests, dec, device, dynamic=dynamic))
-    return {**p_and_ttp(per_client, client_tasks), "per_client": per_client,
+        no_local = [i for i, local in enumerate(phase["locals"]) if local is None]
+    return {**p_and_ttp(per_client, client_tasks), "per_client": per_client, "no_local": no_local,
             "exact": p_and_ttp(per_client, client_tasks, "exact"), "eval_seconds": time.time() - t0}
 
 

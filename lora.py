@@ -75,10 +75,12 @@ class LoRALinear(nn.Module):
 
     def reset(self, name: str, generator=None):
         # A as nn.Linear's default (kaiming-uniform, a=sqrt(5)), as peft does; B = 0 so the update starts at 0
-        bound = 1 / math.sqrt(self.base_layer.in_features)
         with torch.no_grad():
-            self.lora_A[name].weight.uniform_(-bound, bound, generator=generator)
+            self.lora_A[name].weight.uniform_(-self.a_bound(), self.a_bound(), generator=generator)
             self.lora_B[name].weight.zero_()
+
+    def a_bound(self) -> float:
+        return 1 / math.sqrt(self.base_layer.in_features)
 
     def forward(self, x):                                   # x: (B, T, in), or packed (N, in)
         out = self.base_layer(x)                            # (B, T, out)
@@ -167,6 +169,18 @@ def adapter_tensors(model: nn.Module, name: str) -> dict:
     """Adapter `name`'s parameters, keyed without the adapter name: '<layer path>.lora_A.weight'."""
     return {f"{path}.{ab}.weight": getattr(layer, ab)[name].weight
             for path, layer in lora_layers(model) for ab in ("lora_A", "lora_B")}
+
+
+def new_adapter(model: nn.Module, generator: torch.Generator) -> dict:
+    """A freshly initialised adapter as a state dict (A kaiming-uniform from generator's draws, B = 0),
+    on the CPU, keyed as adapter_tensors; the model is not touched."""
+    out = {}
+    for path, layer in lora_layers(model):
+        A, B = next(iter(layer.lora_A.values())).weight, next(iter(layer.lora_B.values())).weight
+        bound = layer.a_bound()
+        out[f"{path}.lora_A.weight"] = torch.empty(A.shape, dtype=A.dtype).uniform_(-bound, bound, generator=generator)
+        out[f"{path}.lora_B.weight"] = torch.zeros(B.shape, dtype=B.dtype)
+    return out
 
 
 def get_adapter(model: nn.Module, name: str) -> dict:

@@ -147,7 +147,9 @@ def check_state(state, model, n_clients: int, path: str):
 
     def history(where, h):
         need(isinstance(h, list) and all(isinstance(r, dict) and all(number(r.get(k)) for k in
-             ("loss", "seconds", "bytes_up", "bytes_down")) for r in h), f"{where}: malformed history")
+             ("loss", "seconds", "bytes_up", "bytes_down")) and all(isinstance(r.get(k), list) and
+             all(number(x) for x in r[k]) for k in ("clients", "steps", "examples")) for r in h),
+             f"{where}: malformed history")
 
     entry(state, ("init", "trained", "results", "current"), "the checkpoint")
     adapter("initial adapter", state["init"])
@@ -166,6 +168,7 @@ def check_state(state, model, n_clients: int, path: str):
         need(all(number(x) for x in (r["P"], r["TTP"], r["eval_seconds"])), f"{method}: scores")
         need(all(number(entry(r["exact"], ("P", "TTP"), method)[k]) for k in ("P", "TTP")), f"{method}: exact match")
         need(isinstance(r["per_client"], list) and len(r["per_client"]) == n_clients, f"{method}: per-client scores")
+        need(isinstance(r.get("no_local", []), list), f"{method}: clients without a local adapter")
     cur = state["current"]
     if cur is not None:
         entry(cur, ("phase", "global", "round", "history", "clients", "rng"), "the phase in progress")
@@ -192,16 +195,23 @@ def check_state(state, model, n_clients: int, path: str):
 # ----------------------------------------------------------------------------------------------
 # Results
 
+def budget(history: list, n_clients: int) -> dict:
+    """Optimizer steps and examples per client over a phase's rounds."""
+    steps, examples = [0] * n_clients, [0] * n_clients
+    for h in history:
+        for cid, s, e in zip(h["clients"], h["steps"], h["examples"]):
+            steps[cid] += s
+            examples[cid] += e
+    return {"steps": steps, "examples": examples}
+
+
 def write_results(out: str, config: dict, state: dict, client_tasks: list, seconds: float):
     res = {"config": config, "client_tasks": client_tasks, "methods": {}, "training": {},
            "seconds": {"total": seconds, "pretrain": state.get("pretrain_seconds", 0.0)}}
-    for method, r in state["results"].items():
-        res["methods"][method] = {"P": r["P"], "TTP": r["TTP"], "P_exact": r["exact"]["P"],
-                                  "TTP_exact": r["exact"]["TTP"], "eval_seconds": r["eval_seconds"],
-                                  "per_client": r["per_client"]}
     for phase, t in state["trained"].items():
         res["training"][phase] = {"seconds": t["seconds"], "history": t["history"],
-                                  "bytes": sum(h["bytes_up"] + h["bytes_down"] for h in t["history"])}
+                                  "bytes": sum(h["bytes_up"] + h["bytes_down"] for h in t["history"]),
+                                  "budget": budget(t["history"], len(t["locals"]))}
         d = os.path.join(out, "adapters", phase)
         os.makedirs(d, exist_ok=True)
         if t["global"]:
@@ -209,13 +219,27 @@ def write_results(out: str, config: dict, state: dict, client_tasks: list, secon
         for i, local in enumerate(t["locals"]):
             if local is not None:
                 write_safetensors(local, os.path.join(d, f"client{i}_local.safetensors"))
+    for method, r in state["results"].items():
+        phases = [p for p, needed in PHASES.items() if method in needed and p in res["training"]]
+        per_client = [[sum(x) for x in zip(*(res["training"][p]["budget"][k] for p in phases))] if phases else []
+                      for k in ("steps", "examples")]
+        res["methods"][method] = {"P": r["P"], "TTP": r["TTP"], "P_exact": r["exact"]["P"],
+                                  "TTP_exact": r["exact"]["TTP"], "eval_seconds": r["eval_seconds"],
+                                  "no_local": r.get("no_local", []), "per_client": r["per_client"],
+                                  "budget": {"phases": phases, "steps_per_client": per_client[0],
+                                             "examples_per_client": per_client[1]}}
     atomic_write(os.path.join(out, "results.json"), [json.dumps(res, indent=1).encode()])
 
 
 def print_table(results: dict, tasks: list, client_tasks: list, verbose: bool):
     print(f"\n{'method':<16}{'P':>8}{'TTP':>8}{'P(EM)':>8}{'TTP(EM)':>9}   (ROUGE-1 F1 / exact match, %)")
     for method, r in results.items():
-        print(f"{method:<16}{r['P']:8.1f}{r['TTP']:8.1f}{r['exact']['P']:8.1f}{r['exact']['TTP']:9.1f}")
+        mark = "+" if r.get("no_local") else ""
+        print(f"{method + mark:<16}{r['P']:8.1f}{r['TTP']:8.1f}{r['exact']['P']:8.1f}{r['exact']['TTP']:9.1f}")
+    for method, r in results.items():
+        if r.get("no_local"):
+            print(f"+ {method}: client(s) {', '.join(map(str, r['no_local']))} were never sampled to train a local "
+                  "adapter and are scored with the global adapter alone (Local: the base model)")
     if verbose:
         for method, r in results.items():
             print(f"\n{method}: ROUGE-1 per client (rows, own task marked *) and test task (columns)")

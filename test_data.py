@@ -1,5 +1,6 @@
 """data.py: the prompt and its masking, batches, tokenizer training, the paper's federated files
 (validated: every malformed case is one line naming the file), and Dirichlet partitions."""
+import random
 from collections import Counter
 
 import pytest
@@ -9,7 +10,8 @@ from hypothesis import given, settings, strategies as st
 
 import builtin
 import data
-from conftest import CATEGORIES, FLAN, MALFORMED, small_fed, tree_bytes
+import hf
+from conftest import CATEGORIES, FLAN, MALFORMED, small_fed, smollm2_dir, tree_bytes
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -36,6 +38,65 @@ def test_unmasked_labels_decode_to_response_then_eos(world, tok):
         assert tok.decode(ids[1:n_masked]) == data.format_prompt(rec)
         assert labels[-1] == tok.eos_id and tok.decode(labels[n_masked:-1]) == rec["output"]
         assert data.encode_prompt(tok, rec) == ids[:n_masked]
+
+
+def official_labels(encode, bos, eos, rec):
+    """The official code's tokenization, restated: the joint encoding of prompt + response (+ EOS), labels
+    masked over the length of the prompt's own encoding."""
+    prompt = data.format_prompt(rec)
+    full = bos + encode(prompt + rec["output"]) + [eos]
+    n = len(bos + encode(prompt))
+    return full, [-100] * n + full[n:]
+
+
+def test_labels_are_the_joint_encoding_as_the_official_code(world, tok, tmp_path):
+    """A SentencePiece Llama-style tokenizer (byte fallback, add_dummy_prefix): the response is tokenized
+    in context, so "### Response:\nno" labels "no", not the "▁no" of the response encoded alone."""
+    sp = tok.sp
+    assert sp.id_to_piece(sp.encode("no")[0]).startswith("▁")   # add_dummy_prefix is on
+    alone = 0
+    for records in world.clients:
+        for rec in records[:25]:
+            ex = data.encode_example(tok, rec)
+            full, labels = official_labels(sp.encode, [tok.bos_id], tok.eos_id, rec)
+            assert ex == {"input_ids": full, "labels": labels}
+            first = next(i for i in labels if i != -100)
+            alone += first != sp.encode(rec["output"])[0]
+    assert alone >= 100  # the joint encoding differs from the old separate one where it matters
+
+
+def test_a_piece_merged_across_the_boundary_keeps_the_prompt_and_the_response(tmp_path):
+    """Where the joint encoding merges the prompt's end with the response's start (here a tokenizer that
+    learnt ":\n(1)" as one piece), the official boundary would mask the whole response; we keep the
+    prompt's own encoding, which generation continues from, and the response encoded alone."""
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "kappa"]
+    data.train_tokenizer([f"{rng.choice(words)} {rng.choice(words)}:\n(1)" for _ in range(2000)],
+                         str(tmp_path / "t.model"), vocab_size=300)
+    tok = hf.SentencePieceTokenizer(str(tmp_path / "t.model"))
+    rec = {"instruction": "Say it.", "output": "(1)"}
+    prompt = [tok.bos_id] + tok.encode(data.format_prompt(rec))
+    joint = [tok.bos_id] + tok.encode(data.format_prompt(rec) + "(1)")
+    assert joint[:len(prompt)] != prompt                      # the premise: a merged piece
+    _, official = official_labels(tok.encode, [tok.bos_id], tok.eos_id, rec)
+    assert not set(official) - {-100, tok.eos_id}            # the official boundary loses the answer
+    ex = data.encode_example(tok, rec)
+    assert ex["input_ids"] == prompt + tok.encode("(1)") + [tok.eos_id]
+    assert ex["labels"] == [-100] * len(prompt) + tok.encode("(1)") + [tok.eos_id]
+
+
+def test_labels_with_smollm2_tokenizer_json_are_the_official_ones():
+    """SmolLM2's tokenizer.json (byte-level BPE, no BOS), read by the tokenizers package directly."""
+    from tokenizers import Tokenizer
+    d = smollm2_dir()
+    config = hf.config_from_hf(f"{d}/config.json")
+    tok = hf.load_tokenizer(d, config)
+    theirs = Tokenizer.from_file(f"{d}/tokenizer.json")
+    assert not tok.add_bos
+    records = [r for client in data.load_federated(FLAN).clients for r in client[:5]]
+    for rec in records:
+        full, labels = official_labels(lambda t: theirs.encode(t, add_special_tokens=False).ids, [], config.eos_id, rec)
+        assert data.encode_example(tok, rec, cutoff=4096) == {"input_ids": full, "labels": labels}
 
 
 def test_truncation_and_prompt_overflow(world, tok):

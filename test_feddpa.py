@@ -35,7 +35,7 @@ def test_feddpa_t_phases_change_exactly_their_adapter_and_send_no_local(tiny, mo
     monkeypatch.setattr(feddpa, "train_adapter", spy)
     init = lora.get_adapter(m, "global")
     client = fed.Client(0, [data.encode_example(tok, r) for r in world.clients[0]], torch.Generator().manual_seed(0))
-    step = feddpa.feddpa_t_step(m, tok.pad_id, train, 0.5, init)
+    step = feddpa.feddpa_t_step(m, tok.pad_id, train, 0.5, seed=0)
     step(0, client, init)                     # round 0: the global adapter only
     assert [p[0] for p in phases] == ["global"] and client.local is None
     update, _ = step(1, client, init)         # round 1: local (global frozen), then global alone
@@ -56,6 +56,14 @@ def test_mix_gives_lambda_to_one_adapter_and_the_rest_to_the_other():
     lam = torch.tensor([0.0, 0.25, 1.0])
     w = feddpa.mix(lam)
     assert torch.equal(w["local"], lam) and torch.equal(w["global"], torch.tensor([1.0, 0.75, 0.0]))
+
+
+def test_lambda_is_the_scaled_mean_cosine_clamped_to_0_1():
+    refs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    reps = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, 0.0], [2.0, 0.0]])
+    # mean cosines: 1/sqrt(2), -1/sqrt(2), 1/2, 1/2
+    assert torch.allclose(feddpa.dynamic_lambda(reps, refs, 0.5), torch.tensor([0.5 ** 1.5, 0.0, 0.25, 0.25]))
+    assert torch.allclose(feddpa.dynamic_lambda(reps, refs, 4.0), torch.tensor([1.0, 0.0, 1.0, 1.0]))
 
 
 def test_references_and_lambda_are_deterministic_and_in_range(tiny):
@@ -147,3 +155,60 @@ def test_every_method_end_to_end_on_a_tiny_run(tiny_dir, tmp_path, capsys, dtype
     assert (out / "adapters" / "feddpa-t" / "client2_local.safetensors").exists()
     printed = capsys.readouterr().out
     assert all(m in printed for m in feddpa.METHODS)
+    # the budget of each method, optimizer steps per client: R rounds x S steps (R = 2, S = 2); FedDPA-T
+    # trains the global adapter alone in round 0, then two adapters per round; FedDPA-F adds one round of
+    # fine-tuning after FedIT; Centralized is one client with the pooled data and all the steps
+    want = {"fedit": 4, "local": 4, "feddpa-t": 2 + 2 * 2, "feddpa-t-fixed": 6, "feddpa-f": 4 + 2, "feddpa-f-fixed": 6}
+    for method, steps in want.items():
+        budget = res["methods"][method]["budget"]
+        assert budget["steps_per_client"] == [steps] * 3, method
+        assert budget["examples_per_client"] == [4 * steps] * 3, method
+    assert res["methods"]["centralized"]["budget"]["steps_per_client"] == [2 * 2 * 3]
+    assert res["methods"]["base"]["budget"]["steps_per_client"] == []
+
+
+def test_partial_participation(tiny_dir, tmp_path, capsys):
+    """--fraction 1/3 of 3 clients for 3 rounds: Local is sampled as FedIT is; a local adapter stays on its
+    client through the rounds it sits out; a client that never trained one is scored with the global
+    adapter alone (its dynamic and fixed rows agree, with no lambda), and the table says so."""
+    world = builtin.benchmark(seed=0, n_train=20, n_test=4)
+    data.write_federated(data.federated_data("tiny", world.clients[:3], [r for recs in list(world.tests.values())[:3] for r in recs]),
+                         tmp_path / "data")
+    out = tmp_path / "out"
+    train.main(["--data", str(tmp_path / "data"), "--model", str(tiny_dir), "--rounds", "3", "--local-steps", "1",
+                "--batch-size", "4", "--micro-batch-size", "4", "--test-per-task", "2", "--max-new-tokens", "3",
+                "--fraction", "0.34", "--methods", "fedit,local,feddpa-t,feddpa-t-fixed", "--out", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    rounds = {p: [h["clients"] for h in res["training"][p]["history"]] for p in ("fedit", "local", "feddpa-t")}
+    assert rounds["local"] == rounds["fedit"] == rounds["feddpa-t"] and all(len(c) == 1 for c in rounds["fedit"])
+    trained_local = set(c for cs in rounds["feddpa-t"][1:] for c in cs)  # round 0 trains the global adapter only
+    no_local = sorted(set(range(3)) - trained_local)
+    assert no_local and res["methods"]["feddpa-t"]["no_local"] == res["methods"]["feddpa-t-fixed"]["no_local"] == no_local
+    for i in no_local:
+        dynamic, fixed = res["methods"]["feddpa-t"]["per_client"][i], res["methods"]["feddpa-t-fixed"]["per_client"][i]
+        assert dynamic == fixed and not any("lambda" in s for s in dynamic.values())
+        assert not (out / "adapters" / "feddpa-t" / f"client{i}_local.safetensors").exists()
+    printed = capsys.readouterr().out
+    assert "feddpa-t+" in printed and f"client(s) {', '.join(map(str, no_local))} were never sampled" in printed
+
+
+def test_local_adapters_stay_on_their_clients_through_rounds_they_sit_out(tiny):
+    m, tok, world = tiny
+    train = fed.LocalTrain(lr=1e-2, max_steps=1, batch_size=4, micro_batch_size=4)
+    clients = [fed.Client(i, [data.encode_example(tok, r) for r in recs], torch.Generator().manual_seed(i))
+               for i, recs in enumerate(world.clients[:3])]
+    step = feddpa.feddpa_t_step(m, tok.pad_id, train, 0.5, seed=0)
+    kept = []
+
+    def after_round(f):
+        kept.append([None if c.local is None else {k: v.clone() for k, v in c.local.items()} for c in f.clients])
+    federation = fed.run_rounds(fed.Federation(lora.get_adapter(m, "global"), clients), 6, step, fraction=1 / 3,
+                                seed=0, on_round_end=after_round)
+    sat_out = 0
+    for r in range(2, 6):
+        for cid in set(range(3)) - set(federation.history[r]["clients"]):
+            before, after = kept[r - 1][cid], kept[r][cid]
+            if before is not None:
+                sat_out += 1
+                assert all(torch.equal(before[k], after[k]) for k in before)
+    assert sat_out > 0

@@ -46,6 +46,7 @@ class Config:
     batch_size: int = opt(4, "examples per optimizer step (the paper: 64)")
     micro_batch_size: int = opt(4, "examples per forward pass (gradient accumulation)")
     lr: float = opt(3e-3, "AdamW learning rate (the paper: 3e-4, for a 7B model; the tiny base needs more)")
+    max_grad_norm: float = opt(1.0, "clip each step's gradient to this global norm, as the official Trainer (0 = off)")
     lora_r: int = opt(8, "LoRA rank")
     lora_alpha: float = opt(16.0, "LoRA alpha (scaling lora_alpha / r)")
     lora_dropout: float = opt(0.05, "LoRA dropout")
@@ -61,7 +62,7 @@ class Config:
     k_refs: int = opt(5, "dynamic weighting: K training instructions per client")
     pool: str = opt("last", "instance representation: 'last' prompt token or 'mean'")
     lambda_to: str = opt("local", "adapter that gets lambda: 'local' (the paper's text) or 'global' (official code)")
-    finetune_rounds: float = opt(10.0, "FedDPA-F: local fine-tuning budget, in rounds of local training")
+    finetune_rounds: float = opt(1.0, "FedDPA-F: local fine-tuning after FedIT, in rounds of local training (the paper: 1)")
     test_per_task: int = opt(30, "test instances per task (0 = all)")
     max_new_tokens: int = opt(32, "generation length (the paper: 80)")
     num_beams: int = opt(1, "beam search width (the paper: 4)")
@@ -120,6 +121,7 @@ def check_config(cfg: Config):
                  "local training needs --local-steps > 0 or --local-epochs > 0"),
                 (cfg.batch_size < 1 or cfg.micro_batch_size < 1, "batch sizes must be >= 1"),
                 (cfg.lr <= 0, f"--lr {cfg.lr} must be > 0"),
+                (cfg.max_grad_norm < 0, f"--max-grad-norm {cfg.max_grad_norm} must be >= 0"),
                 (cfg.weighting not in ("count", "uniform"), f"--weighting {cfg.weighting!r}: count or uniform"),
                 (cfg.pool not in ("last", "mean"), f"--pool {cfg.pool!r}: last or mean"),
                 (cfg.lambda_to not in ("local", "global"), f"--lambda-to {cfg.lambda_to!r}: local or global"),
@@ -151,7 +153,8 @@ def choose_device(name: str) -> torch.device:
 
 def recipe(cfg: Config) -> feddpa.Recipe:
     train = fed.LocalTrain(lr=cfg.lr, epochs=cfg.local_epochs, max_steps=cfg.local_steps, batch_size=cfg.batch_size,
-                           micro_batch_size=cfg.micro_batch_size, bf16=cfg.dtype == "bfloat16")
+                           micro_batch_size=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm,
+                           bf16=cfg.dtype == "bfloat16")
     return feddpa.Recipe(train=train, rounds=cfg.rounds, fraction=cfg.fraction, local_weight=cfg.local_weight,
                          finetune_rounds=cfg.finetune_rounds, lambda_scale=cfg.lambda_scale, k_refs=cfg.k_refs,
                          pool=cfg.pool, lambda_to=cfg.lambda_to, seed=cfg.seed)

@@ -1,0 +1,318 @@
+"""An independent statement of FedDPA and its baselines, to hold the project's code against.
+
+Each method is re-implemented here plainly on transformers + peft, the way the official code works:
+one PeftModel with two named adapters; the adapter that is not training mixed in detached, with fixed
+weights; `set_adapter` to choose what trains; transformers' loss; AdamW with linear decay and gradient
+clipping as its Trainer. It shares nothing with feddpa.py, fed.py or lora.py but the data (data.py)
+and the initial adapter tensors. With dropout 0 and the same batches in the same order, after 3
+rounds of 3 clients every client's global and local adapter must equal the project's, for FedIT,
+FedDPA-T, FedDPA-F, Local and Centralized; at inference, each instance's lambda (given to either
+adapter) and the answers must equal the oracle's, computed one instance at a time.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import builtin
+import data
+import fed
+import feddpa
+import hf
+import lora
+
+ROUNDS, STEPS, BATCH, MICRO, LR, CLIP = 3, 2, 4, 2, 2e-3, 0.05  # CLIP small enough to act here
+TARGETS, R, ALPHA, A_MIX, SEED, K = ["q_proj", "v_proj", "down_proj"], 4, 8, 0.5, 0, 3
+
+
+class Oracle:
+    """LlamaForCausalLM + peft with adapters "global" and "local", mixed as the official LoRA layer does:
+    out = W x + sum_name w_name * B_name A_name x * scaling, the branch of the adapter not training detached."""
+
+    def __init__(self, model_dir):
+        from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora import LoraLayer
+        from transformers import LlamaForCausalLM
+        config = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS)
+        self.model = get_peft_model(LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32), config,
+                                    adapter_name="global")
+        self.model.add_adapter("local", config)
+        self.weights, self.training = {"global": 1.0}, None
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer):
+                module.forward = self.mixed(module)
+
+    def mixed(self, layer):
+        def forward(x, *args, **kwargs):
+            out = layer.base_layer(x)
+            for name, w in self.weights.items():
+                delta = layer.lora_B[name](layer.lora_A[name](x)) * layer.scaling[name]
+                out = out + w * (delta if name == self.training else delta.detach())
+            return out
+        return forward
+
+    def params(self, name):
+        """Adapter `name`'s parameters keyed as the project keys adapters: '<layer path>.lora_A.weight'."""
+        return {k.removeprefix("base_model.model.").replace(f".{name}.weight", ".weight"): p
+                for k, p in self.model.named_parameters() if f".{name}.weight" in k and "lora_" in k}
+
+    def load(self, name, state):
+        own = self.params(name)
+        assert set(own) == set(state)
+        with torch.no_grad():
+            for k, p in own.items():
+                p.copy_(state[k])
+
+    def get(self, name):
+        return {k: p.detach().clone() for k, p in self.params(name).items()}
+
+    def train(self, name, examples, weights, generator, steps, pad_id):
+        """`steps` AdamW steps of adapter `name` alone, the others mixed in with fixed weights."""
+        self.model.set_adapter(name)  # peft: only this adapter requires grad
+        self.training, self.weights = name, weights
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        assert {id(p) for p in params} == {id(p) for p in self.params(name).values()}
+        opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+        order = []
+        self.model.train()
+        for _ in range(steps):
+            while len(order) < BATCH:  # the client's seeded data order
+                order += torch.randperm(len(examples), generator=generator).tolist()
+            batch, order = order[:BATCH], order[BATCH:]
+            for i in range(0, BATCH, MICRO):
+                ids, mask, labels = data.collate([examples[j] for j in batch[i:i + MICRO]], pad_id)
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels)
+                (out.loss / (BATCH // MICRO)).backward()
+            torch.nn.utils.clip_grad_norm_(params, CLIP)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        self.model.eval()
+        self.training = None
+
+    def represent(self, prompt):
+        """The final normalised hidden state at the prompt's last token, local adapter alone."""
+        self.weights = {"local": 1.0}
+        with torch.no_grad():
+            return self.model.base_model.model.model(input_ids=torch.tensor([prompt])).last_hidden_state[0, -1]
+
+    def answer(self, prompt, weights, tok, max_new_tokens):
+        self.weights = weights
+        x = torch.tensor([prompt])
+        with torch.no_grad():
+            out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                      do_sample=False, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+        row = out[0, len(prompt):].tolist()
+        return tok.decode(row[:row.index(tok.eos_id)] if tok.eos_id in row else row).strip()
+
+
+def fedavg(updates):
+    """n_k / n-weighted mean of each tensor, A and B separately."""
+    total = sum(n for _, n in updates)
+    return {k: sum(state[k] * (n / total) for state, n in updates) for k in updates[0][0]}
+
+
+def oracle_run(model_dir, datasets, init, fresh, pad_id) -> dict:
+    """Every method's adapters, computed plainly. fresh[i]: client i's initial FedDPA-T local adapter."""
+    o, n = Oracle(model_dir), len(datasets)
+
+    def generators():
+        return [torch.Generator().manual_seed(SEED * 1000 + i) for i in range(n)]
+    out = {}
+    g, glob = generators(), init                                        # FedIT
+    for _ in range(ROUNDS):
+        updates = []
+        for i, examples in enumerate(datasets):
+            o.load("global", glob)
+            o.train("global", examples, {"global": 1.0}, g[i], STEPS, pad_id)
+            updates.append((o.get("global"), len(examples)))
+        glob = fedavg(updates)
+    out["fedit"] = {"global": glob, "locals": [None] * n}
+    g, locals_ = generators(), []                                       # FedDPA-F: one round of fine-tuning
+    for i, examples in enumerate(datasets):
+        o.load("local", out["fedit"]["global"])
+        o.train("local", examples, {"local": 1.0}, g[i], STEPS, pad_id)
+        locals_.append(o.get("local"))
+    out["feddpa-f"] = {"global": out["fedit"]["global"], "locals": locals_}
+    g, glob, locals_ = generators(), init, [None] * n                    # FedDPA-T
+    for r in range(ROUNDS):
+        updates = []
+        for i, examples in enumerate(datasets):
+            o.load("global", glob)
+            if r > 0:  # the local adapter with the frozen global one mixed in, then the global alone
+                o.load("local", locals_[i] if locals_[i] is not None else fresh[i])
+                o.train("local", examples, {"local": A_MIX, "global": 1 - A_MIX}, g[i], STEPS, pad_id)
+                locals_[i] = o.get("local")
+            o.train("global", examples, {"global": 1.0}, g[i], STEPS, pad_id)
+            updates.append((o.get("global"), len(examples)))
+        glob = fedavg(updates)
+    out["feddpa-t"] = {"global": glob, "locals": locals_}
+    g, locals_ = generators(), [init] * n                                # Local
+    for _ in range(ROUNDS):
+        for i, examples in enumerate(datasets):
+            o.load("local", locals_[i])
+            o.train("local", examples, {"local": 1.0}, g[i], STEPS, pad_id)
+            locals_[i] = o.get("local")
+    out["local"] = {"global": {}, "locals": locals_}
+    g, glob = generators(), init                                         # Centralized: one client, all steps
+    pooled = [e for examples in datasets for e in examples]
+    for _ in range(ROUNDS):
+        o.load("global", glob)
+        o.train("global", pooled, {"global": 1.0}, g[0], STEPS * n, pad_id)
+        glob = o.get("global")
+    out["centralized"] = {"global": glob, "locals": [None]}
+    return out
+
+
+@pytest.fixture(scope="module")
+def setting(tiny_dir):
+    model = hf.from_pretrained(str(tiny_dir))
+    tok = hf.load_tokenizer(str(tiny_dir), model.config)
+    lora.inject(model, TARGETS, r=R, lora_alpha=ALPHA, dropout=0.0, seed=SEED)
+    world = builtin.benchmark(seed=0, n_train=10, n_test=3)
+    datasets = [[data.encode_example(tok, r) for r in recs] for recs in world.clients[:3]]
+    datasets[2] = datasets[2][:7]  # unequal sizes, so that FedAvg's weights matter
+    return model.eval(), tok, world, datasets
+
+
+@pytest.fixture(scope="module")
+def runs(setting, tiny_dir):
+    """(project's adapters, oracle's adapters) of every method."""
+    model, tok, _, datasets = setting
+    init = lora.get_adapter(model, "global")
+    train = fed.LocalTrain(lr=LR, max_steps=STEPS, batch_size=BATCH, micro_batch_size=MICRO, max_grad_norm=CLIP)
+    recipe = feddpa.Recipe(train=train, rounds=ROUNDS, local_weight=A_MIX, finetune_rounds=1.0, seed=SEED)
+    ours = {}
+    for name in feddpa.PHASES:
+        phase = feddpa.setup_phase(name, model, tok.pad_id, recipe, datasets, init, ours)
+        federation = fed.run_rounds(fed.Federation(phase.start, phase.clients), phase.rounds, phase.step,
+                                    phase.fraction, SEED)
+        ours[name] = feddpa.phase_result(name, federation.global_adapter, phase.clients, ours)
+    fresh = [feddpa.fresh_local(model, SEED, i) for i in range(len(datasets))]
+    return ours, oracle_run(str(tiny_dir), datasets, init, fresh, tok.pad_id), init
+
+
+def max_diff(a, b):
+    assert set(a) == set(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("phase", list(feddpa.PHASES))
+def test_every_adapter_equals_the_oracle(runs, phase):
+    ours, oracle, init = runs
+    mine, theirs = ours[phase], oracle[phase]
+    if theirs["global"]:
+        assert max_diff(mine["global"], init) > 1e-3                   # it trained
+        assert max_diff(mine["global"], theirs["global"]) < 1e-5, "global adapter"
+    else:
+        assert not mine["global"]
+    assert len(mine["locals"]) == len(theirs["locals"])
+    for i, (a, b) in enumerate(zip(mine["locals"], theirs["locals"])):
+        assert (a is None) == (b is None), i
+        if a is not None:
+            assert max_diff(a, init) > 1e-3
+            assert max_diff(a, b) < 1e-5, f"client {i}'s local adapter"
+
+
+@pytest.mark.parametrize("to", ["local", "global"])
+def test_dynamic_weighting_equals_the_oracle_one_instance_at_a_time(setting, runs, tiny_dir, to):
+    """Client 1's FedDPA-T model answers two test instances of every task: the project batches them with
+    per-example weights; the oracle draws the same K references, represents each instance alone,
+    computes lambda and generates that instance alone. The trained adapters get random B added, so that
+    the two differ enough for the mix to change the answers of this tiny random model."""
+    model, tok, world, _ = setting
+    ours, _, _ = runs
+    g = torch.Generator().manual_seed(7)
+    trained = {name: {k: v + (torch.randn(v.shape, generator=g) * 0.5 if "lora_B" in k else 0) for k, v in adapter.items()}
+               for name, adapter in (("global", ours["feddpa-t"]["global"]), ("local", ours["feddpa-t"]["locals"][1]))}
+    lora.set_adapter(model, "global", trained["global"])
+    lora.set_adapter(model, "local", trained["local"])
+    refs = feddpa.draw_references(world.clients[1], K, SEED, 1)
+    dynamic = feddpa.Dynamic(feddpa.reference_reps(model, tok, refs, "last", "cpu"), 0.5, "last", to)
+    tests = [recs[i] for recs in world.tests.values() for i in range(2)]
+    dec = feddpa.Decode(max_new_tokens=6, num_beams=1, batch_size=8)
+    answers, lams = feddpa.answer(model, tok, tests, dec, "cpu", dynamic=dynamic)
+
+    o = Oracle(str(tiny_dir))
+    o.load("global", trained["global"])
+    o.load("local", trained["local"])
+    g = torch.Generator().manual_seed(SEED * 1_000_003 + 1)             # the client's references, drawn once
+    ref_reps = [o.represent(data.encode_prompt(tok, world.clients[1][j]))
+                for j in torch.randperm(len(world.clients[1]), generator=g)[:K].tolist()]
+    other = "global" if to == "local" else "local"
+    for rec, answer, lam in zip(tests, answers, lams):
+        prompt = data.encode_prompt(tok, rec)
+        rep = o.represent(prompt)
+        want = min(max(0.5 * sum(F.cosine_similarity(rep, r, dim=0).item() for r in ref_reps) / K, 0.0), 1.0)
+        assert abs(lam - want) < 1e-5
+        assert answer == o.answer(prompt, {to: want, other: 1 - want}, tok, dec.max_new_tokens)
+    assert len(set(answers)) > 1 and max(lams) - min(lams) > 1e-3
+
+
+def test_every_method_is_evaluated_with_its_own_adapters_and_mix(setting, tiny_dir):
+    """feddpa.evaluate_method for every method and client, against the oracle's answers with the adapters
+    and mix the method prescribes: base none; FedIT and Centralized their global adapter; Local the
+    client's own local adapter; the -fixed rows the client's local adapter at a and the global at 1 - a;
+    FedDPA the dynamic weight. The test outputs are client 0's oracle answers, so each client's scores
+    say whose answers it gave."""
+    model, tok, world, _ = setting
+    g = torch.Generator().manual_seed(11)
+    init = lora.get_adapter(model, "global")
+
+    def random_adapter():
+        return {k: v + (torch.randn(v.shape, generator=g) * 0.5 if "lora_B" in k else 0) for k, v in init.items()}
+    trained = {"fedit": {"global": random_adapter(), "locals": [None] * 3},
+               "feddpa-t": {"global": random_adapter(), "locals": [random_adapter() for _ in range(3)]},
+               "local": {"global": {}, "locals": [random_adapter() for _ in range(3)]},
+               "centralized": {"global": random_adapter(), "locals": [None]}}
+    trained["feddpa-f"] = {"global": trained["fedit"]["global"], "locals": [random_adapter() for _ in range(3)]}
+    recipe = feddpa.Recipe(local_weight=0.3, k_refs=K, seed=SEED)
+    dec = feddpa.Decode(max_new_tokens=5, num_beams=1, batch_size=8)
+    tasks = list(world.tests)[:2]
+    o = Oracle(str(tiny_dir))
+
+    def oracle_answers(method, client):
+        """The answers of `client` under `method`, one instance at a time."""
+        phase = trained.get(method.removesuffix("-fixed"), {"global": {}, "locals": [None] * 3})
+        local = phase["locals"][client] if method not in ("fedit", "centralized", "base") else None
+        o.load("global", phase["global"] or init)
+        o.load("local", local or init)
+        if method == "base":
+            weights = {}
+        elif local is None:
+            weights = {"global": 1.0}
+        elif method == "local":
+            weights = {"local": 1.0}
+        elif method.endswith("-fixed"):
+            weights = {"local": 0.3, "global": 0.7}
+        else:
+            gen = torch.Generator().manual_seed(SEED * 1_000_003 + client)
+            refs = [o.represent(data.encode_prompt(tok, world.clients[client][j]))
+                    for j in torch.randperm(len(world.clients[client]), generator=gen)[:K].tolist()]
+        out = {}
+        for task in tasks:
+            out[task] = []
+            for rec in world.tests[task][:2]:
+                prompt = data.encode_prompt(tok, rec)
+                if method.startswith("feddpa") and not method.endswith("-fixed"):
+                    rep = o.represent(prompt)
+                    lam = min(max(0.5 * sum(F.cosine_similarity(rep, r, dim=0).item() for r in refs) / K, 0.0), 1.0)
+                    weights = {"local": lam, "global": 1 - lam}
+                out[task].append(o.answer(prompt, weights, tok, dec.max_new_tokens))
+        return out
+
+    for method in feddpa.METHODS:
+        answers = [oracle_answers(method, c) for c in range(3)]
+        tests = {task: [{**rec, "output": answers[0][task][i] or "-"} for i, rec in enumerate(world.tests[task][:2])]
+                 for task in tasks}
+        got = feddpa.evaluate_method(method, model, tok, tests, world.clients[:3], tasks + tasks[:1], trained, init,
+                                     recipe, dec, "cpu")
+        for c in range(3):
+            for task in tasks:
+                want = feddpa.score(answers[c][task], [r["output"] for r in tests[task]])
+                have = {k: v for k, v in got["per_client"][c][task].items() if k != "lambda"}
+                assert have == pytest.approx(want), (method, c, task)
+        assert got["per_client"][0][tasks[0]]["exact"] == 100.0, method
+    distinct = {m: len({str(oracle_answers(m, c)) for c in range(3)}) for m in ("local", "feddpa-t", "feddpa-t-fixed")}
+    assert all(n > 1 for n in distinct.values()), distinct  # the clients' answers differ: the check has teeth

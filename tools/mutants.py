@@ -1,0 +1,153 @@
+"""Prove that the tests bite: plant each fault below, one at a time, in a temporary copy of the repository,
+run the method's tests against it, and report which test caught it.
+
+    python tools/mutants.py                 # every fault (about ten minutes on 2 cores)
+    python tools/mutants.py --only 3,7      # some of them, by number
+    python tools/mutants.py --list
+
+Prints one line per fault, "caught by <test>" or "SURVIVED", and exits 1 if any fault survives (or if
+the unplanted copy does not pass to begin with). Each fault is a literal text replacement that must
+match exactly once, so a change to the code that moves a line makes the script say so, not pass.
+"""
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = ["test_oracle.py", "test_feddpa.py", "test_fed.py", "test_lora.py", "test_data.py"]
+
+PRODUCT_AVERAGE = '''    out = {k: sum(wi * u.adapter[k].double() for wi, u in zip(w, updates)).to(updates[0].adapter[k].dtype)
+           for k in updates[0].adapter}
+    for k in [k for k in out if k.endswith("lora_B.weight")]:  # B such that B A_avg = mean of B_k A_k
+        a = k.replace("lora_B", "lora_A")
+        prod = sum(wi * (u.adapter[k].double() @ u.adapter[a].double()) for wi, u in zip(w, updates))
+        out[k] = (prod @ torch.linalg.pinv(out[a].double())).to(out[k].dtype)
+    return out
+    return {k: sum(wi * u.adapter[k].double() for wi, u in zip(w, updates)).to(updates[0].adapter[k].dtype)'''
+
+MUTANTS = [  # (fault, file, text, replacement)
+    ("FedDPA-T's local phase trains without the global adapter mixed in", "feddpa.py",
+     "train_adapter(model, \"local\", client.data, train, mix(local_weight),",
+     "train_adapter(model, \"local\", client.data, train, {\"local\": 1.0},"),
+    ("FedDPA-T's local adapter is not kept between rounds", "feddpa.py",
+     "client.local if client.local is not None else fresh_local(model, seed, client.id)",
+     "fresh_local(model, seed, client.id)"),
+    ("lambda is given to the other adapter", "feddpa.py",
+     "mix(lam.repeat_interleave(dec.num_beams), dynamic.to)",
+     "mix(lam.repeat_interleave(dec.num_beams), \"global\" if dynamic.to == \"local\" else \"local\")"),
+    ("the representation is computed with the global adapter", "feddpa.py",
+     "    lora.set_weights(model, {\"local\": 1.0})\n    return model.represent",
+     "    lora.set_weights(model, {\"global\": 1.0})\n    return model.represent"),
+    ("the global phase trains with the local adapter mixed in", "feddpa.py",
+     "train_adapter(model, \"global\", client.data, train, {\"global\": 1.0},",
+     "train_adapter(model, \"global\", client.data, train, mix(0.5, \"global\"),"),
+    ("clients chain one after another instead of each starting from the server's aggregate", "fed.py",
+     "client_update(r, fed.clients[cid], fed.global_adapter)",
+     "client_update(r, fed.clients[cid], updates[-1].adapter if updates else fed.global_adapter)"),
+    ("dynamic weights are not applied: the global adapter alone (the official batched-mode bug)", "feddpa.py",
+     "lora.set_weights(model, mix(lam.repeat_interleave(dec.num_beams), dynamic.to))",
+     "lora.set_weights(model, {\"global\": 1.0})"),
+    ("evaluation loads client 0's local adapter for every client", "feddpa.py",
+     "local = phase[\"locals\"][i]", "local = phase[\"locals\"][0]"),
+    ("the -fixed rows use the global adapter alone", "feddpa.py",
+     "evaluate(model, tok, tests, dec, device, mix(recipe.local_weight))",
+     "evaluate(model, tok, tests, dec, device, {\"global\": 1.0})"),
+    ("FedDPA-F starts from the initial adapter instead of FedIT's result", "feddpa.py",
+     "scaled(train, recipe.finetune_rounds), trained[\"fedit\"][\"global\"])",
+     "scaled(train, recipe.finetune_rounds), init)"),
+    ("FedAvg weights are not normalised", "fed.py", "    w = w / w.sum()\n", ""),
+    ("A and B are averaged as a product instead of separately", "fed.py",
+     "    return {k: sum(wi * u.adapter[k].double() for wi, u in zip(w, updates)).to(updates[0].adapter[k].dtype)",
+     PRODUCT_AVERAGE),
+    ("P and TTP are swapped", "feddpa.py",
+     "return {\"P\": sum(p) / len(p), \"TTP\": sum(ttp) / len(ttp)}",
+     "return {\"P\": sum(ttp) / len(ttp), \"TTP\": sum(p) / len(p)}"),
+    ("the frozen adapter receives gradients", "lora.py",
+     "layer.lora_A[n].weight.requires_grad_(n == name)\n            layer.lora_B[n].weight.requires_grad_(n == name)",
+     "layer.lora_A[n].weight.requires_grad_(name is not None)\n            layer.lora_B[n].weight.requires_grad_(name is not None)"),
+    ("lambda is not clamped", "feddpa.py",
+     "return (scale * cos.mean(-1)).clamp(0.0, 1.0)", "return scale * cos.mean(-1)"),
+    ("the local adapter is sent to the server", "feddpa.py",
+     "return Update(lora.get_adapter(model, \"global\"), len(client.data)), metrics",
+     "return Update(lora.get_adapter(model, \"local\"), len(client.data)), metrics"),
+    ("lambda is held constant", "feddpa.py",
+     "lam = dynamic.lam(model, ids, mask)", "lam = torch.full((len(ids),), 0.25)"),
+    ("no gradient clipping", "fed.py",
+     "            torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)\n", "            pass\n"),
+    ("FedDPA-T's local adapters all start from one shared initial adapter", "feddpa.py",
+     "else fresh_local(model, seed, client.id))", "else fresh_local(model, seed, 0))"),
+    ("FedDPA-F fine-tunes ten rounds' worth by default", "train.py",
+     "finetune_rounds: float = opt(1.0,", "finetune_rounds: float = opt(10.0,"),
+    ("Local is not sampled as FedIT is", "feddpa.py",
+     "local_step(model, pad_id, train, init), recipe.rounds, recipe.fraction, {})",
+     "local_step(model, pad_id, train, init), recipe.rounds, 1.0, {})"),
+    ("a client that never trained a local adapter is scored with the initial one mixed in", "feddpa.py",
+     "            if local is None:  # never sampled", "            if local is None and False:  # never sampled"),
+    ("the response is encoded alone, not in the joint encoding", "data.py",
+     "    if ids[:len(prompt)] != prompt:\n", "    if True:\n"),
+]
+
+
+def copy_repo(dest: Path):
+    shutil.copytree(ROOT, dest / ROOT.name, ignore=shutil.ignore_patterns(".git", "runs", "__pycache__", ".pytest_cache",
+                                                                          ".hypothesis"))
+    if (ROOT.parent / "shared").exists():  # the real data and model the tests read, where this machine has them
+        os.symlink(ROOT.parent / "shared", dest / "shared")
+    return dest / ROOT.name
+
+
+def run_tests(repo: Path, first_failure: bool) -> tuple:
+    """(passed, the first failing test or the error's last line, seconds)."""
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(["-x"] if first_failure else []),
+                        *TESTS], cwd=repo, capture_output=True, text=True, timeout=1200,
+                       env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", r.stdout, re.M)
+    why = failed[0] if failed else (r.stdout.strip().splitlines() or ["no output"])[-1]
+    return r.returncode == 0, why, time.time() - t0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", help="comma-separated fault numbers (see --list)")
+    ap.add_argument("--list", action="store_true", help="list the faults and exit")
+    args = ap.parse_args(argv)
+    chosen = [int(i) for i in args.only.split(",")] if args.only else list(range(1, len(MUTANTS) + 1))
+    if args.list:
+        for i, (name, path, _, _) in enumerate(MUTANTS, 1):
+            print(f"{i:2d}  {path:<10} {name}")
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = copy_repo(Path(tmp))
+        ok, why, secs = run_tests(repo, first_failure=False)
+        print(f" 0  no fault planted: {'the tests pass' if ok else 'FAILED ' + why} ({secs:.0f}s)", flush=True)
+        if not ok:
+            return 1
+        survived = []
+        for i in chosen:
+            name, path, old, new = MUTANTS[i - 1]
+            original = (repo / path).read_text()
+            if original.count(old) != 1:
+                print(f"{i:2d}  {name}: the text to replace occurs {original.count(old)} times in {path}; update this script")
+                survived.append(i)
+                continue
+            (repo / path).write_text(original.replace(old, new))
+            try:
+                ok, why, secs = run_tests(repo, first_failure=True)
+            finally:
+                (repo / path).write_text(original)
+            print(f"{i:2d}  {name}: {'SURVIVED' if ok else 'caught by ' + why} ({secs:.0f}s)", flush=True)
+            if ok:
+                survived.append(i)
+    print(f"{len(chosen) - len(survived)} of {len(chosen)} faults caught" + (f"; survived: {survived}" if survived else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
