@@ -1,4 +1,4 @@
-"""Inference benchmark (bench.py runs it): FedDPA's instance-wise dynamic weighting as feddpa.answer does
+"""Inference benchmark (bench.py runs it): FedDPA's instance-wise dynamic weighting as evaluation.answer does
 it, per-example weights inside batches with each client's references encoded once, against the official
 code's procedure, one test instance at a time with its references drawn and encoded afresh.
 """
@@ -8,13 +8,14 @@ import time
 import torch
 
 import data
+import evaluation
 import feddpa
 import hf
 import lora
 from generate import generate
 
 
-def one_at_a_time(m, tok, records, train_records, dec: feddpa.Decode, recipe: feddpa.Recipe, seed: int = 0):
+def one_at_a_time(m, tok, records, train_records, dec: evaluation.Decode, recipe: feddpa.Recipe, seed: int = 0):
     """The official code's procedure: for each test instance, draw K training instructions afresh,
     represent them and the instance (one batch of K + 1, local adapter alone), set lambda as a
     scalar weight, then generate that instance alone."""
@@ -40,12 +41,12 @@ def bench_inference(d: str, tok, fd, n: int = 64):
         for name in lora.ADAPTERS:
             layer.lora_B[name].weight.data.normal_(0, 0.02, generator=g)
     records = fd.tests[fd.client_tasks[0]][:n]
-    dec, recipe = feddpa.Decode(max_new_tokens=32, batch_size=64), feddpa.Recipe()
+    dec, recipe = evaluation.Decode(max_new_tokens=32, batch_size=64), feddpa.Recipe()
 
     def ours():
         refs = feddpa.draw_references(fd.clients[0], recipe.k_refs, 0, 0)
         ref_reps = feddpa.reference_reps(m, tok, refs, recipe.pool, "cpu")
-        feddpa.answer(m, tok, records, dec, "cpu", dynamic=feddpa.Dynamic(ref_reps, recipe.lambda_scale, recipe.pool, recipe.lambda_to))
+        evaluation.answer(m, tok, records, dec, "cpu", dynamic=feddpa.Dynamic(ref_reps, recipe.lambda_scale, recipe.pool, recipe.lambda_to))
     rate = {}
     for name, run in (("batched", ours), ("single", lambda: one_at_a_time(m, tok, records, fd.clients[0], dec, recipe))):
         for _ in range(2):  # the faster of two runs, as for training

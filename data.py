@@ -61,6 +61,22 @@ def encode_example(tok, rec: dict, cutoff: int = 512) -> dict | None:
     return {"input_ids": ids[:cutoff], "labels": ([IGNORE_INDEX] * len(prompt) + ids[len(prompt):])[:cutoff]}
 
 
+def encode_clients(clients: list, tok, cutoff: int) -> list:
+    """Each client's records encoded (encode_example); ValueError if --cutoff leaves no room for any."""
+    template = len(encode_prompt(tok, {"instruction": ""}, 1 << 30))  # BOS and the prompt's fixed text
+    if cutoff <= template + 1:  # room for at least one token of instruction and one of response
+        raise ValueError(f"--cutoff {cutoff} is too short: the prompt template alone takes {template} tokens")
+    encoded = []
+    for i, recs in enumerate(clients):
+        ex = [e for e in (encode_example(tok, r, cutoff) for r in recs) if e is not None]
+        if len(ex) < len(recs):
+            print(f"client {i}: {len(recs) - len(ex)} records dropped (prompt longer than --cutoff {cutoff})")
+        if not ex:
+            raise ValueError(f"client {i}: every record's prompt is longer than --cutoff {cutoff}")
+        encoded.append(ex)
+    return encoded
+
+
 def encode_prompt(tok, rec: dict, cutoff: int = 512) -> list[int]:
     """[BOS] prompt, for generation. An over-long prompt keeps BOS and loses its beginning:
     its end holds the question and the "### Response:" cue the model answers after."""

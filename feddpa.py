@@ -23,18 +23,20 @@ global one 1 - lambda (mix), so instances that look like the client's own data l
 adapter. The `-fixed` rows (the paper's ablation) use the training mix a instead.
 
 Baselines on the same model and data: the base model (no adapter), Local (each client alone), FedIT
-(one federated adapter), Centralized (one adapter on the pooled data). Scores: ROUGE-1 F1 (the
-paper's metric), ROUGE-L and exact match; P = a client's score on its own task, TTP = its mean over
-all tasks, each averaged over clients.
+(one federated adapter), Centralized (one adapter on the pooled data).
+
+Beyond the paper, a calibrated dynamic weight (the "-calibrated" rows): the paper's lambda ranks
+instances well but moves little (cosines of these representations all sit near 1), so every instance
+gets the local adapter at about s / 2. The calibrated weight uses only what a client has, its own
+training instructions and public text: representations centred on the mean of generic instructions
+this file ships, the top-k similarity to M of the client's instructions, and a scale set by the
+client's own instructions' leave-one-out similarities, so that lambda spans [0, s].
 
 Top to bottom: the methods and the training phases each needs; the mix; the client steps; each
-phase's clients, step and schedule (FedDPA-F's hand-over from FedIT included); the dynamic weight;
-ROUGE; generation with a mix; evaluating each method; P and TTP. Not here: the LoRA layers
-(lora.py), the round loop, local training and FedAvg (fed.py), the run folder (runs.py).
+phase's clients, step and schedule (FedDPA-F's hand-over from FedIT included); the paper's dynamic
+weight and the calibrated one. Not here: the LoRA layers (lora.py), the round loop, local training
+and FedAvg (fed.py), how each method is scored (evaluation.py), the run folder (runs.py).
 """
-import re
-import time
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -44,13 +46,17 @@ import torch.nn.functional as F
 import lora
 from data import encode_prompt, pad_left
 from fed import Client, LocalTrain, Update, train_adapter
-from generate import generate
 
-METHODS = ("base", "local", "fedit", "centralized", "feddpa-f", "feddpa-f-fixed", "feddpa-t", "feddpa-t-fixed")
+# Each FedDPA variant is evaluated four ways: with the paper's dynamic weight; "-fixed", the training mix
+# (the paper's ablation); "-calibrated", the calibrated dynamic weight (beyond the paper, below); and
+# "-oracle", the training mix on the client's own task and the global adapter alone on the others: a
+# bound on any weighting rule, not a method, since it reads the task of the test instance.
+WEIGHTINGS = ("", "-fixed", "-calibrated", "-oracle")
+METHODS = ("base", "local", "fedit", "centralized", *(f"feddpa-{v}{w}" for v in "ft" for w in WEIGHTINGS))
 PHASES = {  # training phase -> the methods that need it, in the order they run (FedDPA-F needs FedIT first)
-    "fedit": {"fedit", "feddpa-f", "feddpa-f-fixed"},
-    "feddpa-f": {"feddpa-f", "feddpa-f-fixed"},
-    "feddpa-t": {"feddpa-t", "feddpa-t-fixed"},
+    "fedit": {"fedit", *(f"feddpa-f{w}" for w in WEIGHTINGS)},
+    "feddpa-f": {f"feddpa-f{w}" for w in WEIGHTINGS},
+    "feddpa-t": {f"feddpa-t{w}" for w in WEIGHTINGS},
     "local": {"local"},
     "centralized": {"centralized"},
 }
@@ -66,6 +72,7 @@ class Recipe:
     finetune_rounds: float = 1.0    # FedDPA-F: local fine-tuning budget, in rounds of local training (the paper: 1)
     lambda_scale: float = 0.5       # s: lambda in [0, s]
     k_refs: int = 5                 # K training instructions per client for the dynamic weight
+    calibration_refs: int = 40      # M training instructions per client for the calibrated weight
     pool: str = "last"              # instance representation: 'last' prompt token or 'mean'
     lambda_to: str = "local"        # which adapter gets lambda; 'global' is what the official code does
     seed: int = 0
@@ -227,134 +234,60 @@ class Dynamic:
     def lam(self, model, ids, mask):
         return dynamic_lambda(represent(model, ids, mask, self.pool), self.ref_reps, self.scale)  # (B,)
 
-# ----------------------------------------------------------------------------------------------
-# Scores: ROUGE as the rouge-score package computes it (lower-case, alphanumeric tokens, no stemming)
-
-def rouge_tokens(text: str) -> list:
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
-
-
-def f1(overlap: int, n_pred: int, n_ref: int) -> float:
-    p, r = overlap / max(n_pred, 1), overlap / max(n_ref, 1)
-    return 2 * p * r / (p + r) if p + r > 0 else 0.0
-
-
-def rouge1(pred: str, ref: str) -> float:
-    a, b = rouge_tokens(pred), rouge_tokens(ref)
-    return f1(sum((Counter(a) & Counter(b)).values()), len(a), len(b))
-
-
-def rouge_l(pred: str, ref: str) -> float:
-    a, b = rouge_tokens(pred), rouge_tokens(ref)
-    if not a or not b:
-        return 0.0
-    row = [0] * (len(b) + 1)  # longest common subsequence, one DP row at a time
-    for x in a:
-        prev = 0
-        for j, y in enumerate(b, 1):
-            prev, row[j] = row[j], prev + 1 if x == y else max(row[j], row[j - 1])
-    return f1(row[-1], len(a), len(b))
-
-
-def exact_match(pred: str, ref: str) -> float:
-    return float(" ".join(pred.split()).lower() == " ".join(ref.split()).lower())
-
-
-def score(preds, refs) -> dict:
-    """Mean scores in percent, as the paper reports them."""
-    n = max(len(refs), 1)
-    return {name: 100 * sum(fn(p, r) for p, r in zip(preds, refs)) / n
-            for name, fn in (("rouge1", rouge1), ("rougeL", rouge_l), ("exact", exact_match))}
-
 
 # ----------------------------------------------------------------------------------------------
-# Generation with a mix, and each method's evaluation
+# The calibrated dynamic weight (beyond the paper)
+
+GENERIC_INSTRUCTIONS = (  # public text, no client's: the centre of instruction representations
+    "Write a short story about a dragon who is afraid of the dark.", "Summarize the following paragraph in one sentence.",
+    "Translate the sentence into French: I would like a cup of tea.", "List three benefits of regular exercise.",
+    "Explain how a rainbow forms.", "Write a haiku about autumn leaves.", "What is the capital of Australia?",
+    "Give me a recipe for pancakes.", "Convert 100 degrees Fahrenheit to Celsius.",
+    "Write an email asking a colleague for a meeting next week.", "Describe the water cycle to a ten-year-old.",
+    "Suggest a name for a new coffee shop.", "Correct the grammar: she dont like apples.",
+    "Write a Python function that reverses a string.", "What are the main causes of climate change?",
+    "Compose a limerick about a cat.", "Give two arguments for and against school uniforms.",
+    "How many legs does a spider have?", "Rewrite this sentence in the passive voice: The dog chased the ball.",
+    "Plan a three-day trip to Rome.", "Define the word 'ephemeral'.", "Write a tweet announcing a product launch.",
+    "Sort these numbers from smallest to largest: 7, 2, 9, 4.", "Explain the difference between weather and climate.",
+)
+
+
+def top_k_similarity(c, refs, k: int):
+    """Mean of the k largest cosines of each unit row of c (B, dim) with the unit rows of refs (M, dim): (B,)."""
+    return (c @ refs.T).topk(k, dim=-1).values.mean(-1)
+
 
 @dataclass
-class Decode:
-    max_new_tokens: int = 32
-    num_beams: int = 1
-    batch_size: int = 32
-    cutoff: int = 512
+class Calibrated:
+    """lambda(x) = s * clamp((sim(x) - lo) / (mid - lo), 0, 1), sim(x) = top_k_similarity of the centred,
+    normalised r(x) to the client's M references. mid is the median of the references' own leave-one-out
+    similarities, lo as far below their minimum as mid is above it: instances as typical of the client's
+    data as its own instructions get s, instances unlike any of them 0."""
+    centre: torch.Tensor       # (dim,) mean representation of GENERIC_INSTRUCTIONS
+    refs: torch.Tensor         # (M, dim) centred, unit-norm representations of the client's references
+    k: int
+    lo: float
+    mid: float
+    scale: float
+    pool: str
+    to: str
+
+    def lam(self, model, ids, mask):
+        c = F.normalize(represent(model, ids, mask, self.pool).float() - self.centre, dim=-1)
+        return self.scale * ((top_k_similarity(c, self.refs, self.k) - self.lo) / (self.mid - self.lo)).clamp(0.0, 1.0)
 
 
-@torch.no_grad()
-def answer(model, tok, records, dec: Decode, device, weights: dict | None = None, dynamic: Dynamic | None = None):
-    """Answers to records, in order, and the lambda used for each (None without a dynamic weight).
-
-    weights: a fixed mix {adapter: weight}; or dynamic: lambda per instance, applied per example inside
-    each batch, never one instance at a time."""
-    out, lams = [None] * len(records), [None] * len(records)
-    for idx, ids, mask in prompt_batches(tok, records, dec.batch_size, dec.cutoff):
-        ids, mask = ids.to(device), mask.to(device)
-        if dynamic is not None:
-            lam = dynamic.lam(model, ids, mask)                                   # (B,)
-            lora.set_weights(model, mix(lam.repeat_interleave(dec.num_beams), dynamic.to))  # beams: example-major
-            for i, v in zip(idx, lam.tolist()):
-                lams[i] = v
-        else:
-            lora.set_weights(model, weights or {})
-        gen = generate(model, ids, mask, dec.max_new_tokens, tok.eos_id, tok.pad_id, dec.num_beams)
-        for i, row in zip(idx, gen.tolist()):
-            row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
-            out[i] = tok.decode(row).strip()
-    return out, lams
-
-
-def evaluate(model, tok, tests: dict, dec: Decode, device, weights=None, dynamic=None) -> dict:
-    """Scores of one model (its adapters already loaded) on every task's test set."""
-    result = {}
-    for task, records in tests.items():
-        preds, lams = answer(model, tok, records, dec, device, weights, dynamic)
-        result[task] = score(preds, [r["output"] for r in records])
-        if dynamic is not None:
-            result[task]["lambda"] = sum(lams) / max(len(lams), 1)
-    return result
-
-
-def evaluate_method(method: str, model, tok, tests: dict, client_data: list, client_tasks: list, trained: dict,
-                    init: dict, recipe: Recipe, dec: Decode, device) -> dict:
-    """Each client's scores on every task with the adapters and mix of `method`; P and TTP.
-
-    client_data: each client's training records (the dynamic weight's references); trained: as for
-    setup_phase. Models that every client shares (base, FedIT, Centralized) are evaluated once.
-    "no_local" lists the clients that never trained a local adapter."""
-    t0 = time.time()
-    no_local = []
-    if method in ("base", "fedit", "centralized"):
-        if method != "base":
-            lora.set_adapter(model, "global", trained[method]["global"])
-        scores = evaluate(model, tok, tests, dec, device, {} if method == "base" else {"global": 1.0})
-        per_client = [scores] * len(client_data)
-    else:
-        phase = trained[method.removesuffix("-fixed")]
-        per_client = []
-        for i, records in enumerate(client_data):
-            local = phase["locals"][i]
-            if local is None:  # never sampled to train one: the global adapter alone (Local: the base model)
-                if phase["global"]:
-                    lora.set_adapter(model, "global", phase["global"])
-                per_client.append(evaluate(model, tok, tests, dec, device, {"global": 1.0} if phase["global"] else {}))
-                continue
-            lora.set_adapter(model, "local", local)
-            if method == "local":
-                per_client.append(evaluate(model, tok, tests, dec, device, {"local": 1.0}))
-                continue
-            lora.set_adapter(model, "global", phase["global"])
-            if method.endswith("-fixed"):
-                per_client.append(evaluate(model, tok, tests, dec, device, mix(recipe.local_weight)))
-            else:
-                refs = draw_references(records, recipe.k_refs, recipe.seed, i)
-                ref_reps = reference_reps(model, tok, refs, recipe.pool, device, dec.cutoff)
-                dynamic = Dynamic(ref_reps, recipe.lambda_scale, recipe.pool, recipe.lambda_to)
-                per_client.append(evaluate(model, tok, tests, dec, device, dynamic=dynamic))
-        no_local = [i for i, local in enumerate(phase["locals"]) if local is None]
-    return {**p_and_ttp(per_client, client_tasks), "per_client": per_client, "no_local": no_local,
-            "exact": p_and_ttp(per_client, client_tasks, "exact"), "eval_seconds": time.time() - t0}
-
-
-def p_and_ttp(per_client: list, client_tasks: list, metric: str = "rouge1") -> dict:
-    """P: each client's score on its own task; TTP: its mean over all tasks; both averaged over clients."""
-    p = [scores[task][metric] for scores, task in zip(per_client, client_tasks)]
-    ttp = [sum(s[metric] for s in scores.values()) / len(scores) for scores in per_client]
-    return {"P": sum(p) / len(p), "TTP": sum(ttp) / len(ttp)}
+def calibrated(model, tok, records, recipe: Recipe, client_id: int, device, cutoff=512) -> Calibrated:
+    """A client's calibrated weight, from M of its training instructions (drawn once, seeded) and the
+    generic instructions; its local adapter must be loaded."""
+    refs = draw_references(records, min(recipe.calibration_refs, len(records)), recipe.seed, client_id)
+    k = max(1, min(recipe.k_refs, len(refs) - 1))
+    centre = reference_reps(model, tok, [{"instruction": g} for g in GENERIC_INSTRUCTIONS], recipe.pool, device, cutoff).mean(0)
+    unit = F.normalize(reference_reps(model, tok, refs, recipe.pool, device, cutoff) - centre, dim=-1)  # (M, dim)
+    loo = unit @ unit.T                                                    # (M, M)
+    loo.fill_diagonal_(-2.0)                                               # leave each one out
+    own = loo.topk(k, dim=-1).values.mean(-1) if len(refs) > 1 else torch.ones(1)
+    mid, low = own.median().item(), own.min().item()
+    lo = 2 * low - mid if mid > low else mid - 1e-3
+    return Calibrated(centre, unit, k, lo, mid, recipe.lambda_scale, recipe.pool, recipe.lambda_to)

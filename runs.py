@@ -225,17 +225,24 @@ def write_results(out: str, config: dict, state: dict, client_tasks: list, secon
                       for k in ("steps", "examples")]
         res["methods"][method] = {"P": r["P"], "TTP": r["TTP"], "P_exact": r["exact"]["P"],
                                   "TTP_exact": r["exact"]["TTP"], "eval_seconds": r["eval_seconds"],
-                                  "no_local": r.get("no_local", []), "per_client": r["per_client"],
+                                  "no_local": r.get("no_local", []), "lambda": r.get("lambda"),
+                                  "per_client": r["per_client"],
                                   "budget": {"phases": phases, "steps_per_client": per_client[0],
                                              "examples_per_client": per_client[1]}}
     atomic_write(os.path.join(out, "results.json"), [json.dumps(res, indent=1).encode()])
 
 
 def print_table(results: dict, tasks: list, client_tasks: list, verbose: bool):
-    print(f"\n{'method':<16}{'P':>8}{'TTP':>8}{'P(EM)':>8}{'TTP(EM)':>9}   (ROUGE-1 F1 / exact match, %)")
+    print(f"\n{'method':<22}{'P':>7}{'TTP':>7}{'P(EM)':>7}{'TTP(EM)':>8}   {'λ own/other':>11} {'AUROC':>5}"
+          "   (ROUGE-1 F1 / exact match, %)")
     for method, r in results.items():
-        mark = "+" if r.get("no_local") else ""
-        print(f"{method + mark:<16}{r['P']:8.1f}{r['TTP']:8.1f}{r['exact']['P']:8.1f}{r['exact']['TTP']:9.1f}")
+        name = method + ("+" if r.get("no_local") else "")
+        lam = r.get("lambda")
+        diag = f"   {lam['own']:5.2f}/{lam['other']:<5.2f} {lam['auroc']:5.2f}" if lam and lam["clients"] else ""
+        print(f"{name:<22}{r['P']:7.1f}{r['TTP']:7.1f}{r['exact']['P']:7.1f}{r['exact']['TTP']:8.1f}{diag}")
+    if any(m.endswith("-oracle") for m in results):
+        print("-oracle rows: a bound, not a method: the training mix on the client's own task, the global adapter "
+              "alone on the others (they read the test instance's task)")
     for method, r in results.items():
         if r.get("no_local"):
             print(f"+ {method}: client(s) {', '.join(map(str, r['no_local']))} were never sampled to train a local "
@@ -287,3 +294,34 @@ def run_phase(name: str, phase, state: dict, save, seed: int, weighting: str, ou
     state["trained"][name] = {**result, "history": hist, "seconds": sum(h["seconds"] for h in hist)}
     state["current"] = None
     save(state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several seeds: mean and standard deviation of every method's scores
+
+METRICS = ("P", "TTP", "P_exact", "TTP_exact")
+
+
+def mean_std(xs: list) -> tuple:
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+def write_seed_summary(out: str, config: dict, per_seed: dict):
+    """OUT/results.json: every seed's results and, per method, each metric's mean and (sample) std over
+    seeds; and the table of them."""
+    methods = list(next(iter(per_seed.values()))["methods"])
+    summary = {}
+    for method in methods:
+        rows = [res["methods"][method] for res in per_seed.values()]
+        summary[method] = {k: mean_std([r[k] for r in rows]) for k in METRICS}
+        if all(r.get("lambda") for r in rows):
+            summary[method].update({f"lambda_{k}": mean_std([r["lambda"][k] for r in rows]) for k in ("own", "other", "auroc")})
+    res = {"config": config, "seeds": list(per_seed), "summary": summary, "per_seed": per_seed}
+    atomic_write(os.path.join(out, "results.json"), [json.dumps(res, indent=1).encode()])
+    print(f"\nmean ± std over seeds {', '.join(map(str, per_seed))} (ROUGE-1 F1 / exact match, %)")
+    print(f"{'method':<22}{'P':>13}{'TTP':>13}{'P(EM)':>13}{'TTP(EM)':>13}   {'λ own':>11} {'λ other':>11} {'AUROC':>11}")
+    for method, s in summary.items():
+        lam = "".join(f" {s[k][0]:5.2f}±{s[k][1]:<4.2f}" for k in ("lambda_own", "lambda_other", "lambda_auroc") if k in s)
+        print(f"{method:<22}" + "".join(f"{s[k][0]:7.1f} ±{s[k][1]:4.1f}" for k in METRICS) + ("  " + lam if lam else ""))
+    print(f"\nresults: {os.path.join(out, 'results.json')}")

@@ -8,6 +8,7 @@ import torch
 import builtin
 import data
 import fed
+import evaluation
 import feddpa
 import hf
 import lora
@@ -95,9 +96,9 @@ def test_batched_dynamic_weighting_equals_one_instance_at_a_time(tiny, beams):
     refs = feddpa.reference_reps(m, tok, feddpa.draw_references(world.clients[0], 5, 0, 0), "last", "cpu")
     dynamic = feddpa.Dynamic(refs, scale=0.5, pool="last", to="local")
     tests = [recs[0] for recs in world.tests.values()]
-    dec = feddpa.Decode(max_new_tokens=6, num_beams=beams, batch_size=8)
-    batched, lams = feddpa.answer(m, tok, tests, dec, "cpu", dynamic=dynamic)
-    alone = [feddpa.answer(m, tok, [r], dec, "cpu", dynamic=dynamic) for r in tests]
+    dec = evaluation.Decode(max_new_tokens=6, num_beams=beams, batch_size=8)
+    batched, lams = evaluation.answer(m, tok, tests, dec, "cpu", dynamic=dynamic)
+    alone = [evaluation.answer(m, tok, [r], dec, "cpu", dynamic=dynamic) for r in tests]
     assert [a[0][0] for a in alone] == batched
     assert all(abs(a[1][0] - l) < 1e-6 for a, l in zip(alone, lams))
     assert len(set(batched)) > 1 and len(set(round(l, 4) for l in lams)) > 1
@@ -123,13 +124,24 @@ def test_rouge_matches_rouge_score_package():
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
     for pred, ref in rouge_pairs():
         want = scorer.score(ref, pred)  # (target, prediction)
-        assert feddpa.rouge1(pred, ref) == pytest.approx(want["rouge1"].fmeasure, abs=1e-12), (pred, ref)
-        assert feddpa.rouge_l(pred, ref) == pytest.approx(want["rougeL"].fmeasure, abs=1e-12), (pred, ref)
+        assert evaluation.rouge1(pred, ref) == pytest.approx(want["rouge1"].fmeasure, abs=1e-12), (pred, ref)
+        assert evaluation.rouge_l(pred, ref) == pytest.approx(want["rougeL"].fmeasure, abs=1e-12), (pred, ref)
+
+
+def test_auroc_and_lambda_diagnostics_by_hand():
+    assert evaluation.auroc([3, 2], [1, 2]) == 0.875          # (1 + 1 + 1 + 1/2) / 4 pairs
+    assert evaluation.auroc([1], [2, 3]) == 0.0
+    per_client = [{"a": {"lambdas": [0.4, 0.5]}, "b": {"lambdas": [0.1, 0.5]}},   # client 0, own task a
+                  {"a": {"lambdas": [0.2]}, "b": {"lambdas": [0.3]}},             # client 1, own task b
+                  {"a": {}, "b": {}}]                                              # client 2: no local adapter
+    got = evaluation.lambda_diagnostics(per_client, ["a", "b", "a"])
+    assert got == pytest.approx({"own": (0.45 + 0.3) / 2, "other": (0.3 + 0.2) / 2,
+                                 "auroc": (2.5 / 4 + 1.0) / 2, "clients": 2})  # 0.4>0.1, 0.5>0.1, 0.5=0.5
 
 
 def test_p_and_ttp():
     per_client = [{"a": {"rouge1": 80.0}, "b": {"rouge1": 20.0}}, {"a": {"rouge1": 10.0}, "b": {"rouge1": 50.0}}]
-    got = feddpa.p_and_ttp(per_client, ["a", "b"])
+    got = evaluation.p_and_ttp(per_client, ["a", "b"])
     assert got == {"P": 65.0, "TTP": 40.0}
 
 

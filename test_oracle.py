@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import builtin
 import data
 import fed
+import evaluation
 import feddpa
 import hf
 import lora
@@ -231,8 +232,8 @@ def test_dynamic_weighting_equals_the_oracle_one_instance_at_a_time(setting, run
     refs = feddpa.draw_references(world.clients[1], K, SEED, 1)
     dynamic = feddpa.Dynamic(feddpa.reference_reps(model, tok, refs, "last", "cpu"), 0.5, "last", to)
     tests = [recs[i] for recs in world.tests.values() for i in range(2)]
-    dec = feddpa.Decode(max_new_tokens=6, num_beams=1, batch_size=8)
-    answers, lams = feddpa.answer(model, tok, tests, dec, "cpu", dynamic=dynamic)
+    dec = evaluation.Decode(max_new_tokens=6, num_beams=1, batch_size=8)
+    answers, lams = evaluation.answer(model, tok, tests, dec, "cpu", dynamic=dynamic)
 
     o = Oracle(str(tiny_dir))
     o.load("global", trained["global"])
@@ -251,7 +252,7 @@ def test_dynamic_weighting_equals_the_oracle_one_instance_at_a_time(setting, run
 
 
 def test_every_method_is_evaluated_with_its_own_adapters_and_mix(setting, tiny_dir):
-    """feddpa.evaluate_method for every method and client, against the oracle's answers with the adapters
+    """evaluation.evaluate_method for every method and client, against the oracle's answers with the adapters
     and mix the method prescribes: base none; FedIT and Centralized their global adapter; Local the
     client's own local adapter; the -fixed rows the client's local adapter at a and the global at 1 - a;
     FedDPA the dynamic weight. The test outputs are client 0's oracle answers, so each client's scores
@@ -268,34 +269,52 @@ def test_every_method_is_evaluated_with_its_own_adapters_and_mix(setting, tiny_d
                "centralized": {"global": random_adapter(), "locals": [None]}}
     trained["feddpa-f"] = {"global": trained["fedit"]["global"], "locals": [random_adapter() for _ in range(3)]}
     recipe = feddpa.Recipe(local_weight=0.3, k_refs=K, seed=SEED)
-    dec = feddpa.Decode(max_new_tokens=5, num_beams=1, batch_size=8)
+    dec = evaluation.Decode(max_new_tokens=5, num_beams=1, batch_size=8)
     tasks = list(world.tests)[:2]
     o = Oracle(str(tiny_dir))
 
+    client_tasks = tasks + tasks[:1]
+
     def oracle_answers(method, client):
         """The answers of `client` under `method`, one instance at a time."""
-        phase = trained.get(method.removesuffix("-fixed"), {"global": {}, "locals": [None] * 3})
+        name = method[:len("feddpa-t")] if method.startswith("feddpa") else method
+        phase = trained.get(name, {"global": {}, "locals": [None] * 3})
         local = phase["locals"][client] if method not in ("fedit", "centralized", "base") else None
         o.load("global", phase["global"] or init)
         o.load("local", local or init)
-        if method == "base":
-            weights = {}
-        elif local is None:
-            weights = {"global": 1.0}
-        elif method == "local":
-            weights = {"local": 1.0}
-        elif method.endswith("-fixed"):
-            weights = {"local": 0.3, "global": 0.7}
+        records = world.clients[client]
+        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(SEED * 1_000_003 + client)).tolist()
+        if method.endswith("-calibrated"):  # the calibrated weight, restated
+            centre = torch.stack([o.represent(data.encode_prompt(tok, {"instruction": t})) for t in feddpa.GENERIC_INSTRUCTIONS]).mean(0)
+            refs = F.normalize(torch.stack([o.represent(data.encode_prompt(tok, records[j])) for j in order[:40]]) - centre, dim=-1)
+            k = min(K, len(refs) - 1)
+            loo = refs @ refs.T - 3 * torch.eye(len(refs))
+            own = loo.topk(k, dim=-1).values.mean(-1)
+            mid, low = own.median().item(), own.min().item()
+            lo = 2 * low - mid
         else:
-            gen = torch.Generator().manual_seed(SEED * 1_000_003 + client)
-            refs = [o.represent(data.encode_prompt(tok, world.clients[client][j]))
-                    for j in torch.randperm(len(world.clients[client]), generator=gen)[:K].tolist()]
+            refs = [o.represent(data.encode_prompt(tok, records[j])) for j in order[:K]]
         out = {}
         for task in tasks:
             out[task] = []
             for rec in world.tests[task][:2]:
                 prompt = data.encode_prompt(tok, rec)
-                if method.startswith("feddpa") and not method.endswith("-fixed"):
+                if method == "base":
+                    weights = {}
+                elif local is None:
+                    weights = {"global": 1.0}
+                elif method == "local":
+                    weights = {"local": 1.0}
+                elif method.endswith("-fixed"):
+                    weights = {"local": 0.3, "global": 0.7}
+                elif method.endswith("-oracle"):
+                    weights = {"local": 0.3, "global": 0.7} if task == client_tasks[client] else {"global": 1.0}
+                elif method.endswith("-calibrated"):
+                    c = F.normalize(o.represent(prompt) - centre, dim=0)
+                    sim = (refs @ c).topk(k).values.mean().item()
+                    lam = 0.5 * min(max((sim - lo) / (mid - lo), 0.0), 1.0)
+                    weights = {"local": lam, "global": 1 - lam}
+                else:
                     rep = o.represent(prompt)
                     lam = min(max(0.5 * sum(F.cosine_similarity(rep, r, dim=0).item() for r in refs) / K, 0.0), 1.0)
                     weights = {"local": lam, "global": 1 - lam}
@@ -306,13 +325,14 @@ def test_every_method_is_evaluated_with_its_own_adapters_and_mix(setting, tiny_d
         answers = [oracle_answers(method, c) for c in range(3)]
         tests = {task: [{**rec, "output": answers[0][task][i] or "-"} for i, rec in enumerate(world.tests[task][:2])]
                  for task in tasks}
-        got = feddpa.evaluate_method(method, model, tok, tests, world.clients[:3], tasks + tasks[:1], trained, init,
-                                     recipe, dec, "cpu")
+        got = evaluation.evaluate_method(method, model, tok, tests, world.clients[:3], client_tasks, trained, init,
+                                         recipe, dec, "cpu")
         for c in range(3):
             for task in tasks:
-                want = feddpa.score(answers[c][task], [r["output"] for r in tests[task]])
-                have = {k: v for k, v in got["per_client"][c][task].items() if k != "lambda"}
+                want = evaluation.score(answers[c][task], [r["output"] for r in tests[task]])
+                have = {k: v for k, v in got["per_client"][c][task].items() if k not in ("lambda", "lambdas")}
                 assert have == pytest.approx(want), (method, c, task)
         assert got["per_client"][0][tasks[0]]["exact"] == 100.0, method
-    distinct = {m: len({str(oracle_answers(m, c)) for c in range(3)}) for m in ("local", "feddpa-t", "feddpa-t-fixed")}
+    distinct = {m: len({str(oracle_answers(m, c)) for c in range(3)})
+                for m in ("local", "feddpa-t", "feddpa-t-fixed", "feddpa-t-calibrated", "feddpa-t-oracle")}
     assert all(n > 1 for n in distinct.values()), distinct  # the clients' answers differ: the check has teeth

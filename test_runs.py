@@ -327,6 +327,25 @@ def test_earlier_flag_and_config_names_still_work(tmp_path):
     assert (resumed.lambda_scale, resumed.local_weight, resumed.out) == (0.35, 0.45, str(tmp_path))
 
 
+def test_seeds_run_each_seed_in_its_folder_and_summarise_mean_and_std(tiny_run, tmp_path, capsys):
+    out = tmp_path / "seeds"
+    args = [*tiny_run[2], "--rounds", "2", "--methods", "fedit,feddpa-t", "--seeds", "0,3", "--out", str(out)]
+    train.main(args)
+    res = json.loads((out / "results.json").read_text())
+    per_seed = [json.loads((out / f"seed{s}" / "results.json").read_text()) for s in (0, 3)]
+    assert res["seeds"] == [0, 3] and [r["config"]["seed"] for r in per_seed] == [0, 3]
+    for method in ("fedit", "feddpa-t"):
+        p = [r["methods"][method]["P"] for r in per_seed]
+        mean, std = res["summary"][method]["P"]
+        assert mean == pytest.approx(sum(p) / 2) and std == pytest.approx(abs(p[0] - p[1]) / 2 ** 0.5)
+    assert "lambda_auroc" in res["summary"]["feddpa-t"] and "mean ± std over seeds 0, 3" in capsys.readouterr().out
+    (out / "seed3" / "results.json").unlink()  # as if stopped before its end: --resume finishes it
+    train.main(["--resume", str(out)])
+    assert json.loads((out / "results.json").read_text())["summary"] == res["summary"]
+    code, err = main_error([*args[:-2], "--out", str(tmp_path / "x"), "--seeds", "0,a"], capsys)
+    assert code == 2 and "--seeds '0,a': comma-separated non-negative integers" in err
+
+
 def test_diverging_run_stops_naming_client_and_round(tiny_run, tmp_path, capsys):
     out = tmp_path / "run"
     code, err = main_error([*tiny_run[2], "--out", str(out), "--lr", "1e30"], capsys)

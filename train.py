@@ -3,25 +3,25 @@
     python train.py                                    # built-in benchmark, built-in tiny base model
     python train.py --data DIR --model DIR --device cuda --dtype bfloat16
 
-Top to bottom: the config (every field is a command-line flag); its checks; the device (decided here
-and nowhere else); the data and the foundation model (with no --model, a tiny Llama is pretrained on
-the built-in corpus and cached as an HF directory: pretrain.py); then main: each training phase the
-methods need (feddpa.setup_phase, run and checkpointed by runs.run_phase), each method's evaluation
-(feddpa.evaluate_method), the table and results.json. `--resume OUT` continues an interrupted run
-from its last complete round.
+Top to bottom: the config (every field is a flag) and its checks; the device (decided here only); the
+data and the foundation model (with no --model, pretrain.py's tiny Llama); run: each training phase the
+methods need (feddpa.setup_phase, checkpointed by runs.run_phase), each method's evaluation
+(evaluation.evaluate_method), the table and results.json; run_seeds: the same per seed, mean ± std.
 """
 import argparse
+import json
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
 
 import builtin
 import data
+import evaluation
 import fed
 import feddpa
 import hf
@@ -69,6 +69,7 @@ class Config:
     eval_batch_size: int = opt(64, "prompts per generation batch")
     pretrain_steps: int = opt(160, "steps of pretraining for the built-in base model")
     seed: int = opt(0, "seed for everything")
+    seeds: str = opt("", "comma-separated seeds, e.g. 0,1,2: the whole comparison once per seed in OUT/seed<N>, then mean ± std")
     device: str = opt("auto", "auto, cpu or cuda")
     dtype: str = opt("float32", "float32, or bfloat16: the frozen base in bfloat16, autocast, float32 adapters")
     out: str = opt("runs/default", "output folder")
@@ -140,6 +141,8 @@ def check_config(cfg: Config):
     for failed, msg in problems:
         if failed:
             raise UserError(msg)
+    if cfg.seeds and not all(s.strip().isdigit() for s in cfg.seeds.split(",")):
+        raise UserError(f"--seeds {cfg.seeds!r}: comma-separated non-negative integers")
     for t in cfg.targets.split(","):
         if t not in lora.TARGETS:
             raise UserError(f"--targets: unknown projection {t!r}; choose from {', '.join(lora.TARGETS)}")
@@ -174,21 +177,6 @@ def load_data(name: str, seed: int, clients: int, dirichlet_alpha: float, min_cl
     if test_per_task:
         fd.tests = {task: recs[:test_per_task] for task, recs in fd.tests.items()}
     return fd
-
-
-def encode_clients(clients: list, tok, cutoff: int) -> list:
-    template = len(data.encode_prompt(tok, {"instruction": ""}, 1 << 30))  # BOS and the prompt's fixed text
-    if cutoff <= template + 1:  # room for at least one token of instruction and one of response
-        raise UserError(f"--cutoff {cutoff} is too short: the prompt template alone takes {template} tokens")
-    encoded = []
-    for i, recs in enumerate(clients):
-        ex = [e for e in (data.encode_example(tok, r, cutoff) for r in recs) if e is not None]
-        if len(ex) < len(recs):
-            print(f"client {i}: {len(recs) - len(ex)} records dropped (prompt longer than --cutoff {cutoff})")
-        if not ex:
-            raise UserError(f"client {i}: every record's prompt is longer than --cutoff {cutoff}")
-        encoded.append(ex)
-    return encoded
 
 
 def check_lengths(model_name: str, tok, max_seq_len: int, tests: dict, encoded: list, cutoff: int, max_new_tokens: int):
@@ -228,7 +216,7 @@ def run(cfg: Config, args):
     model_dir = pretrain.base_model(cfg.cache, cfg.seed, cfg.pretrain_steps, device, bf16) if cfg.model == "builtin" else cfg.model
     model_config = hf.config_from_hf(os.path.join(model_dir, "config.json"))
     tok = hf.load_tokenizer(model_dir, model_config)
-    encoded = encode_clients(fd.clients, tok, cfg.cutoff)
+    encoded = data.encode_clients(fd.clients, tok, cfg.cutoff)
     check_lengths(cfg.model, tok, model_config.max_seq_len, fd.tests, encoded, cfg.cutoff, cfg.max_new_tokens)
     # bfloat16: the frozen base is stored in bfloat16 (half the memory, no cast at every step); the
     # adapters, which train, stay float32, and autocast runs the matmuls in bfloat16
@@ -259,11 +247,11 @@ def run(cfg: Config, args):
         if needed & set(methods) and name not in state["trained"]:
             phase = feddpa.setup_phase(name, model, tok.pad_id, rec, encoded, state["init"], state["trained"])
             runs.run_phase(name, phase, state, save, cfg.seed, cfg.weighting, cfg.out)
-    dec = feddpa.Decode(cfg.max_new_tokens, cfg.num_beams, cfg.eval_batch_size, cfg.cutoff)
+    dec = evaluation.Decode(cfg.max_new_tokens, cfg.num_beams, cfg.eval_batch_size, cfg.cutoff)
     for method in methods:
         if method not in state["results"]:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                state["results"][method] = feddpa.evaluate_method(method, model, tok, fd.tests, fd.clients, fd.client_tasks,
+                state["results"][method] = evaluation.evaluate_method(method, model, tok, fd.tests, fd.clients, fd.client_tasks,
                                                                   state["trained"], state["init"], rec, dec, device)
             save(state)
     runs.write_results(cfg.out, asdict(cfg), state, fd.client_tasks, time.time() - t_start)
@@ -271,10 +259,32 @@ def run(cfg: Config, args):
     print(f"\nresults: {os.path.join(cfg.out, 'results.json')}  ({time.time() - t_start:.0f}s)")
 
 
+def run_seeds(cfg: Config, args):
+    """The whole comparison once per seed, each in its own folder (resumed where it has begun), then the
+    mean and standard deviation over seeds of every method's scores, in OUT/results.json and a table."""
+    if args.resume:
+        cfg = resumed_config(cfg, args.resume)
+    else:
+        runs.check_new(cfg.out, args.overwrite)
+    check_config(cfg)
+    os.makedirs(cfg.out, exist_ok=True)
+    hf.atomic_write(os.path.join(cfg.out, "config.json"), [json.dumps(asdict(cfg), indent=1).encode()])
+    per_seed = {}
+    for seed in [int(s) for s in cfg.seeds.split(",")]:
+        out = os.path.join(cfg.out, f"seed{seed}")
+        begun = os.path.isfile(os.path.join(out, "config.json"))
+        print(f"\n=== seed {seed}: {out}{' (resumed)' if begun else ''}")
+        run(replace(cfg, seed=seed, seeds="", out=out),
+            argparse.Namespace(**{**vars(args), "resume": out if begun else None}))
+        with open(os.path.join(out, "results.json")) as f:
+            per_seed[seed] = json.load(f)
+    runs.write_seed_summary(cfg.out, asdict(cfg), per_seed)
+
+
 def main(argv=None):
     cfg, args = parse_args(argv)
     try:
-        run(cfg, args)
+        run_seeds(cfg, args) if cfg.seeds or (args.resume and runs.read_config(args.resume).get("seeds")) else run(cfg, args)
     except KeyboardInterrupt:
         out = args.resume or cfg.out
         if os.path.isfile(os.path.join(out, "config.json")):

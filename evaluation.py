@@ -1,0 +1,188 @@
+"""How each method is scored: answers generated with the method's adapters and mix, ROUGE, P and TTP,
+and diagnostics of the dynamic weight.
+
+Every client's model answers the test instances of every task. P is a client's score on its own task,
+TTP its mean over all tasks (test-time personalization: its own task included), each averaged over
+clients, in percent, with ROUGE-1 F1 (the paper's metric); ROUGE-L and exact match beside it. For
+each dynamic-weight row the lambdas are kept per instance, and lambda_diagnostics says how well they
+tell the client's own task from the others: their means on each and the AUROC.
+
+Top to bottom: ROUGE as the rouge-score package computes it; generation with a fixed or per-instance
+mix; evaluating each method with its adapters and mix (feddpa.METHODS); P and TTP; the diagnostics.
+"""
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+import lora
+from feddpa import Dynamic, Recipe, calibrated, draw_references, mix, prompt_batches, reference_reps
+from generate import generate
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores: ROUGE as the rouge-score package computes it (lower-case, alphanumeric tokens, no stemming)
+
+def rouge_tokens(text: str) -> list:
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def f1(overlap: int, n_pred: int, n_ref: int) -> float:
+    p, r = overlap / max(n_pred, 1), overlap / max(n_ref, 1)
+    return 2 * p * r / (p + r) if p + r > 0 else 0.0
+
+
+def rouge1(pred: str, ref: str) -> float:
+    a, b = rouge_tokens(pred), rouge_tokens(ref)
+    return f1(sum((Counter(a) & Counter(b)).values()), len(a), len(b))
+
+
+def rouge_l(pred: str, ref: str) -> float:
+    a, b = rouge_tokens(pred), rouge_tokens(ref)
+    if not a or not b:
+        return 0.0
+    row = [0] * (len(b) + 1)  # longest common subsequence, one DP row at a time
+    for x in a:
+        prev = 0
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], prev + 1 if x == y else max(row[j], row[j - 1])
+    return f1(row[-1], len(a), len(b))
+
+
+def exact_match(pred: str, ref: str) -> float:
+    return float(" ".join(pred.split()).lower() == " ".join(ref.split()).lower())
+
+
+def score(preds, refs) -> dict:
+    """Mean scores in percent, as the paper reports them."""
+    n = max(len(refs), 1)
+    return {name: 100 * sum(fn(p, r) for p, r in zip(preds, refs)) / n
+            for name, fn in (("rouge1", rouge1), ("rougeL", rouge_l), ("exact", exact_match))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation with a mix, and each method's evaluation
+
+@dataclass
+class Decode:
+    max_new_tokens: int = 32
+    num_beams: int = 1
+    batch_size: int = 32
+    cutoff: int = 512
+
+
+@torch.no_grad()
+def answer(model, tok, records, dec: Decode, device, weights: dict | None = None, dynamic=None):
+    """Answers to records, in order, and the lambda used for each (None without a dynamic weight).
+
+    weights: a fixed mix {adapter: weight}; or dynamic: a feddpa.Dynamic or feddpa.Calibrated weight,
+    lambda per instance, applied per example inside each batch, never one instance at a time."""
+    out, lams = [None] * len(records), [None] * len(records)
+    for idx, ids, mask in prompt_batches(tok, records, dec.batch_size, dec.cutoff):
+        ids, mask = ids.to(device), mask.to(device)
+        if dynamic is not None:
+            lam = dynamic.lam(model, ids, mask)                                   # (B,)
+            lora.set_weights(model, mix(lam.repeat_interleave(dec.num_beams), dynamic.to))  # beams: example-major
+            for i, v in zip(idx, lam.tolist()):
+                lams[i] = v
+        else:
+            lora.set_weights(model, weights or {})
+        gen = generate(model, ids, mask, dec.max_new_tokens, tok.eos_id, tok.pad_id, dec.num_beams)
+        for i, row in zip(idx, gen.tolist()):
+            row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
+            out[i] = tok.decode(row).strip()
+    return out, lams
+
+
+def evaluate(model, tok, tests: dict, dec: Decode, device, weights=None, dynamic=None) -> dict:
+    """Scores of one model (its adapters already loaded) on every task's test set."""
+    result = {}
+    for task, records in tests.items():
+        preds, lams = answer(model, tok, records, dec, device, weights, dynamic)
+        result[task] = score(preds, [r["output"] for r in records])
+        if dynamic is not None:
+            result[task]["lambda"] = sum(lams) / max(len(lams), 1)
+            result[task]["lambdas"] = lams
+    return result
+
+
+def evaluate_method(method: str, model, tok, tests: dict, client_data: list, client_tasks: list, trained: dict,
+                    init: dict, recipe: Recipe, dec: Decode, device) -> dict:
+    """Each client's scores on every task with the adapters and mix of `method`; P and TTP.
+
+    client_data: each client's training records (the dynamic weight's references); trained: as for
+    setup_phase. Models that every client shares (base, FedIT, Centralized) are evaluated once.
+    "no_local" lists the clients that never trained a local adapter."""
+    t0 = time.time()
+    no_local = []
+    if method in ("base", "fedit", "centralized"):
+        if method != "base":
+            lora.set_adapter(model, "global", trained[method]["global"])
+        scores = evaluate(model, tok, tests, dec, device, {} if method == "base" else {"global": 1.0})
+        per_client = [scores] * len(client_data)
+    else:
+        phase = trained["local" if method == "local" else method[:len("feddpa-t")]]
+        per_client = []
+        for i, records in enumerate(client_data):
+            local = phase["locals"][i]
+            if local is None:  # never sampled to train one: the global adapter alone (Local: the base model)
+                if phase["global"]:
+                    lora.set_adapter(model, "global", phase["global"])
+                per_client.append(evaluate(model, tok, tests, dec, device, {"global": 1.0} if phase["global"] else {}))
+                continue
+            lora.set_adapter(model, "local", local)
+            if method == "local":
+                per_client.append(evaluate(model, tok, tests, dec, device, {"local": 1.0}))
+                continue
+            lora.set_adapter(model, "global", phase["global"])
+            if method.endswith("-fixed"):
+                per_client.append(evaluate(model, tok, tests, dec, device, mix(recipe.local_weight)))
+            elif method.endswith("-oracle"):  # a bound: it reads the test instance's task
+                per_client.append({task: evaluate(model, tok, {task: recs}, dec, device,
+                                                  mix(recipe.local_weight) if task == client_tasks[i] else {"global": 1.0})[task]
+                                   for task, recs in tests.items()})
+            elif method.endswith("-calibrated"):
+                weight = calibrated(model, tok, records, recipe, i, device, dec.cutoff)
+                per_client.append(evaluate(model, tok, tests, dec, device, dynamic=weight))
+            else:
+                refs = draw_references(records, recipe.k_refs, recipe.seed, i)
+                ref_reps = reference_reps(model, tok, refs, recipe.pool, device, dec.cutoff)
+                weight = Dynamic(ref_reps, recipe.lambda_scale, recipe.pool, recipe.lambda_to)
+                per_client.append(evaluate(model, tok, tests, dec, device, dynamic=weight))
+        no_local = [i for i, local in enumerate(phase["locals"]) if local is None]
+    result = {**p_and_ttp(per_client, client_tasks), "per_client": per_client, "no_local": no_local,
+              "exact": p_and_ttp(per_client, client_tasks, "exact"), "eval_seconds": time.time() - t0}
+    if any("lambdas" in s for scores in per_client for s in scores.values()):
+        result["lambda"] = lambda_diagnostics(per_client, client_tasks)
+    return result
+
+
+def p_and_ttp(per_client: list, client_tasks: list, metric: str = "rouge1") -> dict:
+    """P: each client's score on its own task; TTP: its mean over all tasks; both averaged over clients."""
+    p = [scores[task][metric] for scores, task in zip(per_client, client_tasks)]
+    ttp = [sum(s[metric] for s in scores.values()) / len(scores) for scores in per_client]
+    return {"P": sum(p) / len(p), "TTP": sum(ttp) / len(ttp)}
+
+
+def auroc(pos: list, neg: list) -> float:
+    """P(a positive scores above a negative), ties counting half (the Mann-Whitney statistic)."""
+    pos, neg = torch.tensor(pos, dtype=torch.float64), torch.tensor(neg, dtype=torch.float64)
+    return ((pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()).mean().item()
+
+
+def lambda_diagnostics(per_client: list, client_tasks: list) -> dict:
+    """How the per-instance lambdas of a dynamic row tell a client's own task from the others: the mean
+    lambda on each and the AUROC of lambda (own task positive), each averaged over the clients that have
+    both (a client without a local adapter has no lambdas)."""
+    own, other, areas = [], [], []
+    for scores, task in zip(per_client, client_tasks):
+        mine = scores.get(task, {}).get("lambdas", [])
+        theirs = [v for t, s in scores.items() if t != task for v in s.get("lambdas", [])]
+        if mine and theirs:
+            own.append(sum(mine) / len(mine))
+            other.append(sum(theirs) / len(theirs))
+            areas.append(auroc(mine, theirs))
+    n = max(len(areas), 1)
+    return {"own": sum(own) / n, "other": sum(other) / n, "auroc": sum(areas) / n, "clients": len(areas)}
