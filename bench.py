@@ -62,7 +62,7 @@ except ImportError:
 MID = ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=1376, vocab_size=16000,
                         max_seq_len=512)
 QV = ("q_proj", "v_proj")  # the paper's targets
-SCENARIOS = ("a", "b", "c", "d", "infer", "pretrain")
+SCENARIOS = ("a", "b", "c", "d", "infer", "gen", "pretrain")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,6 +313,8 @@ def main(argv=None):
     ap.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios (default: all)")
     ap.add_argument("--check-steps", type=int, default=50, help="scenario c: steps of the bf16 vs fp32 loss check")
     ap.add_argument("--flan", default=os.path.join(HERE, "..", "shared", "data", "feddpa-flan1"), help="FLAN data")
+    ap.add_argument("--smollm2", default=os.path.expanduser("~/.cache/feddpa/smollm2-135m-instruct"),
+                    help="scenario gen: an HF directory of SmolLM2-135M-Instruct")
     ap.add_argument("--e2e", action="store_true", help="also time `python train.py` end to end (minutes)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's table of our step (scenario a)")
     args = ap.parse_args(argv)
@@ -351,6 +353,16 @@ def main(argv=None):
               f"   batched per-example weights, cached references (ours)   {batched:8.2f} instances/s\n"
               f"   one at a time, references drawn per instance (official) {single:8.2f} instances/s"
               f"   ours {batched / single:.1f}x")
+    if "gen" in only:
+        texts, records = flan_data(args.flan)
+        if records is None or not os.path.isdir(args.smollm2):
+            print("\n(gen skipped: needs --flan data and --smollm2 model directories)")
+        else:
+            print("\n2b. generation, SmolLM2-135M-Instruct, 8 FLAN prompts left-padded, 80 new tokens (best of 2)")
+            for beams in (1, 4):
+                ours, theirs, same, n = bench_infer.bench_generation(args.smollm2, records[::300], beams)
+                print(f"   {beams} beam(s): ours {ours:6.2f}s, transformers {theirs:6.2f}s: ours {theirs / ours:.2f}x; "
+                      f"{n} tokens, {'identical' if same else 'NOT identical'}")
     if "pretrain" in only or args.e2e:
         print("\n3. the built-in base and the default run")
     if "pretrain" in only:
