@@ -74,11 +74,12 @@ class Decode:
 
 
 @torch.no_grad()
-def answer(model, tok, records, dec: Decode, device, weights: dict | None = None, dynamic=None):
+def answer(model, tok, records, dec: Decode, device, weights: dict | None = None, dynamic=None, progress=None):
     """Answers to records, in order, and the lambda used for each (None without a dynamic weight).
 
     weights: a fixed mix {adapter: weight}; or dynamic: a feddpa.Dynamic or feddpa.Calibrated weight,
-    lambda per instance, applied per example inside each batch, never one instance at a time."""
+    lambda per instance, applied per example inside each batch, never one instance at a time. progress:
+    a tqdm bar to advance by each batch's answers."""
     out, lams = [None] * len(records), [None] * len(records)
     for idx, ids, mask in prompt_batches(tok, records, dec.batch_size, dec.cutoff):
         ids, mask = ids.to(device), mask.to(device)
@@ -93,14 +94,16 @@ def answer(model, tok, records, dec: Decode, device, weights: dict | None = None
         for i, row in zip(idx, gen.tolist()):
             row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
             out[i] = tok.decode(row).strip()
+        if progress is not None:
+            progress.update(len(idx))
     return out, lams
 
 
-def evaluate(model, tok, tests: dict, dec: Decode, device, weights=None, dynamic=None) -> dict:
+def evaluate(model, tok, tests: dict, dec: Decode, device, weights=None, dynamic=None, progress=None) -> dict:
     """Scores of one model (its adapters already loaded) on every task's test set."""
     result = {}
     for task, records in tests.items():
-        preds, lams = answer(model, tok, records, dec, device, weights, dynamic)
+        preds, lams = answer(model, tok, records, dec, device, weights, dynamic, progress)
         result[task] = score(preds, [r["output"] for r in records])
         if dynamic is not None:
             result[task]["lambda"] = sum(lams) / max(len(lams), 1)
@@ -108,19 +111,25 @@ def evaluate(model, tok, tests: dict, dec: Decode, device, weights=None, dynamic
     return result
 
 
+def answers_needed(method: str, tests: dict, n_clients: int) -> int:
+    """How many answers evaluate_method generates: every test instance, once per client unless the
+    method's model is shared by all."""
+    return sum(map(len, tests.values())) * (1 if method in ("base", "fedit", "centralized") else n_clients)
+
+
 def evaluate_method(method: str, model, tok, tests: dict, client_data: list, client_tasks: list, trained: dict,
-                    init: dict, recipe: Recipe, dec: Decode, device) -> dict:
+                    init: dict, recipe: Recipe, dec: Decode, device, progress=None) -> dict:
     """Each client's scores on every task with the adapters and mix of `method`; P and TTP.
 
     client_data: each client's training records (the dynamic weight's references); trained: as for
-    setup_phase. Models that every client shares (base, FedIT, Centralized) are evaluated once.
+    setup_phase; progress: a tqdm bar advanced by answers_needed() in all. Models that every client shares (base, FedIT, Centralized) are evaluated once.
     "no_local" lists the clients that never trained a local adapter."""
     t0 = time.time()
     no_local = []
     if method in ("base", "fedit", "centralized"):
         if method != "base":
             lora.set_adapter(model, "global", trained[method]["global"])
-        scores = evaluate(model, tok, tests, dec, device, {} if method == "base" else {"global": 1.0})
+        scores = evaluate(model, tok, tests, dec, device, {} if method == "base" else {"global": 1.0}, progress=progress)
         per_client = [scores] * len(client_data)
     else:
         phase = trained["local" if method == "local" else method[:len("feddpa-t")]]
@@ -130,27 +139,37 @@ def evaluate_method(method: str, model, tok, tests: dict, client_data: list, cli
             if local is None:  # never sampled to train one: the global adapter alone (Local: the base model)
                 if phase["global"]:
                     lora.set_adapter(model, "global", phase["global"])
-                per_client.append(evaluate(model, tok, tests, dec, device, {"global": 1.0} if phase["global"] else {}))
+                per_client.append(evaluate(model, tok, tests, dec, device, {"global": 1.0} if phase["global"] else {},
+                                           progress=progress))
                 continue
             lora.set_adapter(model, "local", local)
             if method == "local":
-                per_client.append(evaluate(model, tok, tests, dec, device, {"local": 1.0}))
+                per_client.append(evaluate(model, tok, tests, dec, device, {"local": 1.0}, progress=progress))
                 continue
             lora.set_adapter(model, "global", phase["global"])
             if method.endswith("-fixed"):
-                per_client.append(evaluate(model, tok, tests, dec, device, mix(recipe.local_weight)))
+                per_client.append(evaluate(model, tok, tests, dec, device, mix(recipe.local_weight), progress=progress))
             elif method.endswith("-oracle"):  # a bound: it reads the test instance's task
                 per_client.append({task: evaluate(model, tok, {task: recs}, dec, device,
-                                                  mix(recipe.local_weight) if task == client_tasks[i] else {"global": 1.0})[task]
+                                                  mix(recipe.local_weight) if task == client_tasks[i] else {"global": 1.0},
+                                                  progress=progress)[task]
                                    for task, recs in tests.items()})
             elif method.endswith("-calibrated"):
+                if progress is not None:
+                    progress.set_postfix_str(f"client {i}: encoding its references")
                 weight = calibrated(model, tok, records, recipe, i, device, dec.cutoff)
-                per_client.append(evaluate(model, tok, tests, dec, device, dynamic=weight))
+                if progress is not None:
+                    progress.set_postfix_str(f"client {i}")
+                per_client.append(evaluate(model, tok, tests, dec, device, dynamic=weight, progress=progress))
             else:
+                if progress is not None:
+                    progress.set_postfix_str(f"client {i}: encoding its references")
                 refs = draw_references(records, recipe.k_refs, recipe.seed, i)
                 ref_reps = reference_reps(model, tok, refs, recipe.pool, device, dec.cutoff)
                 weight = Dynamic(ref_reps, recipe.lambda_scale, recipe.pool, recipe.lambda_to)
-                per_client.append(evaluate(model, tok, tests, dec, device, dynamic=weight))
+                if progress is not None:
+                    progress.set_postfix_str(f"client {i}")
+                per_client.append(evaluate(model, tok, tests, dec, device, dynamic=weight, progress=progress))
         no_local = [i for i, local in enumerate(phase["locals"]) if local is None]
     result = {**p_and_ttp(per_client, client_tasks), "per_client": per_client, "no_local": no_local,
               "exact": p_and_ttp(per_client, client_tasks, "exact"), "eval_seconds": time.time() - t0}

@@ -129,16 +129,17 @@ class Federation:
 
 
 def run_rounds(fed: Federation, rounds: int, client_update, fraction: float = 1.0, seed: int = 0,
-               weighting: str = "count", desc: str = "", on_round_end=None):
+               weighting: str = "count", desc: str = "", on_round_end=None, progress: bool = False):
     """Run rounds fed.round .. rounds-1. client_update(round, client, global_adapter) -> (Update, metrics)
-    is the method's local step; the server here only samples, sends, and averages."""
-    bar = tqdm(range(fed.round, rounds), desc=desc, leave=False, unit="round", initial=fed.round, total=rounds)
+    is the method's local step; the server here only samples, sends, and averages. progress: bars on stderr."""
+    bar = tqdm(range(fed.round, rounds), desc=desc, leave=False, unit="round", initial=fed.round, total=rounds,
+               disable=not progress)
     for r in bar:
         t0 = time.time()
         chosen = sample_clients(len(fed.clients), fraction, seed, r)
         sent = nbytes(fed.global_adapter) * len(chosen)
         updates, metrics = [], []
-        for cid in tqdm(chosen, desc=f"round {r}", leave=False, unit="client"):
+        for cid in tqdm(chosen, desc=f"round {r}", leave=False, unit="client", disable=not progress):
             update, client_metrics = client_update(r, fed.clients[cid], fed.global_adapter)  # down: global adapter
             updates.append(update)                                               # up: Update only
             metrics.append(client_metrics)

@@ -94,7 +94,7 @@ def fedit_step(model, pad_id, train: LocalTrain):
     def step(round_, client: Client, global_adapter):
         lora.set_adapter(model, "global", global_adapter)
         metrics = train_adapter(model, "global", client.data, train, {"global": 1.0}, pad_id, client.generator,
-                                where=f" of client {client.id} in round {round_}")
+                                where=f" of client {client.id} in round {round_ + 1}")
         return Update(lora.get_adapter(model, "global"), len(client.data)), metrics
     return step
 
@@ -115,7 +115,7 @@ def feddpa_t_step(model, pad_id, train: LocalTrain, local_weight: float, seed: i
         lora.set_adapter(model, "global", global_adapter)
         lora.set_adapter(model, "local", client.local if client.local is not None else fresh_local(model, seed, client.id))
         local = train_adapter(model, "local", client.data, train, mix(local_weight), pad_id, client.generator,
-                              where=f" of client {client.id} in round {round_}")
+                              where=f" of client {client.id} in round {round_ + 1}")
         client.local = lora.get_adapter(model, "local")   # stays on the client
         update, glob = global_step(round_, client, global_adapter)
         return update, {"loss": (local["loss"] + glob["loss"]) / 2, "local_loss": local["loss"], "global_loss": glob["loss"],
@@ -130,7 +130,7 @@ def local_step(model, pad_id, train: LocalTrain, start: dict):
     def step(round_, client: Client, global_adapter):
         lora.set_adapter(model, "local", client.local if client.local is not None else start)
         metrics = train_adapter(model, "local", client.data, train, {"local": 1.0}, pad_id, client.generator,
-                                where=f" of client {client.id} in round {round_}")
+                                where=f" of client {client.id} in round {round_ + 1}")
         client.local = lora.get_adapter(model, "local")
         return Update({}, len(client.data)), metrics
     return step
@@ -173,6 +173,20 @@ def setup_phase(name: str, model, pad_id: int, recipe: Recipe, datasets: list, i
         train = train if not train.max_steps else scaled(train, len(datasets))
         return Phase(clients([pooled]), fedit_step(model, pad_id, train), recipe.rounds, 1.0, init)
     raise ValueError(f"unknown phase {name!r}")
+
+
+def schedule(name: str, recipe: Recipe, n_clients: int) -> str:
+    """The work of phase `name` in words, for the line that states a run's work ahead."""
+    t = recipe.train
+    def steps(factor=1.0):
+        n = round(t.max_steps * factor)
+        return (f"{n} step{'s' * (n != 1)}" if t.max_steps else f"{t.epochs * factor:g} epoch{'s' * (t.epochs * factor != 1)}")
+    k = max(1, round(recipe.fraction * n_clients))
+    return {"fedit": f"{recipe.rounds} rounds x {k} clients x {steps()}",
+            "feddpa-t": f"{recipe.rounds} rounds x {k} clients x {steps()}, two adapters from round 2",
+            "feddpa-f": f"1 round x {n_clients} clients x {steps(recipe.finetune_rounds)}",
+            "local": f"{recipe.rounds} rounds x {k} clients x {steps()}",
+            "centralized": f"{recipe.rounds} rounds x 1 client x {steps(n_clients) if t.max_steps else steps()}"}[name]
 
 
 def phase_result(name: str, global_adapter: dict, clients: list, trained: dict) -> dict:

@@ -36,7 +36,7 @@ def token_rows(tok, texts: list, T: int = 128) -> torch.Tensor:
 
 
 def pretrain(model: Llama, rows: torch.Tensor, steps: int, seed: int = 0, bf16: bool = False, batch: int = 32,
-             lr: float = 3e-3) -> list:
+             lr: float = 3e-3, progress: bool = False) -> list:
     """Train every weight of model on random rows (N, T) of token_rows: AdamW, warmup then cosine decay,
     gradient clipping at 1.0. Returns (seconds, loss) per step."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
@@ -45,7 +45,7 @@ def pretrain(model: Llama, rows: torch.Tensor, steps: int, seed: int = 0, bf16: 
     g = torch.Generator().manual_seed(seed)
     device = model.lm_head.weight.device
     log = []
-    bar = tqdm(range(steps), desc="pretraining the built-in base", leave=False)
+    bar = tqdm(range(steps), desc="pretraining the built-in base", leave=False, disable=not progress)
     for _ in bar:
         t0 = time.perf_counter()
         x = rows[torch.randint(len(rows), (batch,), generator=g)].to(device)  # (batch, T)
@@ -61,7 +61,7 @@ def pretrain(model: Llama, rows: torch.Tensor, steps: int, seed: int = 0, bf16: 
     return log
 
 
-def base_model(cache: str, seed: int, steps: int, device, bf16: bool = False) -> str:
+def base_model(cache: str, seed: int, steps: int, device, bf16: bool = False, progress: bool = False) -> str:
     """The HF directory of the built-in base, pretrained for `steps` on first use and cached under `cache`."""
     preset = PRESETS["base"]
     key = json.dumps([asdict(preset), seed, steps] + (["bfloat16"] if bf16 else []))
@@ -73,7 +73,7 @@ def base_model(cache: str, seed: int, steps: int, device, bf16: bool = False) ->
     tok = train_tokenizer(os.path.join(tmp, "tokenizer.model"), seed)
     torch.manual_seed(seed)
     model = Llama(ModelConfig(**{**asdict(preset), "bos_id": tok.bos_id, "eos_id": tok.eos_id})).to(device)
-    pretrain(model, token_rows(tok, builtin.corpus(seed)), steps, seed, bf16)
+    pretrain(model, token_rows(tok, builtin.corpus(seed)), steps, seed, bf16, progress=progress)
     hf.save_pretrained(model.cpu(), tmp)
     os.replace(tmp, d) if not os.path.exists(d) else shutil.rmtree(tmp)
     return d

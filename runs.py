@@ -21,6 +21,7 @@ import os
 import pickle
 import random
 import shutil
+import sys
 
 import numpy as np
 import torch
@@ -207,7 +208,9 @@ def budget(history: list, n_clients: int) -> dict:
 
 def write_results(out: str, config: dict, state: dict, client_tasks: list, seconds: float):
     res = {"config": config, "client_tasks": client_tasks, "methods": {}, "training": {},
-           "seconds": {"total": seconds, "pretrain": state.get("pretrain_seconds", 0.0)}}
+           "seconds": {"total": seconds, "pretrain": state.get("pretrain_seconds", 0.0),
+                       "training": {p: t["seconds"] for p, t in state["trained"].items()},
+                       "evaluation": {m: r["eval_seconds"] for m, r in state["results"].items()}}}
     for phase, t in state["trained"].items():
         res["training"][phase] = {"seconds": t["seconds"], "history": t["history"],
                                   "bytes": sum(h["bytes_up"] + h["bytes_down"] for h in t["history"]),
@@ -230,6 +233,15 @@ def write_results(out: str, config: dict, state: dict, client_tasks: list, secon
                                   "budget": {"phases": phases, "steps_per_client": per_client[0],
                                              "examples_per_client": per_client[1]}}
     atomic_write(os.path.join(out, "results.json"), [json.dumps(res, indent=1).encode()])
+    return res
+
+
+def print_times(seconds: dict):
+    """The time breakdown of write_results, one line."""
+    parts = [f"pretrain {seconds['pretrain']:.0f}s"]
+    parts += [f"train {p} {s:.0f}s" for p, s in seconds["training"].items()]
+    parts += [f"eval {m} {s:.0f}s" for m, s in seconds["evaluation"].items()]
+    print(f"time: {', '.join(parts)}; total {seconds['total']:.0f}s")
 
 
 def print_table(results: dict, tasks: list, client_tasks: list, verbose: bool):
@@ -259,7 +271,7 @@ def print_table(results: dict, tasks: list, client_tasks: list, verbose: bool):
 # ----------------------------------------------------------------------------------------------
 # One training phase, checkpointed after every round and resumed from the last complete one
 
-def run_phase(name: str, phase, state: dict, save, seed: int, weighting: str, out: str):
+def run_phase(name: str, phase, state: dict, save, seed: int, weighting: str, out: str, progress: bool = False):
     """Run feddpa.Phase `name` with fed.run_rounds; state["current"] holds its progress after each round
     (continued from there if it is this phase's), state["trained"][name] its result at the end."""
     federation = fed.Federation(phase.start, phase.clients)
@@ -275,15 +287,17 @@ def run_phase(name: str, phase, state: dict, save, seed: int, weighting: str, ou
 
     def checkpoint(f: fed.Federation):
         h = f.history[-1]
-        tqdm.write(f"{name:>12} round {h['round']:>2}: loss {h['loss']:.3f}, {len(h['clients'])} clients, "
-                   f"{(h['bytes_down'] + h['bytes_up']) / 1e6:.2f} MB, {h['seconds']:.1f}s")
+        if progress:  # progress on stderr; results on stdout
+            tqdm.write(f"{name:>12} round {h['round'] + 1:>2} of {phase.rounds}: loss {h['loss']:.3f}, "
+                       f"{len(h['clients'])} clients, {(h['bytes_down'] + h['bytes_up']) / 1e6:.2f} MB, {h['seconds']:.1f}s",
+                       file=sys.stderr)
         state["current"] = {"phase": name, "global": f.global_adapter, "round": f.round, "history": f.history,
                             "clients": [(c.local, c.generator.get_state()) for c in f.clients], "rng": get_rng()}
         save(state)
 
     try:
         fed.run_rounds(federation, phase.rounds, phase.step, phase.fraction, seed, weighting, desc=name,
-                       on_round_end=checkpoint)
+                       on_round_end=checkpoint, progress=progress)
     except fed.Diverged as e:  # nothing of the failed round is saved: the checkpoint keeps the last good one
         raise fed.Diverged(f"{name}: {e}; stopped, {os.path.join(out, 'checkpoint.pt')} keeps the last "
                            f"good round ({federation.round} of {phase.rounds} complete)") from None

@@ -107,8 +107,8 @@ INTERRUPTIONS = {
     "SIGKILL mid-round, then mid-checkpoint-write": [
         ("mid", 40, -signal.SIGKILL, ("feddpa-t", 2)),                  # client 0, round 2, global training
         ("write", 1, -signal.SIGKILL, ("feddpa-t", 2))],                # resumed: round 2's checkpoint never lands
-    "Ctrl-C mid-round": [("sigint", 9, 130, ("fedit", 1))],              # client 1 in round 1
-    "NaN loss": [("nan", 25, 2, ("feddpa-t", 1))],                       # FedDPA-T: client 0 in round 1
+    "Ctrl-C mid-round": [("sigint", 9, 130, ("fedit", 1))],              # client 1 in the 2nd round
+    "NaN loss": [("nan", 25, 2, ("feddpa-t", 1))],                       # FedDPA-T: client 0 in its 2nd round
 }
 
 
@@ -125,7 +125,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(case, tiny_run, reference,
         if how == "sigint":
             assert last == f"interrupted; completed rounds are saved. Resume with: python train.py --resume {out}"
         if how == "nan":  # names the method, client and round; the last good round stays
-            assert last.startswith("error: feddpa-t: loss became nan while training the local adapter of client 0 in round 1")
+            assert last.startswith("error: feddpa-t: loss became nan while training the local adapter of client 0 in round 2")
             assert "checkpoint.pt keeps the last good round (1 of 3 complete)" in last
         if how == "write":
             assert list(Path(out).glob("checkpoint.pt.tmp*"))  # the half-done write, never renamed
@@ -351,7 +351,7 @@ def test_diverging_run_stops_naming_client_and_round(tiny_run, tmp_path, capsys)
     code, err = main_error([*tiny_run[2], "--out", str(out), "--lr", "1e30"], capsys)
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("error: fedit: loss became")
-    assert "of client 0 in round 0; stopped" in err and "keeps the last good round (0 of 3 complete)" in err
+    assert "of client 0 in round 1; stopped" in err and "keeps the last good round (0 of 3 complete)" in err
     assert torch.load(out / "checkpoint.pt", weights_only=True)["current"] is None  # the initial state
 
 

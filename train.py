@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import builtin
 import data
@@ -90,6 +91,7 @@ def parse_args(argv=None):
     ap.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its last complete round")
     ap.add_argument("--overwrite", action="store_true", help="replace the results of another run in --out")
     ap.add_argument("-v", "--verbose", action="store_true", help="print per-client scores")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-round lines (on stderr)")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
     return Config(**{f.name: getattr(args, f.name) for f in fields(Config)}), args
@@ -213,7 +215,9 @@ def run(cfg: Config, args):
     fd = load_data(cfg.data, cfg.seed, cfg.clients, cfg.dirichlet_alpha, cfg.min_client_size, cfg.test_per_task)
     t0 = time.time()
     bf16 = cfg.dtype == "bfloat16"
-    model_dir = pretrain.base_model(cfg.cache, cfg.seed, cfg.pretrain_steps, device, bf16) if cfg.model == "builtin" else cfg.model
+    progress = not args.quiet
+    model_dir = (pretrain.base_model(cfg.cache, cfg.seed, cfg.pretrain_steps, device, bf16, progress)
+                 if cfg.model == "builtin" else cfg.model)
     model_config = hf.config_from_hf(os.path.join(model_dir, "config.json"))
     tok = hf.load_tokenizer(model_dir, model_config)
     encoded = data.encode_clients(fd.clients, tok, cfg.cutoff)
@@ -242,20 +246,27 @@ def run(cfg: Config, args):
           f"({sum(p.numel() for p in model.parameters() if not p.requires_grad):,} frozen parameters); device {device}")
     for note in fd.notes:
         print(f"note: {note}")
+    todo_phases = [p for p, needed in feddpa.PHASES.items() if needed & set(methods) and p not in state["trained"]]
+    todo_methods = [m for m in methods if m not in state["results"]]
+    answers = sum(evaluation.answers_needed(m, fd.tests, len(fd.clients)) for m in todo_methods)
+    print("work ahead: " + "; ".join(f"{p} {feddpa.schedule(p, rec, len(fd.clients))}" for p in todo_phases)
+          + f"{'; ' if todo_phases else ''}{answers:,} answers of up to {cfg.max_new_tokens} tokens for {len(todo_methods)} methods")
 
     for name, needed in feddpa.PHASES.items():
         if needed & set(methods) and name not in state["trained"]:
             phase = feddpa.setup_phase(name, model, tok.pad_id, rec, encoded, state["init"], state["trained"])
-            runs.run_phase(name, phase, state, save, cfg.seed, cfg.weighting, cfg.out)
+            runs.run_phase(name, phase, state, save, cfg.seed, cfg.weighting, cfg.out, progress)
     dec = evaluation.Decode(cfg.max_new_tokens, cfg.num_beams, cfg.eval_batch_size, cfg.cutoff)
-    for method in methods:
-        if method not in state["results"]:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                state["results"][method] = evaluation.evaluate_method(method, model, tok, fd.tests, fd.clients, fd.client_tasks,
-                                                                  state["trained"], state["init"], rec, dec, device)
-            save(state)
-    runs.write_results(cfg.out, asdict(cfg), state, fd.client_tasks, time.time() - t_start)
+    for method in todo_methods:
+        bar = tqdm(total=evaluation.answers_needed(method, fd.tests, len(fd.clients)), desc=f"evaluating {method}",
+                   unit="answer", leave=False, disable=not progress)
+        with bar, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            state["results"][method] = evaluation.evaluate_method(method, model, tok, fd.tests, fd.clients, fd.client_tasks,
+                                                                  state["trained"], state["init"], rec, dec, device, bar)
+        save(state)
+    res = runs.write_results(cfg.out, asdict(cfg), state, fd.client_tasks, time.time() - t_start)
     runs.print_table(state["results"], list(fd.tests), fd.client_tasks, args.verbose)
+    runs.print_times(res["seconds"])
     print(f"\nresults: {os.path.join(cfg.out, 'results.json')}  ({time.time() - t_start:.0f}s)")
 
 

@@ -1,0 +1,47 @@
+"""plot.py: the four figures of a finished run, and a one-line error without matplotlib."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import builtin
+import data
+import train
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("plot")
+    world = builtin.benchmark(seed=0, n_train=20, n_test=4)
+    data.write_federated(data.federated_data("tiny", world.clients[:3], [r for recs in list(world.tests.values())[:3]
+                                                                           for r in recs]), d / "data")
+    train.main(["--data", str(d / "data"), "--model", str(tiny_dir), "--rounds", "2", "--local-steps", "1",
+                "--batch-size", "4", "--micro-batch-size", "4", "--test-per-task", "2", "--max-new-tokens", "3",
+                "--methods", "base,fedit,feddpa-t,feddpa-t-calibrated", "--seeds", "0,1", "--out", str(d / "out"), "-q"])
+    return d / "out"
+
+
+def test_plot_writes_four_figures_of_the_expected_size(finished, capsys):
+    import matplotlib.image
+    import plot
+    assert plot.main([str(finished)]) == 0
+    methods = 4
+    expected = {"scores": (400, int(max(6, 0.7 * methods + 2) * 100)), "clients": (300, 1380),
+                "lambda": (280, 700), "loss": (400, 600)}  # (height, width) in pixels at 100 dpi
+    for name, (h, w) in expected.items():
+        image = matplotlib.image.imread(finished / "figures" / f"{name}.png")
+        assert image.shape[:2] == (h, w), name
+        assert image[..., :3].std() > 0.05, f"{name}.png is blank"
+    assert capsys.readouterr().out.count("figures") == 4
+    seeds = json.loads((finished / "results.json").read_text())["seeds"]
+    assert seeds == [0, 1]
+
+
+def test_plot_without_matplotlib_or_results_is_one_line(tmp_path):
+    block = "import sys; sys.modules['matplotlib'] = None; import plot; sys.exit(plot.main([sys.argv[1]]))"
+    r = subprocess.run([sys.executable, "-c", block, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == "error: plot.py needs matplotlib: pip install matplotlib\n"
+    r = subprocess.run([sys.executable, "plot.py", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "results.json: not the results of a finished run" in r.stderr
