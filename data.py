@@ -61,20 +61,38 @@ def encode_example(tok, rec: dict, cutoff: int = 512) -> dict | None:
     return {"input_ids": ids[:cutoff], "labels": ([IGNORE_INDEX] * len(prompt) + ids[len(prompt):])[:cutoff]}
 
 
-def encode_clients(clients: list, tok, cutoff: int) -> list:
-    """Each client's records encoded (encode_example); ValueError if --cutoff leaves no room for any."""
+def encode_clients(clients: list, tok, cutoff: int, max_dropped: float = 0.2) -> list:
+    """Each client's records encoded (encode_example). A record whose prompt alone fills --cutoff is
+    dropped, and said so per client; ValueError if a client loses more than max_dropped of its records
+    (or --cutoff leaves no room for any), naming the client and the settings that change it."""
     template = len(encode_prompt(tok, {"instruction": ""}, 1 << 30))  # BOS and the prompt's fixed text
     if cutoff <= template + 1:  # room for at least one token of instruction and one of response
         raise ValueError(f"--cutoff {cutoff} is too short: the prompt template alone takes {template} tokens")
     encoded = []
     for i, recs in enumerate(clients):
         ex = [e for e in (encode_example(tok, r, cutoff) for r in recs) if e is not None]
-        if len(ex) < len(recs):
-            print(f"client {i}: {len(recs) - len(ex)} records dropped (prompt longer than --cutoff {cutoff})")
-        if not ex:
-            raise ValueError(f"client {i}: every record's prompt is longer than --cutoff {cutoff}")
+        lost = len(recs) - len(ex)
+        if lost > max_dropped * len(recs):
+            raise ValueError(f"client {i} would lose {lost} of its {len(recs)} records ({lost / len(recs):.0%}), "
+                             f"whose prompts fill --cutoff {cutoff}: raise --cutoff, or allow it with "
+                             f"--max-dropped {lost / len(recs):.2f}")
+        if lost:
+            print(f"client {i}: {lost} of {len(recs)} records dropped (prompt longer than --cutoff {cutoff})")
         encoded.append(ex)
     return encoded
+
+
+def check_lengths(model_name: str, tok, max_seq_len: int, tests: dict, encoded: list, cutoff: int, max_new_tokens: int):
+    """Up front, not hours later: every training sequence and every test prompt plus its answer fits the
+    model's context; if not, one error naming the --cutoff that fits."""
+    prompt = max(len(encode_prompt(tok, r, cutoff)) for recs in tests.values() for r in recs)
+    longest = max([len(e["input_ids"]) for ex in encoded for e in ex] + [prompt + max_new_tokens])
+    if longest > max_seq_len:
+        name = "the built-in base" if model_name == "builtin" else model_name
+        fits = (f"use --cutoff {max_seq_len - max_new_tokens} or less" if max_seq_len - max_new_tokens > 16
+                else "lower --max-new-tokens")
+        raise ValueError(f"{name}: the model reads at most {max_seq_len} tokens; with --max-new-tokens {max_new_tokens} "
+                        f"(answers share them with the prompt, which --cutoff {cutoff} bounds), {fits}")
 
 
 def encode_prompt(tok, rec: dict, cutoff: int = 512) -> list[int]:

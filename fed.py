@@ -139,7 +139,7 @@ def run_rounds(fed: Federation, rounds: int, client_update, fraction: float = 1.
         chosen = sample_clients(len(fed.clients), fraction, seed, r)
         sent = nbytes(fed.global_adapter) * len(chosen)
         updates, metrics = [], []
-        for cid in tqdm(chosen, desc=f"round {r}", leave=False, unit="client", disable=not progress):
+        for cid in tqdm(chosen, desc=f"round {r + 1}", leave=False, unit="client", disable=not progress):
             update, client_metrics = client_update(r, fed.clients[cid], fed.global_adapter)  # down: global adapter
             updates.append(update)                                               # up: Update only
             metrics.append(client_metrics)

@@ -291,6 +291,11 @@ def test_bad_model_exits_with_one_line_and_keeps_the_output(case, tiny_run, run_
 
 
 BAD_CONFIGS = {  # extra arguments -> message pieces
+    "settings with --resume": (["--resume", "RUN"], ["--resume takes every setting from", "config.json", "drop --data"]),
+    "--local-epochs while --local-steps counts": (["--overwrite", "--local-epochs", "5"],
+                                                  ["--local-epochs is used only with --local-steps 0 (now 2)"]),
+    "too many records dropped": (["--overwrite", "--cutoff", "40"], ["would lose", "whose prompts fill --cutoff 40",
+                                                                     "--max-dropped"]),
     "another run's folder": ([], ["holds another run (results.json); use --resume", "--overwrite"]),
     "unknown method": (["--overwrite", "--methods", "fedit,fedprox"], ["unknown method(s) fedprox; choose from base, local"]),
     "client fraction 0": (["--overwrite", "--fraction", "0"], ["--fraction 0.0 must be in (0, 1]"]),
@@ -306,6 +311,7 @@ BAD_CONFIGS = {  # extra arguments -> message pieces
 @pytest.mark.parametrize("case", BAD_CONFIGS)
 def test_impossible_config_exits_with_one_line_and_keeps_the_output(case, tiny_run, run_copy, capsys):
     extra, pieces = BAD_CONFIGS[case]
+    extra = [str(run_copy) if a == "RUN" else a for a in extra]
     (run_copy / "results.json").write_text("{}")  # as a finished run has one
     before = tree_bytes(run_copy)
     code, err = main_error([*tiny_run[2], "--out", str(run_copy), *extra], capsys)

@@ -58,6 +58,7 @@ class Config:
     dirichlet_alpha: float = opt(0.5, "Dirichlet concentration for --clients N")
     min_client_size: int = opt(10, "minimum examples per client in a Dirichlet split")
     cutoff: int = opt(512, "maximum tokens per training example")
+    max_dropped: float = opt(0.2, "refuse a run where a client loses more than this share of its records to --cutoff")
     local_weight: float = opt(0.5, "FedDPA-T: local adapter weight a while training it; the -fixed rows' weight")
     lambda_scale: float = opt(0.5, "dynamic weighting: lambda = lambda_scale * mean cosine similarity")
     k_refs: int = opt(5, "dynamic weighting: K training instructions per client")
@@ -94,7 +95,19 @@ def parse_args(argv=None):
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-round lines (on stderr)")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
-    return Config(**{f.name: getattr(args, f.name) for f in fields(Config)}), args
+    cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+    args.given = [f.name for f in fields(Config) if getattr(cfg, f.name) != f.default]  # set on the command line
+    return cfg, args
+
+
+def check_flags(cfg: Config, args):
+    """Flags that would be ignored are refused, not ignored."""
+    ignored = [name for name in args.given if name != "device"]
+    if args.resume and ignored:  # the run's own settings win
+        raise UserError(f"--resume takes every setting from {args.resume}/config.json (only --device may change); "
+                        f"drop --{ignored[0].replace('_', '-')}")
+    if "local_epochs" in args.given and cfg.local_steps:
+        raise UserError(f"--local-epochs is used only with --local-steps 0 (now {cfg.local_steps})")
 
 
 def resumed_config(cfg: Config, out: str) -> Config:
@@ -135,6 +148,7 @@ def check_config(cfg: Config):
                 (cfg.clients < 0, f"--clients {cfg.clients} must be >= 0"),
                 (cfg.dirichlet_alpha <= 0, f"--dirichlet-alpha {cfg.dirichlet_alpha} must be > 0"),
                 (cfg.cutoff < 2, f"--cutoff {cfg.cutoff} must be >= 2"),
+                (not 0 <= cfg.max_dropped <= 1, f"--max-dropped {cfg.max_dropped} must be in [0, 1]"),
                 (not 0 <= cfg.local_weight <= 1, f"--local-weight {cfg.local_weight} must be in [0, 1]"),
                 (not 0 <= cfg.lora_dropout < 1, f"--lora-dropout {cfg.lora_dropout} must be in [0, 1)"),
                 (cfg.finetune_rounds <= 0, f"--finetune-rounds {cfg.finetune_rounds} must be > 0"),
@@ -181,26 +195,13 @@ def load_data(name: str, seed: int, clients: int, dirichlet_alpha: float, min_cl
     return fd
 
 
-def check_lengths(model_name: str, tok, max_seq_len: int, tests: dict, encoded: list, cutoff: int, max_new_tokens: int):
-    """Up front, not hours later: every training sequence and every test prompt plus its answer fits
-    the model's context."""
-    longest = max(len(e["input_ids"]) for ex in encoded for e in ex)
-    if longest > max_seq_len:
-        raise UserError(f"{model_name}: the model reads at most {max_seq_len} tokens, but a training example has "
-                        f"{longest}; lower --cutoff")
-    prompt = max(len(data.encode_prompt(tok, r, cutoff)) for recs in tests.values() for r in recs)
-    if prompt + max_new_tokens > max_seq_len:
-        raise UserError(f"{model_name}: the model reads at most {max_seq_len} tokens, but a test prompt of {prompt} "
-                        f"plus --max-new-tokens {max_new_tokens} needs {prompt + max_new_tokens}; "
-                        "lower --cutoff or --max-new-tokens")
-
-
 # ----------------------------------------------------------------------------------------------
 
 def run(cfg: Config, args):
     """Everything is read and checked before the first write, so a run that fails on bad input leaves
     any existing output folder exactly as it was."""
     t_start = time.time()
+    check_flags(cfg, args)
     if args.resume:
         cfg = resumed_config(cfg, args.resume)
         state = runs.load_state(cfg.out)
@@ -220,8 +221,8 @@ def run(cfg: Config, args):
                  if cfg.model == "builtin" else cfg.model)
     model_config = hf.config_from_hf(os.path.join(model_dir, "config.json"))
     tok = hf.load_tokenizer(model_dir, model_config)
-    encoded = data.encode_clients(fd.clients, tok, cfg.cutoff)
-    check_lengths(cfg.model, tok, model_config.max_seq_len, fd.tests, encoded, cfg.cutoff, cfg.max_new_tokens)
+    encoded = data.encode_clients(fd.clients, tok, cfg.cutoff, cfg.max_dropped)
+    data.check_lengths(cfg.model, tok, model_config.max_seq_len, fd.tests, encoded, cfg.cutoff, cfg.max_new_tokens)
     # bfloat16: the frozen base is stored in bfloat16 (half the memory, no cast at every step); the
     # adapters, which train, stay float32, and autocast runs the matmuls in bfloat16
     model = hf.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32, device=device)
@@ -241,7 +242,7 @@ def run(cfg: Config, args):
         runs.remove_partial_writes(cfg.out)
     methods = cfg.methods.split(",")
     rec = recipe(cfg)
-    print(f"data: {fd.name}, {len(fd.clients)} clients, {sum(map(len, fd.clients))} training examples, "
+    print(f"data: {fd.name}, {len(fd.clients)} clients, {sum(map(len, encoded))} training examples, "
           f"{len(fd.tests)} test tasks x <= {max(map(len, fd.tests.values()))}; model: {model_dir} "
           f"({sum(p.numel() for p in model.parameters() if not p.requires_grad):,} frozen parameters); device {device}")
     for note in fd.notes:
@@ -273,6 +274,7 @@ def run(cfg: Config, args):
 def run_seeds(cfg: Config, args):
     """The whole comparison once per seed, each in its own folder (resumed where it has begun), then the
     mean and standard deviation over seeds of every method's scores, in OUT/results.json and a table."""
+    check_flags(cfg, args)
     if args.resume:
         cfg = resumed_config(cfg, args.resume)
     else:
@@ -286,7 +288,7 @@ def run_seeds(cfg: Config, args):
         begun = os.path.isfile(os.path.join(out, "config.json"))
         print(f"\n=== seed {seed}: {out}{' (resumed)' if begun else ''}")
         run(replace(cfg, seed=seed, seeds="", out=out),
-            argparse.Namespace(**{**vars(args), "resume": out if begun else None}))
+            argparse.Namespace(**{**vars(args), "resume": out if begun else None, "given": []}))
         with open(os.path.join(out, "results.json")) as f:
             per_seed[seed] = json.load(f)
     runs.write_seed_summary(cfg.out, asdict(cfg), per_seed)
