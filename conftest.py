@@ -106,6 +106,14 @@ def tok(world, tmp_path_factory):
     return hf.SentencePieceTokenizer(str(path))
 
 
+def write_three_clients(path, n_train: int, n_test: int):
+    """The built-in benchmark's first three clients and their tasks' tests, in the paper's layout at path."""
+    world = builtin.benchmark(seed=0, n_train=n_train, n_test=n_test)
+    tests = [r for recs in list(world.tests.values())[:3] for r in recs]
+    data.write_federated(data.federated_data("tiny", world.clients[:3], tests), path)
+    return path
+
+
 def small_fed():
     return builtin.benchmark(seed=0, n_train=3, n_test=2)
 

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-import builtin
 import data
 import fed
 import evaluation
@@ -13,6 +12,7 @@ import feddpa
 import hf
 import lora
 import train
+from conftest import write_three_clients
 
 def snapshot(m):
     return {k: v.clone() for k, v in m.state_dict().items()}
@@ -150,9 +150,7 @@ def test_p_and_ttp():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_every_method_end_to_end_on_a_tiny_run(tiny_dir, tmp_path, capsys, dtype):
-    world = builtin.benchmark(seed=0, n_train=40, n_test=6)
-    data.write_federated(data.federated_data("tiny", world.clients[:3], [r for recs in list(world.tests.values())[:3] for r in recs]),
-                         tmp_path / "data")
+    write_three_clients(tmp_path / "data", n_train=40, n_test=6)
     out = tmp_path / "out"
     train.main(["--data", str(tmp_path / "data"), "--model", str(tiny_dir), "--rounds", "2", "--local-steps", "2",
                 "--batch-size", "4", "--micro-batch-size", "2", "--test-per-task", "3", "--max-new-tokens", "4",
@@ -183,9 +181,7 @@ def test_partial_participation(tiny_dir, tmp_path, capsys):
     """--fraction 1/3 of 3 clients for 3 rounds: Local is sampled as FedIT is; a local adapter stays on its
     client through the rounds it sits out; a client that never trained one is scored with the global
     adapter alone (its dynamic and fixed rows agree, with no lambda), and the table says so."""
-    world = builtin.benchmark(seed=0, n_train=20, n_test=4)
-    data.write_federated(data.federated_data("tiny", world.clients[:3], [r for recs in list(world.tests.values())[:3] for r in recs]),
-                         tmp_path / "data")
+    write_three_clients(tmp_path / "data", n_train=20, n_test=4)
     out = tmp_path / "out"
     train.main(["--data", str(tmp_path / "data"), "--model", str(tiny_dir), "--rounds", "3", "--local-steps", "1",
                 "--batch-size", "4", "--micro-batch-size", "4", "--test-per-task", "2", "--max-new-tokens", "3",

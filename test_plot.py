@@ -5,18 +5,14 @@ import sys
 
 import pytest
 
-import builtin
-import data
 import train
-from conftest import ROOT
+from conftest import ROOT, write_three_clients
 
 
 @pytest.fixture(scope="module")
 def finished(tiny_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("plot")
-    world = builtin.benchmark(seed=0, n_train=20, n_test=4)
-    data.write_federated(data.federated_data("tiny", world.clients[:3], [r for recs in list(world.tests.values())[:3]
-                                                                           for r in recs]), d / "data")
+    write_three_clients(d / "data", n_train=20, n_test=4)
     train.main(["--data", str(d / "data"), "--model", str(tiny_dir), "--rounds", "2", "--local-steps", "1",
                 "--batch-size", "4", "--micro-batch-size", "4", "--test-per-task", "2", "--max-new-tokens", "3",
                 "--methods", "base,fedit,feddpa-t,feddpa-t-calibrated", "--seeds", "0,1", "--out", str(d / "out"), "-q"])
