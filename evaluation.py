@@ -118,7 +118,7 @@ def answers_needed(method: str, tests: dict, n_clients: int) -> int:
 
 
 def evaluate_method(method: str, model, tok, tests: dict, client_data: list, client_tasks: list, trained: dict,
-                    init: dict, recipe: Recipe, dec: Decode, device, progress=None) -> dict:
+                    recipe: Recipe, dec: Decode, device, progress=None) -> dict:
     """Each client's scores on every task with the adapters and mix of `method`; P and TTP.
 
     client_data: each client's training records (the dynamic weight's references); trained: as for

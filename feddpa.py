@@ -289,7 +289,8 @@ class Calibrated:
 
     def lam(self, model, ids, mask):
         c = F.normalize(represent(model, ids, mask, self.pool).float() - self.centre, dim=-1)
-        return self.scale * ((top_k_similarity(c, self.refs, self.k) - self.lo) / (self.mid - self.lo)).clamp(0.0, 1.0)
+        unit = ((top_k_similarity(c, self.refs, self.k) - self.lo) / (self.mid - self.lo)).clamp(0.0, 1.0)
+        return (self.scale * unit).clamp(max=1.0)  # (B,); as the paper's, never above 1
 
 
 def calibrated(model, tok, records, recipe: Recipe, client_id: int, device, cutoff=512) -> Calibrated:

@@ -325,8 +325,8 @@ def test_every_method_is_evaluated_with_its_own_adapters_and_mix(setting, tiny_d
         answers = [oracle_answers(method, c) for c in range(3)]
         tests = {task: [{**rec, "output": answers[0][task][i] or "-"} for i, rec in enumerate(world.tests[task][:2])]
                  for task in tasks}
-        got = evaluation.evaluate_method(method, model, tok, tests, world.clients[:3], client_tasks, trained, init,
-                                         recipe, dec, "cpu")
+        got = evaluation.evaluate_method(method, model, tok, tests, world.clients[:3], client_tasks, trained, recipe,
+                                         dec, "cpu")
         for c in range(3):
             for task in tasks:
                 want = evaluation.score(answers[c][task], [r["output"] for r in tests[task]])

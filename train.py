@@ -263,7 +263,7 @@ def run(cfg: Config, args):
                    unit="answer", leave=False, disable=not progress)
         with bar, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             state["results"][method] = evaluation.evaluate_method(method, model, tok, fd.tests, fd.clients, fd.client_tasks,
-                                                                  state["trained"], state["init"], rec, dec, device, bar)
+                                                                  state["trained"], rec, dec, device, bar)
         save(state)
     res = runs.write_results(cfg.out, asdict(cfg), state, fd.client_tasks, time.time() - t_start)
     runs.print_table(state["results"], list(fd.tests), fd.client_tasks, args.verbose)
