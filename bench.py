@@ -312,9 +312,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=8, help="timed steps per scenario, after 2 warmup steps (default 8)")
     ap.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios (default: all)")
     ap.add_argument("--check-steps", type=int, default=50, help="scenario c: steps of the bf16 vs fp32 loss check")
-    ap.add_argument("--flan", default=os.path.join(HERE, "..", "shared", "data", "feddpa-flan1"), help="FLAN data")
-    ap.add_argument("--smollm2", default=os.path.expanduser("~/.cache/feddpa/smollm2-135m-instruct"),
-                    help="scenario gen: an HF directory of SmolLM2-135M-Instruct")
+    ap.add_argument("--flan", default=os.environ.get("FEDDPA_FLAN", "data/feddpa-flan1"),
+                    help="FLAN data set 1 (python fetch.py DIR; default $FEDDPA_FLAN or data/feddpa-flan1)")
+    ap.add_argument("--smollm2", default=os.environ.get("FEDDPA_SMOLLM2", os.path.expanduser("~/.cache/feddpa/smollm2-135m-instruct")),
+                    help="scenario gen: an HF folder of SmolLM2-135M-Instruct (python tools/get_smollm2.py)")
     ap.add_argument("--e2e", action="store_true", help="also time `python train.py` end to end (minutes)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's table of our step (scenario a)")
     args = ap.parse_args(argv)

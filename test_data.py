@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 import builtin
 import data
 import hf
-from conftest import CATEGORIES, FLAN, MALFORMED, small_fed, smollm2_dir, tree_bytes
+from conftest import CATEGORIES, FLAN, MALFORMED, needs_flan, small_fed, smollm2_dir, tree_bytes
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -85,6 +85,7 @@ def test_a_piece_merged_across_the_boundary_keeps_the_prompt_and_the_response(tm
     assert ex["labels"] == [-100] * len(prompt) + tok.encode("(1)") + [tok.eos_id]
 
 
+@needs_flan
 def test_labels_with_smollm2_tokenizer_json_are_the_official_ones():
     """SmolLM2's tokenizer.json (byte-level BPE, no BOS), read by the tokenizers package directly."""
     from tokenizers import Tokenizer
@@ -163,6 +164,7 @@ def test_untrained_test_category_is_noted(tmp_path):
         data.write_federated(fed, tmp_path)
 
 
+@needs_flan
 def test_loads_released_flan_data():
     fed = data.load_federated(FLAN)
     assert [len(c) for c in fed.clients] == [300] * 8
