@@ -87,7 +87,7 @@ def test_linear_cross_entropy_chunks(rows):
 
 
 def test_real_checkpoint_smollm2_matches_transformers():
-    """SmolLM2-135M-Instruct, a real pretrained Llama, built offline by ../shared/tools/get_smollm2.py."""
+    """SmolLM2-135M-Instruct, a real pretrained Llama, built offline by tools/get_smollm2.py."""
     from transformers import AutoModelForCausalLM
     d = smollm2_dir()
     ours = hf.from_pretrained(d).eval()
