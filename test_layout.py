@@ -7,7 +7,7 @@ import pytest
 from conftest import ROOT
 
 LAYERS = [{"model"}, {"lora", "generate", "hf"}, {"data"}, {"builtin"}, {"pretrain", "fed"}, {"feddpa"}, {"evaluation"},
-          {"runs"}, {"train", "bench_infer", "plot", "fetch"}, {"bench"}]
+          {"runs", "export"}, {"train", "bench_infer", "plot", "fetch"}, {"bench"}]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 

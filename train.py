@@ -23,6 +23,7 @@ from tqdm import tqdm
 import builtin
 import data
 import evaluation
+import export
 import fed
 import feddpa
 import hf
@@ -70,6 +71,7 @@ class Config:
     num_beams: int = opt(1, "beam search width (the paper: 4)")
     eval_batch_size: int = opt(64, "prompts per generation batch")
     pretrain_steps: int = opt(160, "steps of pretraining for the built-in base model")
+    init_adapter: str = opt("", "start every adapter from this PEFT adapter folder (e.g. one export.py wrote)")
     seed: int = opt(0, "seed for everything")
     seeds: str = opt("", "comma-separated seeds, e.g. 0,1,2: the whole comparison once per seed in OUT/seed<N>, then mean ± std")
     device: str = opt("auto", "auto, cpu or cuda")
@@ -234,7 +236,8 @@ def run(cfg: Config, args):
     def save(s):
         runs.save_state(cfg.out, s)
     if state is None:
-        state = {"init": lora.get_adapter(model, "global"), "trained": {}, "results": {}, "current": None,
+        init = export.read_peft(cfg.init_adapter, model) if cfg.init_adapter else lora.get_adapter(model, "global")
+        state = {"init": init, "trained": {}, "results": {}, "current": None,
                  "pretrain_seconds": pretrain_seconds}
         runs.start(cfg.out, asdict(cfg), state)
     else:
