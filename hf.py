@@ -170,6 +170,22 @@ def read_bin(path: str) -> dict:
         raise CheckpointError(f"{path}: cannot load ({first_line(e)})") from None
 
 
+def resolve(name: str) -> str:
+    """A model folder: name itself if it is one, else a Hugging Face hub id fetched into the hub's usual
+    cache with the optional huggingface_hub package (config, safetensors weights, tokenizer files)."""
+    if os.path.isdir(name):
+        return name
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{name}: not a folder; to fetch it from the Hugging Face hub: pip install huggingface_hub") from None
+    try:
+        return snapshot_download(repo_id=name, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
+    except Exception as e:  # offline, no such repository, a gated one: what the hub says, in one line
+        raise CheckpointError(f"{name}: not a folder, and the hub could not provide it ({first_line(e)[:300]}); "
+                              "download it and pass its folder") from None
+
+
 def from_pretrained(d: str, dtype=torch.float32, device="cpu") -> Llama:
     config = config_from_hf(os.path.join(d, "config.json"))
     sd = {k: v for k, v in read_weights(d).items() if not k.endswith("rotary_emb.inv_freq")}

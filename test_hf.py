@@ -2,6 +2,7 @@
 by hand equal to the library, atomic writes, and nothing unpickled but through weights_only."""
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -68,3 +69,15 @@ def test_nothing_is_unpickled_but_through_weights_only_torch_load():
         assert not re.search(r"pickle\.loads?\(|Unpickler|allow_pickle=True|weights_only=False", src), path
         for call in re.findall(r"torch\.load\([^)]*\)", src):
             assert "weights_only=True" in call, (path, call)
+
+
+def test_a_model_that_is_no_folder_is_a_hub_id_with_one_line_errors(tmp_path, monkeypatch):
+    assert hf.resolve(str(tmp_path)) == str(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no test needs the network
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hub"))
+    with pytest.raises(hf.CheckpointError) as e:
+        hf.resolve("someone/no-such-model")
+    assert "\n" not in str(e.value) and "the hub could not provide it" in str(e.value)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if the optional package were absent
+    with pytest.raises(hf.CheckpointError, match="not a folder; to fetch it from the Hugging Face hub: pip install huggingface_hub"):
+        hf.resolve("someone/no-such-model")

@@ -40,7 +40,7 @@ def opt(default, help):
 @dataclass
 class Config:
     data: str = opt("builtin", "'builtin' benchmark or a directory in the paper's federated format")
-    model: str = opt("builtin", "'builtin' tiny base (pretrained here, cached) or an HF Llama directory")
+    model: str = opt("builtin", "'builtin' tiny base (pretrained here, cached), an HF Llama folder, or a hub id")
     methods: str = opt(",".join(feddpa.METHODS), "comma-separated methods to run")
     rounds: int = opt(30, "communication rounds R (the paper: 20)")
     local_epochs: float = opt(1.0, "epochs over a client's data per round (when --local-steps is 0)")
@@ -220,7 +220,7 @@ def run(cfg: Config, args):
     bf16 = cfg.dtype == "bfloat16"
     progress = not args.quiet
     model_dir = (pretrain.base_model(cfg.cache, cfg.seed, cfg.pretrain_steps, device, bf16, progress)
-                 if cfg.model == "builtin" else cfg.model)
+                 if cfg.model == "builtin" else hf.resolve(cfg.model))
     model_config = hf.config_from_hf(os.path.join(model_dir, "config.json"))
     tok = hf.load_tokenizer(model_dir, model_config)
     encoded = data.encode_clients(fd.clients, tok, cfg.cutoff, cfg.max_dropped)
