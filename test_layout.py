@@ -32,3 +32,10 @@ def test_imports_go_down_the_layers_only(name):
 def test_every_library_file_is_in_a_layer():
     files = {p.stem for p in ROOT.glob("*.py") if not p.stem.startswith("test_") and p.stem != "conftest"}
     assert files == set(LAYER)
+
+
+def test_the_package_installs_every_library_module():
+    import tomllib
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        modules = set(tomllib.load(f)["tool"]["setuptools"]["py-modules"])
+    assert modules == set(LAYER) - {"bench", "bench_infer"}
