@@ -321,6 +321,22 @@ def mean_std(xs: list) -> tuple:
     return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
 
 
+def run_seeds(out: str, seeds: list, config: dict, run_one):
+    """run_one(seed, folder, begun) for each seed in OUT/seed<N> (begun: the folder holds a started run, to
+    resume), then the summary over seeds."""
+    os.makedirs(out, exist_ok=True)
+    atomic_write(os.path.join(out, "config.json"), [json.dumps(config, indent=1).encode()])
+    per_seed = {}
+    for seed in seeds:
+        folder = os.path.join(out, f"seed{seed}")
+        begun = os.path.isfile(os.path.join(folder, "config.json"))
+        print(f"\n=== seed {seed}: {folder}{' (resumed)' if begun else ''}")
+        run_one(seed, folder, begun)
+        with open(os.path.join(folder, "results.json")) as f:
+            per_seed[seed] = json.load(f)
+    write_seed_summary(out, config, per_seed)
+
+
 def write_seed_summary(out: str, config: dict, per_seed: dict):
     """OUT/results.json: every seed's results and, per method, each metric's mean and (sample) std over
     seeds; and the table of them."""

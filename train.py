@@ -9,7 +9,6 @@ methods need (feddpa.setup_phase, checkpointed by runs.run_phase), each method's
 (evaluation.evaluate_method), the table and results.json; run_seeds: the same per seed, mean ± std.
 """
 import argparse
-import json
 import os
 import random
 import sys
@@ -78,7 +77,6 @@ class Config:
     dtype: str = opt("float32", "float32, or bfloat16: the frozen base in bfloat16, autocast, float32 adapters")
     out: str = opt("runs/default", "output folder")
     cache: str = opt("~/.cache/feddpa", "where the built-in base model is cached")
-
 
 
 ALIASES = {"lambda_scale": "alpha", "local_weight": "mix"}  # earlier flag and config.json names, still accepted
@@ -283,18 +281,9 @@ def run_seeds(cfg: Config, args):
     else:
         runs.check_new(cfg.out, args.overwrite)
     check_config(cfg)
-    os.makedirs(cfg.out, exist_ok=True)
-    hf.atomic_write(os.path.join(cfg.out, "config.json"), [json.dumps(asdict(cfg), indent=1).encode()])
-    per_seed = {}
-    for seed in [int(s) for s in cfg.seeds.split(",")]:
-        out = os.path.join(cfg.out, f"seed{seed}")
-        begun = os.path.isfile(os.path.join(out, "config.json"))
-        print(f"\n=== seed {seed}: {out}{' (resumed)' if begun else ''}")
-        run(replace(cfg, seed=seed, seeds="", out=out),
-            argparse.Namespace(**{**vars(args), "resume": out if begun else None, "given": []}))
-        with open(os.path.join(out, "results.json")) as f:
-            per_seed[seed] = json.load(f)
-    runs.write_seed_summary(cfg.out, asdict(cfg), per_seed)
+    runs.run_seeds(cfg.out, [int(s) for s in cfg.seeds.split(",")], asdict(cfg),
+                   lambda seed, out, begun: run(replace(cfg, seed=seed, seeds="", out=out), argparse.Namespace(
+                       **{**vars(args), "resume": out if begun else None, "given": []})))
 
 
 def main(argv=None):
