@@ -44,13 +44,21 @@ def find_gguf(tmp: str) -> str:
 
 def build(out: str) -> int:
     """Write the HF folder to out (via a temporary folder and one rename); its parameter count."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     with tempfile.TemporaryDirectory() as tmp:
         path = find_gguf(tmp)
         folder, name = os.path.dirname(path), os.path.basename(path)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        # transformers marks a GGUF-loaded model as quantized and will not save it: the same dequantized
+        # weights in a fresh model of the same config
+        config = loaded.config
+        for key in ("quantization_config", "gguf_file"):
+            if hasattr(config, key):
+                delattr(config, key)
+        model = type(loaded)(config)
+        model.load_state_dict(loaded.state_dict())
         staging = f"{out}.tmp{os.getpid()}"
         try:
             model.save_pretrained(staging)
