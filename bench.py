@@ -8,22 +8,7 @@
 Everything but --e2e runs in this one process on the CPU, with torch's default thread count.
 Timings are only as quiet as the machine: take numbers worth quoting with nothing else running.
 
-What is counted
-- tok/s: real (non-padding) tokens per second of a whole training step (forward, backward, fused AdamW
-  step, zero_grad): the fastest of the timed steps, after 2 untimed warmup steps (on a shared machine a
-  step can take 5x its quiet time; the best step, like the best matmul, is what reproduces). Both
-  implementations get the same batches and take turns, step by step, so a slow spell hits both;
-  "median" is the median over steps of the per-step time ratio. |dloss0| is the gap between their
-  losses on the first batch before training (eval mode): a check that they compute the same thing.
-- FLOPs: the matmul work a step needs. A frozen weight costs 4 FLOPs per token (forward 2, input
-  gradient 2; it needs no weight gradient), a trained one 6 (pretraining). Counted: the blocks'
-  projections at every real token, the vocabulary projection only at tokens with a label (the loss
-  needs no other logits; transformers computes them all, and is not credited for it). Not counted:
-  attention scores (about 4 * T * dim per layer and token), norms, LoRA's own rank-8 matmuls, the
-  embedding lookup. The usual MFU convention, 6 * N * tokens, would be 1.5x our LoRA numbers. Ours
-  skips part of that work (the last block runs only where a label is predicted), so its GFLOP/s is
-  a rate of the work counted, not of the work done.
-- %peak: achieved GFLOP/s over the best of ten 2048^3 matmuls (torch.mm) in the same dtype, here.
+What is counted (tok/s, median, |dloss0|, FLOPs, %peak): see the README's Speed section.
 """
 import argparse
 import os
