@@ -44,9 +44,7 @@ def bench_inference(d: str, tok, fd, n: int = 64):
     dec, recipe = evaluation.Decode(max_new_tokens=32, batch_size=64), feddpa.Recipe()
 
     def ours():
-        refs = feddpa.draw_references(fd.clients[0], recipe.k_refs, 0, 0)
-        ref_reps = feddpa.reference_reps(m, tok, refs, recipe.pool, "cpu")
-        evaluation.answer(m, tok, records, dec, "cpu", dynamic=feddpa.Dynamic(ref_reps, recipe.lambda_scale, recipe.pool, recipe.lambda_to))
+        evaluation.answer(m, tok, records, dec, "cpu", dynamic=feddpa.paper_weight(m, tok, fd.clients[0], recipe, 0, "cpu"))
     rate = {}
     for name, run in (("batched", ours), ("single", lambda: one_at_a_time(m, tok, records, fd.clients[0], dec, recipe))):
         for _ in range(2):  # the faster of two runs, as for training

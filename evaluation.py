@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 import lora
-from feddpa import Dynamic, Recipe, calibrated, draw_references, mix, prompt_batches, reference_reps
+from feddpa import Recipe, calibrated, mix, paper_weight, prompt_batches
 from generate import generate
 
 
@@ -111,10 +111,13 @@ def evaluate(model, tok, tests: dict, dec: Decode, device, weights=None, dynamic
     return result
 
 
+SHARED = ("base", "fedit", "centralized")  # methods whose model every client shares: evaluated once
+
+
 def answers_needed(method: str, tests: dict, n_clients: int) -> int:
     """How many answers evaluate_method generates: every test instance, once per client unless the
     method's model is shared by all."""
-    return sum(map(len, tests.values())) * (1 if method in ("base", "fedit", "centralized") else n_clients)
+    return sum(map(len, tests.values())) * (1 if method in SHARED else n_clients)
 
 
 def evaluate_method(method: str, model, tok, tests: dict, client_data: list, client_tasks: list, trained: dict,
@@ -126,7 +129,7 @@ def evaluate_method(method: str, model, tok, tests: dict, client_data: list, cli
     "no_local" lists the clients that never trained a local adapter."""
     t0 = time.time()
     no_local = []
-    if method in ("base", "fedit", "centralized"):
+    if method in SHARED:
         if method != "base":
             lora.set_adapter(model, "global", trained[method]["global"])
         scores = evaluate(model, tok, tests, dec, device, {} if method == "base" else {"global": 1.0}, progress=progress)
@@ -154,19 +157,11 @@ def evaluate_method(method: str, model, tok, tests: dict, client_data: list, cli
                                                   mix(recipe.local_weight) if task == client_tasks[i] else {"global": 1.0},
                                                   progress=progress)[task]
                                    for task, recs in tests.items()})
-            elif method.endswith("-calibrated"):
+            else:  # a dynamic weight, the calibrated one or the paper's
                 if progress is not None:
                     progress.set_postfix_str(f"client {i}: encoding its references")
-                weight = calibrated(model, tok, records, recipe, i, device, dec.cutoff)
-                if progress is not None:
-                    progress.set_postfix_str(f"client {i}")
-                per_client.append(evaluate(model, tok, tests, dec, device, dynamic=weight, progress=progress))
-            else:
-                if progress is not None:
-                    progress.set_postfix_str(f"client {i}: encoding its references")
-                refs = draw_references(records, recipe.k_refs, recipe.seed, i)
-                ref_reps = reference_reps(model, tok, refs, recipe.pool, device, dec.cutoff)
-                weight = Dynamic(ref_reps, recipe.lambda_scale, recipe.pool, recipe.lambda_to)
+                weigh = calibrated if method.endswith("-calibrated") else paper_weight
+                weight = weigh(model, tok, records, recipe, i, device, dec.cutoff)
                 if progress is not None:
                     progress.set_postfix_str(f"client {i}")
                 per_client.append(evaluate(model, tok, tests, dec, device, dynamic=weight, progress=progress))

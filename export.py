@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     try:
         with open(os.path.join(args.out, "config.json")) as f:
             config = json.load(f)
-        base = config["model"] if config["model"] != "builtin" else hf_base_of(args.out)
+        base = config["model"] if config["model"] != "builtin" else builtin_base(config)
         settings = lora_settings(config)
         adapters = os.path.join(args.out, "adapters")
         if not args.merge:
@@ -113,10 +113,8 @@ def main(argv=None) -> int:
         return 2
 
 
-def hf_base_of(out: str) -> str:
+def builtin_base(config: dict) -> str:
     """The built-in base a run used: its cached HF folder (pretrained anew, bit for bit, if the cache is gone)."""
-    with open(os.path.join(out, "config.json")) as f:
-        config = json.load(f)
     return pretrain.base_model(config["cache"], config["seed"], config["pretrain_steps"], torch.device("cpu"),
                                config["dtype"] == "bfloat16")
 

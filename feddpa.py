@@ -237,6 +237,14 @@ def dynamic_lambda(reps, ref_reps, scale: float):
     return (scale * cos.mean(-1)).clamp(0.0, 1.0)
 
 
+def paper_weight(model, tok, records, recipe: Recipe, client_id: int, device, cutoff=512) -> "Dynamic":
+    """A client's dynamic weight as the paper has it, from K of its training instructions (drawn once,
+    seeded); its local adapter must be loaded."""
+    refs = draw_references(records, recipe.k_refs, recipe.seed, client_id)
+    return Dynamic(reference_reps(model, tok, refs, recipe.pool, device, cutoff), recipe.lambda_scale, recipe.pool,
+                   recipe.lambda_to)
+
+
 @dataclass
 class Dynamic:
     """A client's dynamic weight: its cached reference representations and how lambda is applied."""

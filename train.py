@@ -254,10 +254,9 @@ def run(cfg: Config, args):
     print("work ahead: " + "; ".join(f"{p} {feddpa.schedule(p, rec, len(fd.clients))}" for p in todo_phases)
           + f"{'; ' if todo_phases else ''}{answers:,} answers of up to {cfg.max_new_tokens} tokens for {len(todo_methods)} methods")
 
-    for name, needed in feddpa.PHASES.items():
-        if needed & set(methods) and name not in state["trained"]:
-            phase = feddpa.setup_phase(name, model, tok.pad_id, rec, encoded, state["init"], state["trained"])
-            runs.run_phase(name, phase, state, save, cfg.seed, cfg.weighting, cfg.out, progress)
+    for name in todo_phases:
+        phase = feddpa.setup_phase(name, model, tok.pad_id, rec, encoded, state["init"], state["trained"])
+        runs.run_phase(name, phase, state, save, cfg.seed, cfg.weighting, cfg.out, progress)
     dec = evaluation.Decode(cfg.max_new_tokens, cfg.num_beams, cfg.eval_batch_size, cfg.cutoff)
     for method in todo_methods:
         bar = tqdm(total=evaluation.answers_needed(method, fd.tests, len(fd.clients)), desc=f"evaluating {method}",
