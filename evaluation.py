@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 import lora
-from feddpa import Recipe, calibrated, mix, paper_weight, prompt_batches
+from feddpa import Recipe, calibrated, mix, paper_weight, phase_of, prompt_batches
 from generate import generate
 
 
@@ -120,54 +120,65 @@ def answers_needed(method: str, tests: dict, n_clients: int) -> int:
     return sum(map(len, tests.values())) * (1 if method in SHARED else n_clients)
 
 
+def evaluate_client(method: str, model, tok, tests: dict, records: list, client_id: int, own_task: str,
+                    global_adapter: dict, local_adapter: dict | None, recipe: Recipe, dec: Decode, device,
+                    progress=None) -> dict:
+    """One client's scores on every task with the adapters and mix of `method` (feddpa.METHODS).
+
+    records: the client's training records (the dynamic weight's references); global_adapter: the
+    adapter of the method's phase ({} for the base model and Local); local_adapter: the client's own,
+    None where it never trained one (it is then scored with the global adapter alone; Local: the base
+    model)."""
+    if method == "base" or (local_adapter is None and not global_adapter):
+        return evaluate(model, tok, tests, dec, device, {}, progress=progress)
+    if global_adapter:  # Local has none
+        lora.set_adapter(model, "global", global_adapter)
+    if method in SHARED or local_adapter is None:
+        return evaluate(model, tok, tests, dec, device, {"global": 1.0}, progress=progress)
+    lora.set_adapter(model, "local", local_adapter)
+    if method == "local":
+        return evaluate(model, tok, tests, dec, device, {"local": 1.0}, progress=progress)
+    if method.endswith("-fixed"):
+        return evaluate(model, tok, tests, dec, device, mix(recipe.local_weight), progress=progress)
+    if method.endswith("-oracle"):  # a bound: it reads the test instance's task
+        return {task: evaluate(model, tok, {task: recs}, dec, device,
+                               mix(recipe.local_weight) if task == own_task else {"global": 1.0}, progress=progress)[task]
+                for task, recs in tests.items()}
+    # a dynamic weight, the calibrated one or the paper's
+    if progress is not None:
+        progress.set_postfix_str(f"client {client_id}: encoding its references")
+    weigh = calibrated if method.endswith("-calibrated") else paper_weight
+    weight = weigh(model, tok, records, recipe, client_id, device, dec.cutoff)
+    if progress is not None:
+        progress.set_postfix_str(f"client {client_id}")
+    return evaluate(model, tok, tests, dec, device, dynamic=weight, progress=progress)
+
+
 def evaluate_method(method: str, model, tok, tests: dict, client_data: list, client_tasks: list, trained: dict,
                     recipe: Recipe, dec: Decode, device, progress=None) -> dict:
-    """Each client's scores on every task with the adapters and mix of `method`; P and TTP.
+    """Every client's scores with `method` (evaluate_client), P and TTP (summarize).
 
-    client_data: each client's training records (the dynamic weight's references); trained: as for
-    setup_phase; progress: a tqdm bar advanced by answers_needed() in all. Models that every client shares (base, FedIT, Centralized) are evaluated once.
-    "no_local" lists the clients that never trained a local adapter."""
+    client_data: each client's training records; trained: as for feddpa.setup_phase; progress: a tqdm
+    bar advanced by answers_needed() in all. Models that every client shares (base, FedIT,
+    Centralized) are evaluated once."""
     t0 = time.time()
-    no_local = []
+    phase = trained.get(phase_of(method), {"global": {}, "locals": [None] * len(client_data)})
     if method in SHARED:
-        if method != "base":
-            lora.set_adapter(model, "global", trained[method]["global"])
-        scores = evaluate(model, tok, tests, dec, device, {} if method == "base" else {"global": 1.0}, progress=progress)
+        scores = evaluate_client(method, model, tok, tests, [], 0, "", phase["global"], None, recipe, dec, device, progress)
         per_client = [scores] * len(client_data)
     else:
-        phase = trained["local" if method == "local" else method[:len("feddpa-t")]]
-        per_client = []
-        for i, records in enumerate(client_data):
-            local = phase["locals"][i]
-            if local is None:  # never sampled to train one: the global adapter alone (Local: the base model)
-                if phase["global"]:
-                    lora.set_adapter(model, "global", phase["global"])
-                per_client.append(evaluate(model, tok, tests, dec, device, {"global": 1.0} if phase["global"] else {},
-                                           progress=progress))
-                continue
-            lora.set_adapter(model, "local", local)
-            if method == "local":
-                per_client.append(evaluate(model, tok, tests, dec, device, {"local": 1.0}, progress=progress))
-                continue
-            lora.set_adapter(model, "global", phase["global"])
-            if method.endswith("-fixed"):
-                per_client.append(evaluate(model, tok, tests, dec, device, mix(recipe.local_weight), progress=progress))
-            elif method.endswith("-oracle"):  # a bound: it reads the test instance's task
-                per_client.append({task: evaluate(model, tok, {task: recs}, dec, device,
-                                                  mix(recipe.local_weight) if task == client_tasks[i] else {"global": 1.0},
-                                                  progress=progress)[task]
-                                   for task, recs in tests.items()})
-            else:  # a dynamic weight, the calibrated one or the paper's
-                if progress is not None:
-                    progress.set_postfix_str(f"client {i}: encoding its references")
-                weigh = calibrated if method.endswith("-calibrated") else paper_weight
-                weight = weigh(model, tok, records, recipe, i, device, dec.cutoff)
-                if progress is not None:
-                    progress.set_postfix_str(f"client {i}")
-                per_client.append(evaluate(model, tok, tests, dec, device, dynamic=weight, progress=progress))
-        no_local = [i for i, local in enumerate(phase["locals"]) if local is None]
+        per_client = [evaluate_client(method, model, tok, tests, records, i, client_tasks[i], phase["global"],
+                                      phase["locals"][i], recipe, dec, device, progress)
+                      for i, records in enumerate(client_data)]
+    no_local = [] if method in SHARED else [i for i, local in enumerate(phase["locals"]) if local is None]
+    return summarize(per_client, client_tasks, no_local, time.time() - t0)
+
+
+def summarize(per_client: list, client_tasks: list, no_local: list, seconds: float) -> dict:
+    """A method's result from its clients' scores: P and TTP (ROUGE-1 and exact match), the clients that
+    never trained a local adapter ("no_local"), and the lambda diagnostics of a dynamic row."""
     result = {**p_and_ttp(per_client, client_tasks), "per_client": per_client, "no_local": no_local,
-              "exact": p_and_ttp(per_client, client_tasks, "exact"), "eval_seconds": time.time() - t0}
+              "exact": p_and_ttp(per_client, client_tasks, "exact"), "eval_seconds": seconds}
     if any("lambdas" in s for scores in per_client for s in scores.values()):
         result["lambda"] = lambda_diagnostics(per_client, client_tasks)
     return result

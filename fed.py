@@ -7,7 +7,8 @@ a client's copy of the global adapter and its example count — never its data, 
 adapter, never its optimizer.
 
 Contents: local training (AdamW, linear decay, micro-batches with gradient accumulation); the
-client/server state and message; FedAvg; the round loop with client sampling and per-round metrics.
+client/server state and message; FedAvg; the round loop with client sampling and per-round metrics,
+which reaches its clients through a `train_round` function: in_process here, over Flower in flower_app.py.
 """
 import math
 import random
@@ -121,34 +122,50 @@ def sample_clients(n: int, fraction: float, seed: int, round_: int) -> list:
 
 @dataclass
 class Federation:
-    """Everything a federated run holds between rounds (what a checkpoint saves)."""
+    """Everything the server holds between rounds (what a checkpoint saves): no client state."""
     global_adapter: dict
-    clients: list
+    n_clients: int
     round: int = 0                                # rounds completed
     history: list = field(default_factory=list)   # one metrics dict per round
 
 
-def run_rounds(fed: Federation, rounds: int, client_update, fraction: float = 1.0, seed: int = 0,
+def in_process(clients: list, client_update, progress: bool = False):
+    """How a simulated federation reaches its clients: each chosen client's step, one after another, in
+    this process. client_update(round, client, global_adapter) -> (Update, metrics) is the method's
+    local step. (flower_app.py reaches clients on other processes or machines instead.)"""
+    def train_round(round_, chosen, global_adapter) -> dict:
+        return {cid: client_update(round_, clients[cid], global_adapter)  # down: global adapter; up: Update
+                for cid in tqdm(chosen, desc=f"round {round_ + 1}", leave=False, unit="client", disable=not progress)}
+    return train_round
+
+
+class NoReplies(Exception):
+    """No chosen client answered in a round: there is nothing to average."""
+
+
+def run_rounds(fed: Federation, rounds: int, train_round, fraction: float = 1.0, seed: int = 0,
                weighting: str = "count", desc: str = "", on_round_end=None, progress: bool = False):
-    """Run rounds fed.round .. rounds-1. client_update(round, client, global_adapter) -> (Update, metrics)
-    is the method's local step; the server here only samples, sends, and averages. progress: bars on stderr."""
+    """Run rounds fed.round .. rounds-1. train_round(round, chosen, global_adapter) -> {client: (Update,
+    metrics)} reaches the chosen clients (in_process, or over a network, where some may not answer); the
+    server here only samples, sends, and averages what came back. progress: bars on stderr."""
     bar = tqdm(range(fed.round, rounds), desc=desc, leave=False, unit="round", initial=fed.round, total=rounds,
                disable=not progress)
     for r in bar:
         t0 = time.time()
-        chosen = sample_clients(len(fed.clients), fraction, seed, r)
+        chosen = sample_clients(fed.n_clients, fraction, seed, r)
         sent = nbytes(fed.global_adapter) * len(chosen)
-        updates, metrics = [], []
-        for cid in tqdm(chosen, desc=f"round {r + 1}", leave=False, unit="client", disable=not progress):
-            update, client_metrics = client_update(r, fed.clients[cid], fed.global_adapter)  # down: global adapter
-            updates.append(update)                                               # up: Update only
-            metrics.append(client_metrics)
+        replies = train_round(r, chosen, fed.global_adapter)
+        came = [c for c in chosen if c in replies]
+        if not came:
+            raise NoReplies(f"round {r + 1}: none of the chosen clients {chosen} replied")
+        updates, metrics = [replies[c][0] for c in came], [replies[c][1] for c in came]
         fed.global_adapter = fedavg(updates, weighting)
         fed.round = r + 1
         fed.history.append({
-            "round": r, "clients": chosen,
+            "round": r, "clients": came,
+            "missing": [c for c in chosen if c not in replies],  # chosen but no reply (only over a network)
             "loss": sum(cm["loss"] for cm in metrics) / len(metrics),
-            "steps": [cm["steps"] for cm in metrics],         # optimizer steps of each chosen client
+            "steps": [cm["steps"] for cm in metrics],         # optimizer steps of each client that replied
             "examples": [cm["examples"] for cm in metrics],
             "bytes_down": sent,
             "bytes_up": sum(nbytes(u.adapter) for u in updates),

@@ -62,6 +62,11 @@ PHASES = {  # training phase -> the methods that need it, in the order they run 
 }
 
 
+def phase_of(method: str) -> str:
+    """The training phase whose adapters `method` is evaluated with ("base": none)."""
+    return method[:len("feddpa-t")] if method.startswith("feddpa-") else method
+
+
 @dataclass
 class Recipe:
     """Every setting of the method: the schedule, local training, FedDPA-T's mix, the dynamic weight."""

@@ -274,7 +274,7 @@ def print_table(results: dict, tasks: list, client_tasks: list, verbose: bool):
 def run_phase(name: str, phase, state: dict, save, seed: int, weighting: str, out: str, progress: bool = False):
     """Run feddpa.Phase `name` with fed.run_rounds; state["current"] holds its progress after each round
     (continued from there if it is this phase's), state["trained"][name] its result at the end."""
-    federation = fed.Federation(phase.start, phase.clients)
+    federation = fed.Federation(phase.start, len(phase.clients))
     resume = state.get("current")
     if resume and resume["phase"] == name:  # continue from the last complete round
         federation.global_adapter, federation.round, federation.history = resume["global"], resume["round"], resume["history"]
@@ -292,12 +292,12 @@ def run_phase(name: str, phase, state: dict, save, seed: int, weighting: str, ou
                        f"{len(h['clients'])} clients, {(h['bytes_down'] + h['bytes_up']) / 1e6:.2f} MB, {h['seconds']:.1f}s",
                        file=sys.stderr)
         state["current"] = {"phase": name, "global": f.global_adapter, "round": f.round, "history": f.history,
-                            "clients": [(c.local, c.generator.get_state()) for c in f.clients], "rng": get_rng()}
+                            "clients": [(c.local, c.generator.get_state()) for c in phase.clients], "rng": get_rng()}
         save(state)
 
     try:
-        fed.run_rounds(federation, phase.rounds, phase.step, phase.fraction, seed, weighting, desc=name,
-                       on_round_end=checkpoint, progress=progress)
+        fed.run_rounds(federation, phase.rounds, fed.in_process(phase.clients, phase.step, progress), phase.fraction,
+                       seed, weighting, desc=name, on_round_end=checkpoint, progress=progress)
     except fed.Diverged as e:  # nothing of the failed round is saved: the checkpoint keeps the last good one
         raise fed.Diverged(f"{name}: {e}; stopped, {os.path.join(out, 'checkpoint.pt')} keeps the last "
                            f"good round ({federation.round} of {phase.rounds} complete)") from None

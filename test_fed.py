@@ -36,7 +36,8 @@ def test_run_rounds_messages_carry_only_the_global_adapter(tiny):
         update, metrics = step(r, c, g)
         sent.append((c, update))
         return update, metrics
-    federation = fed.run_rounds(fed.Federation(init, clients), 2, recording, fraction=2 / 3, seed=0)
+    federation = fed.run_rounds(fed.Federation(init, len(clients)), 2, fed.in_process(clients, recording),
+                                fraction=2 / 3, seed=0)
     assert len(federation.history) == 2 and all(len(h["clients"]) == 2 for h in federation.history)
     for c, update in sent:
         assert set(update.adapter) == set(init)

@@ -209,8 +209,9 @@ def test_local_adapters_stay_on_their_clients_through_rounds_they_sit_out(tiny):
     kept = []
 
     def after_round(f):
-        kept.append([None if c.local is None else {k: v.clone() for k, v in c.local.items()} for c in f.clients])
-    federation = fed.run_rounds(fed.Federation(lora.get_adapter(m, "global"), clients), 6, step, fraction=1 / 3,
+        kept.append([None if c.local is None else {k: v.clone() for k, v in c.local.items()} for c in clients])
+    federation = fed.run_rounds(fed.Federation(lora.get_adapter(m, "global"), len(clients)), 6, fed.in_process(clients, step),
+                                fraction=1 / 3,
                                 seed=0, on_round_end=after_round)
     sat_out = 0
     for r in range(2, 6):

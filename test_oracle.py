@@ -187,8 +187,8 @@ def runs(setting, tiny_dir):
     ours = {}
     for name in feddpa.PHASES:
         phase = feddpa.setup_phase(name, model, tok.pad_id, recipe, datasets, init, ours)
-        federation = fed.run_rounds(fed.Federation(phase.start, phase.clients), phase.rounds, phase.step,
-                                    phase.fraction, SEED)
+        federation = fed.run_rounds(fed.Federation(phase.start, len(phase.clients)), phase.rounds,
+                                    fed.in_process(phase.clients, phase.step), phase.fraction, SEED)
         ours[name] = feddpa.phase_result(name, federation.global_adapter, phase.clients, ours)
     fresh = [feddpa.fresh_local(model, SEED, i) for i in range(len(datasets))]
     return ours, oracle_run(str(tiny_dir), datasets, init, fresh, tok.pad_id), init

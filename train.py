@@ -195,6 +195,24 @@ def load_data(name: str, seed: int, clients: int, dirichlet_alpha: float, min_cl
     return fd
 
 
+def base_and_tokenizer(cfg: Config, device, progress: bool) -> tuple:
+    """The foundation model's folder (with no --model, pretrain.py's tiny Llama, cached) and its tokenizer."""
+    model_dir = (pretrain.base_model(cfg.cache, cfg.seed, cfg.pretrain_steps, device, cfg.dtype == "bfloat16", progress)
+                 if cfg.model == "builtin" else hf.resolve(cfg.model))
+    return model_dir, hf.load_tokenizer(model_dir, hf.config_from_hf(os.path.join(model_dir, "config.json")))
+
+
+def load_model(cfg: Config, model_dir: str, device):
+    """The frozen foundation model with its two LoRA slots, each at the seeded initial adapter."""
+    # bfloat16: the frozen base is stored in bfloat16 (half the memory, no cast at every step); the
+    # adapters, which train, stay float32, and autocast runs the matmuls in bfloat16
+    bf16 = cfg.dtype == "bfloat16"
+    model = hf.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32, device=device)
+    lora.inject(model, cfg.targets.split(","), r=cfg.lora_r, lora_alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                seed=cfg.seed, dtype=torch.float32)
+    return model.eval()
+
+
 # ----------------------------------------------------------------------------------------------
 
 def run(cfg: Config, args):
@@ -215,21 +233,13 @@ def run(cfg: Config, args):
     torch.manual_seed(cfg.seed)
     fd = load_data(cfg.data, cfg.seed, cfg.clients, cfg.dirichlet_alpha, cfg.min_client_size, cfg.test_per_task)
     t0 = time.time()
-    bf16 = cfg.dtype == "bfloat16"
-    progress = not args.quiet
-    model_dir = (pretrain.base_model(cfg.cache, cfg.seed, cfg.pretrain_steps, device, bf16, progress)
-                 if cfg.model == "builtin" else hf.resolve(cfg.model))
-    model_config = hf.config_from_hf(os.path.join(model_dir, "config.json"))
-    tok = hf.load_tokenizer(model_dir, model_config)
+    model_dir, tok = base_and_tokenizer(cfg, device, not args.quiet)
     encoded = data.encode_clients(fd.clients, tok, cfg.cutoff, cfg.max_dropped)
-    data.check_lengths(cfg.model, tok, model_config.max_seq_len, fd.tests, encoded, cfg.cutoff, cfg.max_new_tokens)
-    # bfloat16: the frozen base is stored in bfloat16 (half the memory, no cast at every step); the
-    # adapters, which train, stay float32, and autocast runs the matmuls in bfloat16
-    model = hf.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32, device=device)
+    data.check_lengths(cfg.model, tok, hf.config_from_hf(os.path.join(model_dir, "config.json")).max_seq_len, fd.tests,
+                       encoded, cfg.cutoff, cfg.max_new_tokens)
+    model = load_model(cfg, model_dir, device)
     pretrain_seconds = time.time() - t0
-    lora.inject(model, cfg.targets.split(","), r=cfg.lora_r, lora_alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                seed=cfg.seed, dtype=torch.float32)
-    model.eval()
+    bf16, progress = cfg.dtype == "bfloat16", not args.quiet
 
     def save(s):
         runs.save_state(cfg.out, s)
