@@ -271,9 +271,12 @@ def print_table(results: dict, tasks: list, client_tasks: list, verbose: bool):
 # ----------------------------------------------------------------------------------------------
 # One training phase, checkpointed after every round and resumed from the last complete one
 
-def run_phase(name: str, phase, state: dict, save, seed: int, weighting: str, out: str, progress: bool = False):
+def run_phase(name: str, phase, state: dict, save, seed: int, weighting: str, out: str, progress: bool = False,
+              train_round=None):
     """Run feddpa.Phase `name` with fed.run_rounds; state["current"] holds its progress after each round
-    (continued from there if it is this phase's), state["trained"][name] its result at the end."""
+    (continued from there if it is this phase's), state["trained"][name] its result at the end.
+    train_round: how the clients are reached; by default phase.clients, in this process (a Flower server
+    passes its own, and its phase's clients are placeholders that never hold a local adapter)."""
     federation = fed.Federation(phase.start, len(phase.clients))
     resume = state.get("current")
     if resume and resume["phase"] == name:  # continue from the last complete round
@@ -295,11 +298,12 @@ def run_phase(name: str, phase, state: dict, save, seed: int, weighting: str, ou
                             "clients": [(c.local, c.generator.get_state()) for c in phase.clients], "rng": get_rng()}
         save(state)
 
+    reach = train_round or fed.in_process(phase.clients, phase.step, progress)
     try:
-        fed.run_rounds(federation, phase.rounds, fed.in_process(phase.clients, phase.step, progress), phase.fraction,
-                       seed, weighting, desc=name, on_round_end=checkpoint, progress=progress)
-    except fed.Diverged as e:  # nothing of the failed round is saved: the checkpoint keeps the last good one
-        raise fed.Diverged(f"{name}: {e}; stopped, {os.path.join(out, 'checkpoint.pt')} keeps the last "
+        fed.run_rounds(federation, phase.rounds, reach, phase.fraction, seed, weighting, desc=name,
+                       on_round_end=checkpoint, progress=progress)
+    except (fed.Diverged, fed.NoReplies) as e:  # nothing of the failed round is saved: the checkpoint keeps the last good one
+        raise type(e)(f"{name}: {e}; stopped, {os.path.join(out, 'checkpoint.pt')} keeps the last "
                            f"good round ({federation.round} of {phase.rounds} complete)") from None
     hist = federation.history
     print(f"{name:>12}: {phase.rounds} round(s), loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}, "

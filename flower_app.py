@@ -1,0 +1,337 @@
+"""FedDPA across processes and machines with Flower (flwr 1.42, Message API): one ServerApp, and one
+ClientApp on each SuperNode, where a SuperNode is one client. An optional extra: pip install -r
+requirements-flower.txt. flower_run.py starts a whole deployment on one machine; the README's "Run it
+across machines" section says how to start one on several.
+
+The method is the project's own, not a second implementation: the server runs fed.run_rounds (client
+sampling, FedAvg, history) with runs.run_phase's checkpoint after every round, reaching the chosen
+clients with Flower messages instead of fed.in_process; each node runs the client step of
+feddpa.setup_phase on its own data and scores itself with evaluation.evaluate_client. `train-args`
+(train.py's flags, parsed by train.py) carries every setting, so a deployment and `python train.py`
+with the same flags train the same adapters (test_flower.py checks it bit for bit).
+
+What crosses the wire, and nothing else:
+  server -> node   the settings, the phase and round, the global adapter (FedDPA-F: FedIT's final one)
+  node -> server   its trained copy of the global adapter, its example count and training metrics;
+                   at the end its scores on every task (numbers, never an adapter)
+A node's local adapter, data and data order live on the node, in files under its `state-dir`, one
+per round (a node starts a fresh process per message, and Flower's context.state lasts one run only):
+a node that is killed and restarted, or a new run with the same settings, goes on from its files.
+
+The server holds only the global adapter and the round loop. A round waits `round-timeout` seconds
+for replies and averages those that came (the history lists the chosen clients that did not reply,
+as "missing"); every completed round is checkpointed, and `--resume OUT` in train-args continues a
+run from its last one. Runs FedIT, FedDPA-F and FedDPA-T (every weighting); the base model, Local
+and Centralized need no federation: run them with train.py.
+
+Top to bottom: the settings; the node (its data and model, its state files, train, describe,
+evaluate); the server (finding the nodes, a round over Flower, the phases, the evaluation).
+"""
+import glob
+import hashlib
+import json
+import os
+import shlex
+import time
+from dataclasses import asdict
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+import data
+import evaluation
+import export
+import fed
+import feddpa
+import lora
+import runs
+import train
+from runs import UserError
+
+PHASES = ("fedit", "feddpa-f", "feddpa-t")
+METHODS = tuple(m for m in feddpa.METHODS if feddpa.phase_of(m) in PHASES)
+EVAL_ONLY = ("methods", "test_per_task", "max_new_tokens", "num_beams", "eval_batch_size", "out", "device", "cache")
+
+
+def settings(train_args: str) -> tuple:
+    """train.py's Config and arguments from the run's `train-args` string, checked as train.py checks them."""
+    cfg, args = train.parse_args(shlex.split(train_args))
+    bad = [m for m in cfg.methods.split(",") if m not in METHODS]
+    if bad:
+        raise UserError(f"--methods {','.join(bad)}: a Flower run trains {', '.join(PHASES)}; "
+                        f"run the base model, Local and Centralized with train.py")
+    if cfg.seeds:
+        raise UserError("--seeds: start one Flower run per seed")
+    return cfg, args
+
+
+def run_key(cfg: train.Config) -> str:
+    """Names a node's state for one set of training settings: the same settings find the same files."""
+    kept = {k: v for k, v in asdict(cfg).items() if k not in EVAL_ONLY}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def to_record(adapter: dict) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().cpu() for k, v in adapter.items()})
+
+
+def from_record(record: ArrayRecord) -> dict:
+    return {k: v.clone() for k, v in record.to_torch_state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The node: one client, its data, model and state
+
+client = ClientApp()
+
+
+class Node:
+    """One SuperNode's client for one message: node-config `partition-id` (which client of the data it
+    is), `data` (the federated data; default: train-args' --data) and `state-dir` (where its local
+    adapter and data order are kept; default: <cache>/node<partition-id>)."""
+
+    def __init__(self, content: RecordDict, node_config: dict):
+        self.cfg, _ = settings(content["run"]["train-args"])
+        if "partition-id" not in node_config:
+            raise UserError("this SuperNode has no partition-id in its --node-config")
+        self.id = int(node_config["partition-id"])
+        cfg = self.cfg
+        self.fd = train.load_data(str(node_config.get("data", cfg.data)), cfg.seed, cfg.clients, cfg.dirichlet_alpha,
+                                  cfg.min_client_size, cfg.test_per_task)
+        if not 0 <= self.id < len(self.fd.clients):
+            raise UserError(f"partition-id {self.id}: the data has clients 0..{len(self.fd.clients) - 1}")
+        self.records = self.fd.clients[self.id]
+        self.task = self.fd.client_tasks[self.id]
+        default_dir = os.path.join(os.path.expanduser(cfg.cache), f"node{self.id}")
+        self.dir = os.path.join(str(node_config.get("state-dir", default_dir)), f"run-{run_key(cfg)}")
+
+    def model(self):
+        """The foundation model with its LoRA slots, and the tokenizer, on the run's device."""
+        self.device = train.choose_device(self.cfg.device)
+        model_dir, tok = train.base_and_tokenizer(self.cfg, self.device, False)
+        return train.load_model(self.cfg, model_dir, self.device), tok
+
+    def state_path(self, phase: str, round_: int) -> str:
+        return os.path.join(self.dir, phase, f"round{round_}.pt")
+
+    def last_state(self, phase: str, before: int):
+        """The client's state after the last round of `phase` it trained before round `before`: (round,
+        local adapter or None, data-order generator state), or None if it has trained none."""
+        done = sorted((int(os.path.basename(p)[5:-3]), p) for p in glob.glob(os.path.join(self.dir, phase, "round*.pt")))
+        done = [(r, p) for r, p in done if r < before]
+        if not done:
+            return None
+        s = torch.load(done[-1][1], map_location="cpu", weights_only=True)
+        return done[-1][0], s["local"], s["generator"]
+
+    def save_state(self, phase: str, round_: int, local, generator):
+        os.makedirs(os.path.join(self.dir, phase), exist_ok=True)
+        torch.save({"local": local, "generator": generator.get_state()}, self.state_path(phase, round_) + ".tmp")
+        os.replace(self.state_path(phase, round_) + ".tmp", self.state_path(phase, round_))
+
+
+@client.query()
+def describe(msg: Message, context: Context) -> Message:
+    """Which client this node is, and what it holds in counts: no data, no adapter."""
+    node = Node(msg.content, context.node_config)
+    info = {"partition-id": node.id, "n-clients": len(node.fd.clients), "task": node.task,
+            "tasks": json.dumps(list(node.fd.tests))}
+    return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
+
+
+@client.train()
+def train_step(msg: Message, context: Context) -> Message:
+    """One round of one phase on this client: the phase's client step (feddpa.setup_phase) from the
+    client's state on disk and the global adapter received; the new state goes to disk, the trained copy
+    of the global adapter and the counts go back."""
+    node = Node(msg.content, context.node_config)
+    cfg, run = node.cfg, msg.content["run"]
+    phase_name, round_ = str(run["phase"]), int(run["round"])
+    received = from_record(msg.content["global"])
+    model, tok = node.model()
+    torch.manual_seed(cfg.seed * 7919 + 101 * (PHASES.index(phase_name) + 1) + 10_007 * round_ + node.id)  # dropout
+    encoded = data.encode_clients(node.fd.clients, tok, cfg.cutoff, cfg.max_dropped)
+    phase = feddpa.setup_phase(phase_name, model, tok.pad_id, train.recipe(cfg), encoded, received,
+                               {"fedit": {"global": received}})
+    me = phase.clients[node.id]
+    last = node.last_state(phase_name, round_)
+    if last is not None:
+        _, me.local, generator = last
+        me.generator.set_state(generator)
+    print(f"client {node.id}: {phase_name} round {round_ + 1}, "
+          f"{'local adapter from round ' + str(last[0] + 1) + ' on disk' if last and last[1] else 'no local adapter yet'}",
+          flush=True)
+    update, metrics = phase.step(round_, me, received)
+    node.save_state(phase_name, round_, me.local, me.generator)
+    reply = RecordDict({"global": to_record(update.adapter),
+                        "metrics": MetricRecord({**{k: float(v) for k, v in metrics.items()},
+                                                 "n-examples": update.n_examples})})
+    return Message(reply, reply_to=msg)
+
+
+@client.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """This client's scores on every task with each method's adapters and mix: the global adapters
+    received, its own local ones from disk (the last round of each phase it trained)."""
+    node = Node(msg.content, context.node_config)
+    cfg, run = node.cfg, msg.content["run"]
+    model, tok = node.model()
+    dec = evaluation.Decode(cfg.max_new_tokens, cfg.num_beams, cfg.eval_batch_size, cfg.cutoff)
+    scores, no_local, seconds = {}, [], {}
+    for method in str(run["methods"]).split(","):
+        t0 = time.time()
+        phase = feddpa.phase_of(method)
+        last = node.last_state(phase, 10 ** 9)
+        local = last[1] if last else None
+        with torch.autocast(node.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+            scores[method] = evaluation.evaluate_client(
+                method, model, tok, node.fd.tests, node.records, node.id, node.task,
+                from_record(msg.content[f"global.{phase}"]), local,
+                train.recipe(cfg), dec, node.device)
+        if local is None and method not in evaluation.SHARED:
+            no_local.append(method)
+        seconds[method] = time.time() - t0
+    reply = RecordDict({"scores": ConfigRecord({"scores": json.dumps(scores), "no-local": json.dumps(no_local)}),
+                        "seconds": MetricRecord(seconds)})
+    return Message(reply, reply_to=msg)
+
+
+# ----------------------------------------------------------------------------------------------
+# The server: the global adapter and the round loop
+
+server = ServerApp()
+
+
+class Federation:
+    """The nodes as the server reaches them: partition-id -> node id, refreshed before every round (a
+    restarted SuperNode comes back under a new node id)."""
+
+    def __init__(self, grid: Grid, train_args: str, n_clients: int, timeout: float):
+        self.grid, self.train_args, self.n, self.timeout = grid, train_args, n_clients, timeout
+        self.node_of, self.known, self.info = {}, set(), {}
+
+    def message(self, records: dict, kind: str, node_id: int, ttl: float = 0.0, **run) -> Message:
+        content = RecordDict({"run": ConfigRecord({"train-args": self.train_args, **run}), **records})
+        return Message(content, node_id, kind, ttl=ttl or self.timeout)  # a message outlives no wait for it
+
+    def discover(self, wait: float = 0.0):
+        """Ask nodes not seen before which client they are; wait up to `wait` s until all n are there."""
+        t0 = time.time()
+        while True:
+            new = [i for i in self.grid.get_node_ids() if i not in self.known]
+            if new:
+                for reply in self.grid.send_and_receive([self.message({}, "query", i) for i in new], timeout=self.timeout):
+                    self.known.add(reply.metadata.src_node_id)
+                    if reply.has_error():
+                        raise UserError(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                    info = reply.content["info"]
+                    if int(info["n-clients"]) != self.n:
+                        raise UserError(f"client {info['partition-id']}'s data has {info['n-clients']} clients but "
+                                        f"the federation has {self.n} (pass --clients {self.n}, or start that many nodes)")
+                    self.node_of[int(info["partition-id"])] = reply.metadata.src_node_id
+                    self.info[int(info["partition-id"])] = info
+            if len(self.node_of) >= self.n or time.time() - t0 > wait:
+                break
+            time.sleep(1.0)
+        if wait and len(self.node_of) < self.n:
+            raise UserError(f"only clients {sorted(self.node_of)} of {self.n} connected within {wait:.0f}s")
+
+    def train_round(self, phase: str, rounds: int, sent_adapter):
+        """fed.run_rounds' train_round over Flower: the global adapter to each chosen node, the
+        replies that arrive within the timeout back."""
+        def train_round(round_, chosen, global_adapter) -> dict:
+            self.discover()
+            down = to_record(sent_adapter(global_adapter))
+            msgs = [self.message({"global": down}, "train", self.node_of[c], phase=phase, round=round_)
+                    for c in chosen if c in self.node_of]
+            client_of = {v: k for k, v in self.node_of.items()}
+            replies = {}
+            for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
+                c = client_of.get(reply.metadata.src_node_id)
+                if reply.has_error() or c is None:
+                    print(f"{phase} round {round_ + 1}: client {c} failed: "
+                          f"{reply.error.reason if reply.has_error() else 'unknown node'}", flush=True)
+                    continue
+                m = reply.content["metrics"]
+                metrics = {k: v for k, v in m.items() if k != "n-examples"}
+                metrics.update(steps=int(m["steps"]), examples=int(m["examples"]))
+                replies[c] = (fed.Update(from_record(reply.content["global"]), int(m["n-examples"])), metrics)
+            missing = [c for c in chosen if c not in replies]
+            print(f"{phase:>9} round {round_ + 1} of {rounds}: {len(replies)} of {len(chosen)} clients replied"
+                  + (f", missing {missing}" if missing else ""), flush=True)
+            return replies
+        return train_round
+
+    def evaluate(self, methods: list, globals_: dict) -> tuple:
+        """Every client's scores for each method, from its node: per method, a per-client list."""
+        down = {f"global.{p}": to_record(g) for p, g in globals_.items()}
+        wait = self.timeout * len(methods)  # a round's timeout per method
+        msgs = [self.message(down, "evaluate", self.node_of[c], wait, methods=",".join(methods)) for c in range(self.n)]
+        got = {}
+        for reply in self.grid.send_and_receive(msgs, timeout=wait):
+            c = {v: k for k, v in self.node_of.items()}.get(reply.metadata.src_node_id)
+            if reply.has_error():
+                raise UserError(f"client {c} failed to evaluate: {reply.error.reason}")
+            got[c] = reply.content
+        if len(got) < self.n:
+            raise UserError(f"clients {sorted(set(range(self.n)) - set(got))} did not send their scores")
+        return ({m: [json.loads(got[c]["scores"]["scores"])[m] for c in range(self.n)] for m in methods},
+                {m: [c for c in range(self.n) if m in json.loads(got[c]["scores"]["no-local"])] for m in methods},
+                {m: max(got[c]["seconds"][m] for c in range(self.n)) for m in methods})
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    """Train the phases the methods need over the nodes, checkpointing every round, then collect every
+    client's scores and write results.json as train.py does."""
+    t_start = time.time()
+    conf = context.run_config
+    train_args, n = str(conf["train-args"]), int(conf["nodes"])
+    cfg, args = settings(train_args)
+    train.check_flags(cfg, args)
+    if args.resume:
+        cfg = train.resumed_config(cfg, args.resume)
+        state = runs.load_state(cfg.out)
+    else:
+        runs.check_new(cfg.out, args.overwrite)
+        state = None
+    train.check_config(cfg)
+    device = train.choose_device("cpu")  # the server only averages adapters
+    t0 = time.time()
+    model = train.load_model(cfg, train.base_and_tokenizer(cfg, device, False)[0], device)
+    nodes = Federation(grid, train_args, n, float(conf["round-timeout"]))
+    nodes.discover(wait=float(conf["connect-timeout"]))
+    if state is None:
+        init = export.read_peft(cfg.init_adapter, model) if cfg.init_adapter else lora.get_adapter(model, "global")
+        state = {"init": init, "trained": {}, "results": {}, "current": None, "pretrain_seconds": time.time() - t0}
+        runs.start(cfg.out, asdict(cfg), state)
+    else:
+        runs.check_state(state, model, n, os.path.join(cfg.out, "checkpoint.pt"))
+        runs.remove_partial_writes(cfg.out)
+    methods, rec = cfg.methods.split(","), train.recipe(cfg)
+    print(f"Flower federation of {n} clients; training {', '.join(p for p in PHASES if feddpa.PHASES[p] & set(methods))}; "
+          f"output {cfg.out}", flush=True)
+    for name in PHASES:
+        if not feddpa.PHASES[name] & set(methods) or name in state["trained"]:
+            continue
+        # the server's phase: the schedule of feddpa.setup_phase, with placeholder clients that hold no data
+        phase = feddpa.setup_phase(name, model, 0, rec, [[] for _ in range(n)], state["init"], state["trained"])
+        handed_over = state["trained"].get("fedit", {}).get("global")
+        sent = (lambda g: handed_over) if name == "feddpa-f" else (lambda g: g)  # FedDPA-F: FedIT's final adapter
+        runs.run_phase(name, phase, state, lambda s: runs.save_state(cfg.out, s), cfg.seed, cfg.weighting, cfg.out,
+                       train_round=nodes.train_round(name, phase.rounds, sent))
+    todo = [m for m in methods if m not in state["results"]]
+    if todo:
+        globals_ = {p: state["trained"][p]["global"] for p in {feddpa.phase_of(m) for m in todo}}  # FedDPA-F's: FedIT's
+        per_client, no_local, seconds = nodes.evaluate(todo, globals_)
+        tasks = [str(nodes.info[c]["task"]) for c in range(n)]
+        for m in todo:
+            state["results"][m] = evaluation.summarize(per_client[m], tasks, no_local[m], seconds[m])
+        runs.save_state(cfg.out, state)
+    tasks = [str(nodes.info[c]["task"]) for c in range(n)]
+    res = runs.write_results(cfg.out, asdict(cfg), state, tasks, time.time() - t_start)
+    runs.print_table(state["results"], json.loads(nodes.info[0]["tasks"]), tasks, args.verbose)
+    runs.print_times(res["seconds"])
+    print(f"\nresults: {os.path.join(cfg.out, 'results.json')}  ({time.time() - t_start:.0f}s)", flush=True)

@@ -1,0 +1,223 @@
+"""One command for a Flower deployment of flower_app.py on this machine, with the same flags as train.py:
+
+    python flower_run.py --nodes 3 --clients 3 --methods feddpa-t --rounds 3
+
+starts a SuperLink and one SuperNode per client as separate processes on 127.0.0.1 (free ports, each
+with its own FLWR_HOME under --work), runs the app with `flwr run`, streams its output, checks how the
+run ended (`flwr run` exits 0 even when the ServerApp fails) and stops every process it started, by
+its own process group, on exit, error or Ctrl-C. With --superlink HOST:PORT it runs the app on a
+federation that is already up instead (the SuperNodes started on the client machines, see the README).
+
+Top to bottom: free ports and waiting; Deployment (the processes, the app's run and its status); main.
+"""
+import argparse
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+PATH_FLAGS = ("--out", "--resume", "--data", "--model", "--cache", "--init-adapter")  # made absolute for the apps
+
+
+class DeployError(Exception):
+    """Something of the deployment failed; the message is one line."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def reachable(address: str, timeout: float = 5.0) -> str:
+    """'' if something listens at host:port, else why not."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return ""
+    except (OSError, ValueError) as e:
+        return str(e) or type(e).__name__
+
+
+class Deployment:
+    """The processes of one deployment, each in its own process group with its own FLWR_HOME and log
+    under `work`; close() stops every one of them."""
+
+    def __init__(self, work: str):
+        self.work = work
+        os.makedirs(work, exist_ok=True)
+        self.procs = {}  # name -> Popen
+        self.superlink = ""
+
+    def env(self, name: str) -> dict:
+        home = os.path.join(self.work, name)
+        os.makedirs(home, exist_ok=True)
+        return {**os.environ, **ENV, "FLWR_HOME": home}
+
+    def start(self, name: str, argv: list):
+        log = open(os.path.join(self.work, f"{name}.log"), "ab")
+        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env(name),
+                                            cwd=self.work, start_new_session=True)
+        log.close()
+
+    def log_tail(self, name: str, lines: int = 5) -> str:
+        with open(os.path.join(self.work, f"{name}.log"), errors="replace") as f:
+            return " | ".join(line.strip() for line in f.read().splitlines()[-lines:] if line.strip())
+
+    def start_superlink(self, timeout: float = 60.0):
+        port = free_port()
+        self.start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
+                                 "--disable-runtime-dependency-installation"])
+        t0 = time.time()
+        while True:  # ready when its health endpoint answers
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if self.procs["superlink"].poll() is not None or time.time() - t0 > timeout:
+                    raise DeployError(f"the SuperLink did not start: {self.log_tail('superlink')}") from None
+                time.sleep(0.3)
+        self.superlink = f"127.0.0.1:{port}"
+
+    def start_node(self, i: int, state_dir: str, data: str = ""):
+        config = f'partition-id={i} state-dir="{state_dir}"' + (f' data="{data}"' if data else "")
+        self.start(f"node{i}", ["flower-supernode", "--insecure", "--superlink", self.superlink,
+                                "--port", str(free_port()), "--node-config", config])
+
+    def stop(self, name: str, sig=signal.SIGTERM, wait: float = 10.0):
+        """Stop process `name` and everything it started (its process group)."""
+        p = self.procs.pop(name, None)
+        if p is None:
+            return
+        for s in (sig, signal.SIGKILL):
+            try:
+                os.killpg(p.pid, s)
+            except ProcessLookupError:
+                break
+            try:
+                p.wait(wait)
+                os.killpg(p.pid, signal.SIGKILL)  # children left behind in its group
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+            break
+
+    def close(self):
+        for name in list(self.procs):
+            self.stop(name)
+
+    def run_app(self, train_args: list, nodes: int, round_timeout: float, connect_timeout: float,
+                insecure: bool = True, root_certificates: str = "", out=sys.stdout) -> None:
+        """`flwr run` of the app with train.py's flags, its output streamed to `out`; raises DeployError
+        with the ServerApp's error if the run did not complete."""
+        home = os.path.join(self.work, "cli")
+        os.makedirs(home, exist_ok=True)
+        with open(os.path.join(home, "config.toml"), "w") as f:  # where the CLI finds the SuperLink
+            f.write(f'[superlink]\ndefault = "feddpa"\n\n[superlink.feddpa]\naddress = "{self.superlink}"\n'
+                    + ("insecure = true\n" if insecure else f'root-certificates = "{root_certificates}"\n'))
+        run_config = os.path.join(self.work, "run_config.toml")
+        with open(run_config, "w") as f:  # JSON strings are TOML basic strings
+            f.write(f"train-args = {json.dumps(shlex.join(train_args))}\nnodes = {nodes}\n"
+                    f"round-timeout = {float(round_timeout)}\nconnect-timeout = {float(connect_timeout)}\n")
+        env = {**os.environ, **ENV, "FLWR_HOME": home}
+        cli = subprocess.Popen(["flwr", "run", ROOT, "feddpa", "--stream", "--run-config", run_config], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.procs["flwr-run"] = cli
+        for line in cli.stdout:
+            out.write(line)
+            out.flush()
+        cli.wait()
+        self.procs.pop("flwr-run", None)
+        status = self.status(env)
+        if status.get("status") != "finished:completed":
+            detail = status.get("status-details") or status.get("error-message") or f"flwr run exited {cli.returncode}"
+            raise DeployError(f"the run ended {status.get('status', 'without a status')}: {detail}")
+
+    def status(self, env: dict) -> dict:
+        """The newest run's status on the SuperLink (`flwr ls`)."""
+        ls = subprocess.run(["flwr", "ls", "feddpa", "--format", "json"], env=env, capture_output=True, text=True)
+        try:
+            listing = json.loads(ls.stdout)
+        except json.JSONDecodeError:
+            return {"error-message": (ls.stdout + ls.stderr).strip().splitlines()[-1:] or "flwr ls failed"}
+        if not listing.get("success"):
+            return {"error-message": listing.get("error-message", "flwr ls failed").strip()}
+        return max(listing["runs"], key=lambda r: r["pending-at"], default={})
+
+
+def absolute_paths(train_args: list) -> list:
+    """train.py's path flags made absolute: the apps run in other folders."""
+    out = list(train_args)
+    for i, a in enumerate(out):
+        flag, eq, value = a.partition("=")
+        if flag in PATH_FLAGS and eq and value != "builtin":
+            out[i] = f"{flag}={os.path.abspath(os.path.expanduser(value))}"
+        elif a in PATH_FLAGS and i + 1 < len(out) and out[i + 1] != "builtin":
+            out[i + 1] = os.path.abspath(os.path.expanduser(out[i + 1]))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="every other flag goes to train.py's "
+                                 "settings (python train.py --help)")
+    ap.add_argument("--nodes", type=int, default=3, help="clients, one SuperNode each (default: 3)")
+    ap.add_argument("--superlink", default="", help="HOST:PORT of a running SuperLink: start nothing, run the app there")
+    ap.add_argument("--root-certificates", default="", help="with --superlink: the CA certificate of its TLS")
+    ap.add_argument("--insecure", action="store_true", help="with --superlink: no TLS (local tests only)")
+    ap.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round waits for replies (default: 600)")
+    ap.add_argument("--connect-timeout", type=float, default=120.0, help="seconds to wait for all nodes (default: 120)")
+    ap.add_argument("--work", default="", help="folder for the processes' FLWR_HOMEs, logs and the nodes' state "
+                                               "(default: a new temporary folder)")
+    args, train_args = ap.parse_known_args(argv)
+    import train  # the settings are checked here first, so a bad flag fails before any process starts
+    from runs import UserError
+    train_args = absolute_paths(train_args)
+    try:
+        cfg, _ = train.parse_args(train_args)
+        train.check_config(cfg)
+        if args.nodes < 1:
+            raise UserError(f"--nodes {args.nodes} must be >= 1")
+        if args.superlink and not (args.insecure or args.root_certificates):
+            raise UserError("--superlink: give --root-certificates CA.pem (TLS) or --insecure (local tests only)")
+        if args.superlink and (why := reachable(args.superlink)):
+            raise UserError(f"no SuperLink reachable at {args.superlink} ({why})")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="feddpa-flower-"))
+    deployment = Deployment(work)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        if args.superlink:
+            deployment.superlink = args.superlink
+        else:
+            if cfg.model == "builtin":  # pretrain the built-in base once, before the nodes all want it
+                train.base_and_tokenizer(cfg, train.choose_device(cfg.device), True)
+            deployment.start_superlink()
+            for i in range(args.nodes):
+                deployment.start_node(i, os.path.join(work, f"state{i}"))
+            print(f"Flower deployment in {work}: SuperLink {deployment.superlink}, {args.nodes} SuperNodes", file=sys.stderr)
+        deployment.run_app(train_args, args.nodes, args.round_timeout, args.connect_timeout,
+                           insecure=not args.superlink or args.insecure, root_certificates=args.root_certificates)
+        return 0
+    except DeployError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; every process started here is stopped", file=sys.stderr)
+        return 130
+    finally:
+        deployment.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
