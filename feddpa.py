@@ -168,9 +168,9 @@ def setup_phase(name: str, model, pad_id: int, recipe: Recipe, datasets: list, i
     if name == "feddpa-t":
         step = feddpa_t_step(model, pad_id, train, recipe.local_weight, recipe.seed)
         return Phase(clients(datasets), step, recipe.rounds, recipe.fraction, init)
-    if name == "feddpa-f":  # the hand-over: every client fine-tunes a copy of FedIT's final global adapter
+    if name == "feddpa-f":  # the hand-over: FedIT's final global adapter goes down once, each client fine-tunes a copy
         step = local_step(model, pad_id, scaled(train, recipe.finetune_rounds), trained["fedit"]["global"])
-        return Phase(clients(datasets), step, 1, 1.0, {})
+        return Phase(clients(datasets), step, 1, 1.0, trained["fedit"]["global"])
     if name == "local":  # sampled as FedIT is: the same clients in the same rounds
         return Phase(clients(datasets), local_step(model, pad_id, train, init), recipe.rounds, recipe.fraction, {})
     if name == "centralized":  # one client holding everything, the same total number of optimizer steps

@@ -152,7 +152,8 @@ def train_step(msg: Message, context: Context) -> Message:
     received = from_record(msg.content["global"])
     model, tok = node.model()
     torch.manual_seed(cfg.seed * 7919 + 101 * (PHASES.index(phase_name) + 1) + 10_007 * round_ + node.id)  # dropout
-    encoded = data.encode_clients(node.fd.clients, tok, cfg.cutoff, cfg.max_dropped)
+    encoded = [[] for _ in node.fd.clients]  # this client's records only: the others are not its to train on
+    encoded[node.id] = data.encode_clients([node.records], tok, cfg.cutoff, cfg.max_dropped)[0]
     phase = feddpa.setup_phase(phase_name, model, tok.pad_id, train.recipe(cfg), encoded, received,
                                {"fedit": {"global": received}})
     me = phase.clients[node.id]
@@ -165,9 +166,10 @@ def train_step(msg: Message, context: Context) -> Message:
           flush=True)
     update, metrics = phase.step(round_, me, received)
     node.save_state(phase_name, round_, me.local, me.generator)
-    reply = RecordDict({"global": to_record(update.adapter),
-                        "metrics": MetricRecord({**{k: float(v) for k, v in metrics.items()},
+    reply = RecordDict({"metrics": MetricRecord({**{k: float(v) for k, v in metrics.items()},
                                                  "n-examples": update.n_examples})})
+    if update.adapter:  # FedDPA-F's fine-tuning sends nothing back
+        reply["global"] = to_record(update.adapter)
     return Message(reply, reply_to=msg)
 
 
@@ -238,12 +240,26 @@ class Federation:
         if wait and len(self.node_of) < self.n:
             raise UserError(f"only clients {sorted(self.node_of)} of {self.n} connected within {wait:.0f}s")
 
-    def train_round(self, phase: str, rounds: int, sent_adapter):
+    def train_round(self, phase: str, rounds: int, attempts: int = 3):
         """fed.run_rounds' train_round over Flower: the global adapter to each chosen node, the
-        replies that arrive within the timeout back."""
+        replies that arrive within the timeout back. A round in which no node replied is sent again
+        (up to `attempts` times): a node trains a round from its files of the rounds before, so a
+        round trained twice ends the same."""
         def train_round(round_, chosen, global_adapter) -> dict:
+            for attempt in range(attempts):
+                replies = send(round_, chosen, global_adapter)
+                if replies:
+                    break
+                print(f"{phase:>9} round {round_ + 1}: no client replied within {self.timeout:.0f}s"
+                      + ("; sending it again" if attempt + 1 < attempts else ""), flush=True)
+            missing = [c for c in chosen if c not in replies]
+            print(f"{phase:>9} round {round_ + 1} of {rounds}: {len(replies)} of {len(chosen)} clients replied"
+                  + (f", missing {missing}" if missing else ""), flush=True)
+            return replies
+
+        def send(round_, chosen, global_adapter) -> dict:
             self.discover()
-            down = to_record(sent_adapter(global_adapter))
+            down = to_record(global_adapter)
             msgs = [self.message({"global": down}, "train", self.node_of[c], phase=phase, round=round_)
                     for c in chosen if c in self.node_of]
             client_of = {v: k for k, v in self.node_of.items()}
@@ -257,10 +273,8 @@ class Federation:
                 m = reply.content["metrics"]
                 metrics = {k: v for k, v in m.items() if k != "n-examples"}
                 metrics.update(steps=int(m["steps"]), examples=int(m["examples"]))
-                replies[c] = (fed.Update(from_record(reply.content["global"]), int(m["n-examples"])), metrics)
-            missing = [c for c in chosen if c not in replies]
-            print(f"{phase:>9} round {round_ + 1} of {rounds}: {len(replies)} of {len(chosen)} clients replied"
-                  + (f", missing {missing}" if missing else ""), flush=True)
+                sent = reply.content.array_records.get("global")
+                replies[c] = (fed.Update(from_record(sent) if sent else {}, int(m["n-examples"])), metrics)
             return replies
         return train_round
 
@@ -318,10 +332,8 @@ def main(grid: Grid, context: Context) -> None:
             continue
         # the server's phase: the schedule of feddpa.setup_phase, with placeholder clients that hold no data
         phase = feddpa.setup_phase(name, model, 0, rec, [[] for _ in range(n)], state["init"], state["trained"])
-        handed_over = state["trained"].get("fedit", {}).get("global")
-        sent = (lambda g: handed_over) if name == "feddpa-f" else (lambda g: g)  # FedDPA-F: FedIT's final adapter
         runs.run_phase(name, phase, state, lambda s: runs.save_state(cfg.out, s), cfg.seed, cfg.weighting, cfg.out,
-                       train_round=nodes.train_round(name, phase.rounds, sent))
+                       train_round=nodes.train_round(name, phase.rounds))
     todo = [m for m in methods if m not in state["results"]]
     if todo:
         globals_ = {p: state["trained"][p]["global"] for p in {feddpa.phase_of(m) for m in todo}}  # FedDPA-F's: FedIT's
