@@ -20,8 +20,8 @@ a node that is killed and restarted, or a new run with the same settings, goes o
 
 The server holds only the global adapter and the round loop. A round waits `round-timeout` seconds
 for replies and averages those that came (the history lists the chosen clients that did not reply,
-as "missing"); every completed round is checkpointed, and `--resume OUT` in train-args continues a
-run from its last one. Runs FedIT, FedDPA-F and FedDPA-T (every weighting); the base model, Local
+as "missing"); a round that no node answered is sent again; every completed round is checkpointed,
+and `--resume OUT` in train-args continues a run from its last one. Runs FedIT, FedDPA-F and FedDPA-T (every weighting); the base model, Local
 and Centralized need no federation: run them with train.py.
 
 Top to bottom: the settings; the node (its data and model, its state files, train, describe,
