@@ -134,8 +134,10 @@ def in_process(clients: list, client_update, progress: bool = False):
     this process. client_update(round, client, global_adapter) -> (Update, metrics) is the method's
     local step. (flower_app.py reaches clients on other processes or machines instead.)"""
     def train_round(round_, chosen, global_adapter) -> dict:
-        return {cid: client_update(round_, clients[cid], global_adapter)  # down: global adapter; up: Update
-                for cid in tqdm(chosen, desc=f"round {round_ + 1}", leave=False, unit="client", disable=not progress)}
+        replies = {}
+        for cid in tqdm(chosen, desc=f"round {round_ + 1}", leave=False, unit="client", disable=not progress):
+            replies[cid] = client_update(round_, clients[cid], global_adapter)  # down: global adapter; up: Update
+        return replies
     return train_round
 
 
