@@ -11,6 +11,7 @@ federation that is already up instead (the SuperNodes started on the client mach
 Top to bottom: free ports and waiting; Deployment (the processes, the app's run and its status); main.
 """
 import argparse
+import glob
 import json
 import os
 import shlex
@@ -45,6 +46,24 @@ def reachable(address: str, timeout: float = 5.0) -> str:
             return ""
     except (OSError, ValueError) as e:
         return str(e) or type(e).__name__
+
+
+def descendants(pid: int) -> list:
+    """The processes pid started, and theirs (from /proc; elsewhere none are known beyond the group)."""
+    children = {}
+    for p in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(p) as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(p.split("/")[2]))
+    found, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.append(c)
+            todo.append(c)
+    return found
 
 
 class Deployment:
@@ -92,24 +111,36 @@ class Deployment:
         self.start(f"node{i}", ["flower-supernode", "--insecure", "--superlink", self.superlink,
                                 "--port", str(free_port()), "--node-config", config])
 
-    def stop(self, name: str, sig=signal.SIGTERM, wait: float = 10.0):
-        """Stop process `name` and everything it started (its process group)."""
+    def stop(self, name: str, wait: float = 10.0):
+        """Stop process `name` and everything it started: SIGTERM to their process groups (the SuperLink
+        starts its executor in a session of its own), then SIGKILL to whatever is left."""
         p = self.procs.pop(name, None)
         if p is None:
             return
-        for s in (sig, signal.SIGKILL):
+        family = [p.pid, *descendants(p.pid)]
+        groups = set()
+        for pid in family:
             try:
-                os.killpg(p.pid, s)
+                groups.add(os.getpgid(pid))
             except ProcessLookupError:
-                break
+                pass
+        groups.discard(os.getpgrp())
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for g in groups:
+                try:
+                    os.killpg(g, sig)
+                except ProcessLookupError:
+                    pass
             try:
                 p.wait(wait)
-                os.killpg(p.pid, signal.SIGKILL)  # children left behind in its group
-            except ProcessLookupError:
-                break
             except subprocess.TimeoutExpired:
-                continue
-            break
+                pass
+        for pid in family:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.wait()
 
     def close(self):
         for name in list(self.procs):

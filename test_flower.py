@@ -48,6 +48,18 @@ def processes_using(folder: str) -> list:
     return [pid for pid in found if pid != os.getpid()]
 
 
+def client_apps(node_pid: int) -> set:
+    """The ClientApp processes a SuperNode is running now (it starts one per message)."""
+    found = set()
+    for pid in flower_run.descendants(node_pid):
+        try:
+            if b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.add(pid)
+        except OSError:
+            continue
+    return found
+
+
 def local_state(work: Path, client: int, phase: str, round_: int) -> dict:
     (path,) = glob.glob(str(work / f"state{client}" / "run-*" / phase / f"round{round_}.pt"))
     return torch.load(path, weights_only=True)["local"]
@@ -105,14 +117,18 @@ def test_a_node_killed_mid_round_costs_only_its_reply(tmp_path, cache):
                 failure.append(e)
         app = threading.Thread(target=run)
         app.start()
-        log = work / "node2.log"
+        log, done = work / "node2.log", work / "state2"
         t0 = time.time()
-        while "client 2: feddpa-t round 3," not in log.read_text(errors="replace"):  # it is training round 3
-            assert time.time() - t0 < 90 and app.is_alive(), "".join(out)
+        while not list(done.glob("run-*/feddpa-t/round1.pt")):  # node 2 has trained round 2 ...
+            assert time.time() - t0 < 300 and app.is_alive(), "".join(out)
+            time.sleep(0.05)
+        before = client_apps(d.procs["node2"].pid)
+        while not client_apps(d.procs["node2"].pid) - before:   # ... and a new ClientApp process takes round 3
+            assert time.time() - t0 < 300 and app.is_alive(), "".join(out)
             time.sleep(0.05)
         d.stop("node2")                                         # killed while it trains
         d.start_node(2, str(work / "state2"))                   # restarted: the same state folder
-        app.join(80)
+        app.join(300)
         assert not app.is_alive() and not failure, "".join(out) + str(failure)
     finally:
         d.close()
