@@ -197,6 +197,10 @@ def absolute_paths(train_args: list) -> list:
     return out
 
 
+def interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="every other flag goes to train.py's "
                                  "settings (python train.py --help)")
@@ -226,7 +230,7 @@ def main(argv=None):
         return 2
     work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="feddpa-flower-"))
     deployment = Deployment(work)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, interrupted)  # a kill of this command stops its processes too
     try:
         if args.superlink:
             deployment.superlink = args.superlink
