@@ -7,6 +7,7 @@ import pytest
 
 import builtin
 import data
+import pretrain
 from conftest import CATEGORIES, tree_bytes
 
 def test_same_seed_same_benchmark_files(tmp_path):
@@ -114,3 +115,11 @@ def test_command_writes_benchmark(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             builtin.main(argv)
         assert exit_.value.code == 2
+
+
+def test_pretrained_base_is_cached_under_a_name_that_changes_with_its_corpus(monkeypatch):
+    d = pretrain.cache_dir("/c", seed=0, steps=5)
+    assert d == pretrain.cache_dir("/c", seed=0, steps=5) != pretrain.cache_dir("/c", seed=0, steps=6)
+    corpus = builtin.corpus
+    monkeypatch.setattr(builtin, "corpus", lambda seed=0: corpus(seed)[:-1])  # one document fewer
+    assert pretrain.cache_dir("/c", seed=0, steps=5) != d
