@@ -1,5 +1,5 @@
-"""The built-in world: eight toy instruction tasks (one per client) and a plain-text corpus in the
-same toy English, on which pretrain.py trains the tiny built-in foundation model.
+"""The built-in world: eight toy instruction tasks (one per client) and a corpus in the same toy
+English, on which pretrain.py trains the tiny built-in foundation model.
 
 `python train.py` with no --data / --model runs on this world, so the whole comparison needs no
 download and runs on a laptop CPU in minutes. A porter can skip this file: with the paper's data
@@ -8,8 +8,9 @@ download and runs on a laptop CPU in minutes. A porter can skip this file: with 
 Top to bottom: the toy vocabulary; the eight tasks, named and shaped after the paper's FLAN set 1
 (coreference, entailment, linguistic acceptability, paraphrase, question classification, structure
 to text, text formatting, word disambiguation); the benchmark (300 train and 200 test records per
-task); the corpus (the language, never the tasks); `python builtin.py --write DIR` writes the
-benchmark in the paper's file format.
+task); the corpus (the language, and a share of instruction-formatted examples of every task that
+are none of the benchmark's records, so that the base follows instructions in part, as a real
+foundation model does); `python builtin.py --write DIR` writes the benchmark in the paper's file format.
 """
 import argparse
 import random
@@ -288,9 +289,11 @@ def benchmark(seed: int = 0, n_train: int = 300, n_test: int = 200) -> FedData:
 
 
 # ----------------------------------------------------------------------------------------------
-# The pretraining corpus: plain sentences that teach the words and facts the tasks rely on (genders, antonyms,
-# synonyms, agreement, question words, word senses, lists with commas, restaurants) but
-# never in a task's format: no "X bought a, b and c at the P." and no "X serves ...".
+# The pretraining corpus. Mostly plain sentences that teach the words and facts the tasks rely on
+# (genders, antonyms, synonyms, agreement, question words, word senses, lists with commas,
+# restaurants), never in a task's format: no "X bought a, b and c at the P." and no "X serves ...".
+# Beside them, 45% of the documents: instruction-formatted examples of every task, drawn from streams
+# of their own and never equal to a benchmark record (corpus() says why).
 CORPUS_FRAMES = (
     "{n} went to the {place}. {he} {past} {m} there.",
     "{n} was {adj}, so {he} stayed at the {place}.",
@@ -334,11 +337,43 @@ def _corpus_sentence(rng: random.Random) -> str:
         price=rng.choice(("cheap", "expensive")), sense=rng.choice(rng.choice(senses)).format(n=n))
 
 
-def corpus(seed: int = 0, n_docs: int = 2500) -> list[str]:
-    """Short paragraphs of toy English (about 400 KB by default) to pretrain the foundation
-    model on: it learns the language, not the tasks (no instructions, no task formats)."""
+def corpus(seed: int = 0, n_docs: int = 4500, task_fraction: float = 0.45) -> list[str]:
+    """Documents to pretrain the foundation model on (about 770 KB by default), shuffled: short
+    paragraphs of toy English, and a task_fraction of instruction-formatted examples, the same number
+    of each task, each its own document: the paper's prompt (data.format_prompt), then the answer.
+
+    Why the examples: FedDPA fine-tunes a foundation model that can already follow instructions in
+    part (a LLaMA in the paper), and its clients' tasks share that skill: read the prompt, answer with one of the options or a short sentence built
+    from the input, then stop. A base that knows only the language starts every task from nothing,
+    and a global adapter then has no shared skill to build on. The examples model the broad
+    instruction tuning a real base has had before federated fine-tuning.
+
+    They come from streams of their own (random.Random(f"corpus/{seed}/{category}")), and any whose
+    instruction, or answer of more than two words, equals one in benchmark(seed) is skipped: no
+    record that a run of this seed trains or tests on is in its base's corpus."""
     rng = random.Random(f"corpus/{seed}")
-    return [" ".join(_corpus_sentence(rng) for _ in range(rng.randint(3, 6))) for _ in range(n_docs)]
+    per_task = round(n_docs * task_fraction / len(TASKS))
+    docs = [" ".join(_corpus_sentence(rng) for _ in range(rng.randint(3, 6)))
+            for _ in range(n_docs - per_task * len(TASKS))]
+    docs += [data.format_prompt(r) + r["output"] for r in task_examples(seed, per_task)]
+    rng.shuffle(docs)
+    return docs
+
+
+def task_examples(seed: int, per_task: int) -> list[dict]:
+    """per_task records of each task for the corpus, none equal to a train or test record of benchmark(seed)."""
+    fd = benchmark(seed)
+    held = [r for recs in [*fd.clients, *fd.tests.values()] for r in recs]
+    held_out = {r["instruction"] for r in held} | {r["output"] for r in held if len(r["output"].split()) > 2}
+    records = []
+    for category, task, make in TASKS:
+        rng = random.Random(f"corpus/{seed}/{category}")
+        examples = [(i, o) for i, o in _distinct_examples(make, rng, 2 * per_task, task)
+                    if i not in held_out and o not in held_out][:per_task]
+        if len(examples) < per_task:
+            raise ValueError(f"task {task}: fewer than {per_task} examples outside the benchmark")
+        records += [{"instruction": i, "output": o, "task": task, "category": category} for i, o in examples]
+    return records
 
 
 # ----------------------------------------------------------------------------------------------

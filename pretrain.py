@@ -1,5 +1,6 @@
 """Pretraining the built-in foundation model: a tiny Llama (model.PRESETS["base"]) that learns the
-built-in world's language from its corpus (builtin.py), not its tasks, cached as an HF directory.
+built-in world's language, and some of its tasks, from its corpus (builtin.corpus), cached as an HF
+directory.
 
 A porter can skip this file: with a real checkpoint (--model DIR) nothing here runs. bench.py times
 the same loop.
@@ -21,11 +22,16 @@ import hf
 from model import PRESETS, Llama, ModelConfig
 
 
+def tokenizer_texts(seed: int = 0) -> list:
+    """What the base's tokenizer is trained on: the corpus and the benchmark's training prompts, so that
+    their words are pieces rather than bytes (the model itself never sees those records before fine-tuning)."""
+    return builtin.corpus(seed) + [data.format_prompt(r) + r["output"] for recs in builtin.benchmark(seed).clients
+                                   for r in recs]
+
+
 def train_tokenizer(path: str, seed: int = 0):
-    """The base's tokenizer. It also sees the benchmark's prompts, so that their words are pieces rather
-    than bytes; the model itself never sees them before fine-tuning."""
-    prompts = [data.format_prompt(r) + r["output"] for recs in builtin.benchmark(seed).clients for r in recs]
-    data.train_tokenizer(builtin.corpus(seed) + prompts, path, PRESETS["base"].vocab_size)
+    """The base's tokenizer (on tokenizer_texts)."""
+    data.train_tokenizer(tokenizer_texts(seed), path, PRESETS["base"].vocab_size)
     return hf.SentencePieceTokenizer(path)
 
 
@@ -61,11 +67,18 @@ def pretrain(model: Llama, rows: torch.Tensor, steps: int, seed: int = 0, bf16: 
     return log
 
 
+def cache_dir(cache: str, seed: int, steps: int, bf16: bool = False) -> str:
+    """Where base_model keeps the base: named by a hash of its settings and of every text it is made
+    from (the corpus, the tokenizer's texts), so that a changed world is a new base, never a stale one."""
+    texts = hashlib.sha256("\0".join(tokenizer_texts(seed)).encode()).hexdigest()
+    key = json.dumps([asdict(PRESETS["base"]), seed, steps, texts] + (["bfloat16"] if bf16 else []))
+    return os.path.join(os.path.expanduser(cache), f"base-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+
+
 def base_model(cache: str, seed: int, steps: int, device, bf16: bool = False, progress: bool = False) -> str:
     """The HF directory of the built-in base, pretrained for `steps` on first use and cached under `cache`."""
     preset = PRESETS["base"]
-    key = json.dumps([asdict(preset), seed, steps] + (["bfloat16"] if bf16 else []))
-    d = os.path.join(os.path.expanduser(cache), f"base-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+    d = cache_dir(cache, seed, steps, bf16)
     if os.path.isfile(os.path.join(d, "model.safetensors")):
         return d
     tmp = f"{d}.tmp{os.getpid()}"

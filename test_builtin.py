@@ -1,5 +1,6 @@
 """builtin.py: the built-in benchmark (counts, splits, balanced labels, answers that follow each task's
-stated rule), its corpus, and `python builtin.py --write`."""
+stated rule), its corpus (plain paragraphs and examples of every task, none a benchmark record), and
+`python builtin.py --write`."""
 import re
 from collections import Counter
 
@@ -7,6 +8,7 @@ import pytest
 
 import builtin
 import data
+import pretrain
 from conftest import CATEGORIES, tree_bytes
 
 def test_same_seed_same_benchmark_files(tmp_path):
@@ -93,15 +95,26 @@ def test_builtin_answers_follow_the_stated_rules(world):
             assert r["output"] == expected_answer(category, r["instruction"]), r
 
 
-def test_pretrain_corpus_is_plain_text_without_benchmark_examples(world):
+def test_pretrain_corpus_is_the_language_and_task_examples_none_from_the_benchmark(world):
     corpus = builtin.corpus(seed=0)
     assert corpus == builtin.corpus(seed=0) != builtin.corpus(seed=1)
+    assert 500_000 < len("\n".join(corpus).encode()) < 1_500_000
+    prompted = [d for d in corpus if d.startswith("### Instruction:\n")]
+    plain = "\n".join(d for d in corpus if not d.startswith("### Instruction:\n"))
+    assert "###" not in plain and "OPTIONS" not in plain  # the paragraphs are plain text
+    assert 0.4 < len(prompted) / len(corpus) < 0.5
+    examples = builtin.task_examples(seed=0, per_task=len(prompted) // len(CATEGORIES))
+    # the prompted documents are the task examples, in the paper's prompt, the same number of every task
+    assert sorted(prompted) == sorted(data.format_prompt(r) + r["output"] for r in examples)
+    assert Counter(r["category"] for r in examples) == {c: len(prompted) // len(CATEGORIES) for c in CATEGORIES}
+    for r in examples:
+        assert r["output"] == expected_answer(r["category"], r["instruction"]), r
+    # none is a record the benchmark trains or tests on: no instruction, no answer longer than two words
     text = "\n".join(corpus)
-    assert 200_000 < len(text.encode()) < 1_000_000
-    assert "###" not in text and "OPTIONS" not in text
+    instructions = {r["instruction"] for r in examples}
     for records in [*world.clients, *world.tests.values()]:
         for r in records:
-            assert r["instruction"] not in text
+            assert r["instruction"] not in instructions
             assert len(r["output"].split()) <= 2 or r["output"] not in text
 
 
@@ -114,3 +127,11 @@ def test_command_writes_benchmark(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             builtin.main(argv)
         assert exit_.value.code == 2
+
+
+def test_pretrained_base_is_cached_under_a_name_that_changes_with_its_corpus(monkeypatch):
+    d = pretrain.cache_dir("/c", seed=0, steps=5)
+    assert d == pretrain.cache_dir("/c", seed=0, steps=5) != pretrain.cache_dir("/c", seed=0, steps=6)
+    corpus = builtin.corpus
+    monkeypatch.setattr(builtin, "corpus", lambda seed=0: corpus(seed)[:-1])  # one document fewer
+    assert pretrain.cache_dir("/c", seed=0, steps=5) != d

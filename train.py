@@ -69,7 +69,7 @@ class Config:
     max_new_tokens: int = opt(32, "generation length (the paper: 80)")
     num_beams: int = opt(1, "beam search width (the paper: 4)")
     eval_batch_size: int = opt(64, "prompts per generation batch")
-    pretrain_steps: int = opt(160, "steps of pretraining for the built-in base model")
+    pretrain_steps: int = opt(200, "steps of pretraining for the built-in base model")
     init_adapter: str = opt("", "start every adapter from this PEFT adapter folder (e.g. one export.py wrote)")
     seed: int = opt(0, "seed for everything")
     seeds: str = opt("", "comma-separated seeds, e.g. 0,1,2: the whole comparison once per seed in OUT/seed<N>, then mean ± std")
