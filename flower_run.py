@@ -111,9 +111,10 @@ class Deployment:
         self.start(f"node{i}", ["flower-supernode", "--insecure", "--superlink", self.superlink,
                                 "--port", str(free_port()), "--node-config", config])
 
-    def stop(self, name: str, wait: float = 10.0):
+    def stop(self, name: str, wait: float = 10.0, kill: bool = False):
         """Stop process `name` and everything it started: SIGTERM to their process groups (the SuperLink
-        starts its executor in a session of its own), then SIGKILL to whatever is left."""
+        starts its executor in a session of its own), then SIGKILL to whatever is left; kill: SIGKILL
+        at once, as a crash would (a ClientApp given SIGTERM finishes its message first)."""
         p = self.procs.pop(name, None)
         if p is None:
             return
@@ -125,7 +126,7 @@ class Deployment:
             except ProcessLookupError:
                 pass
         groups.discard(os.getpgrp())
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        for sig in (signal.SIGKILL,) if kill else (signal.SIGTERM, signal.SIGKILL):
             for g in groups:
                 try:
                     os.killpg(g, sig)

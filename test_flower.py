@@ -100,7 +100,7 @@ def test_a_node_killed_mid_round_costs_only_its_reply(tmp_path, cache):
         d.start_superlink()
         for i in range(3):
             d.start_node(i, str(work / f"state{i}"))
-        args = [*SMALL, "--local-steps", "6", "--methods", "feddpa-t", "--rounds", "4", "--cache", cache,
+        args = [*SMALL, "--methods", "feddpa-t", "--rounds", "4", "--cache", cache,
                 "--out", str(tmp_path / "flower")]
 
         class Lines:
@@ -112,7 +112,7 @@ def test_a_node_killed_mid_round_costs_only_its_reply(tmp_path, cache):
 
         def run():
             try:
-                d.run_app(args, 3, round_timeout=30, connect_timeout=60, out=Lines())
+                d.run_app(args, 3, round_timeout=20, connect_timeout=60, out=Lines())
             except Exception as e:  # noqa: BLE001 - handed to the test's thread
                 failure.append(e)
         app = threading.Thread(target=run)
@@ -126,7 +126,7 @@ def test_a_node_killed_mid_round_costs_only_its_reply(tmp_path, cache):
         while not client_apps(d.procs["node2"].pid) - before:   # ... and a new ClientApp process takes round 3
             assert time.time() - t0 < 300 and app.is_alive(), "".join(out)
             time.sleep(0.05)
-        d.stop("node2")                                         # killed while it trains
+        d.stop("node2", kill=True)                              # killed (SIGKILL) while it trains
         d.start_node(2, str(work / "state2"))                   # restarted: the same state folder
         app.join(300)
         assert not app.is_alive() and not failure, "".join(out) + str(failure)
