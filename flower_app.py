@@ -181,17 +181,17 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, run = node.cfg, msg.content["run"]
     model, tok = node.model()
     dec = evaluation.Decode(cfg.max_new_tokens, cfg.num_beams, cfg.eval_batch_size, cfg.cutoff)
+    methods, rec = str(run["methods"]).split(","), train.recipe(cfg)
+    last = {p: node.last_state(p, 10 ** 9) for p in {feddpa.phase_of(m) for m in methods}}  # each phase's final files
     scores, no_local, seconds = {}, [], {}
-    for method in str(run["methods"]).split(","):
+    for method in methods:
         t0 = time.time()
         phase = feddpa.phase_of(method)
-        last = node.last_state(phase, 10 ** 9)
-        local = last[1] if last else None
+        local = last[phase][1] if last[phase] else None
         with torch.autocast(node.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
             scores[method] = evaluation.evaluate_client(
                 method, model, tok, node.fd.tests, node.records, node.id, node.task,
-                from_record(msg.content[f"global.{phase}"]), local,
-                train.recipe(cfg), dec, node.device)
+                from_record(msg.content[f"global.{phase}"]), local, rec, dec, node.device)
         if local is None and method not in evaluation.SHARED:
             no_local.append(method)
         seconds[method] = time.time() - t0
@@ -283,17 +283,21 @@ class Federation:
         down = {f"global.{p}": to_record(g) for p, g in globals_.items()}
         wait = self.timeout * len(methods)  # a round's timeout per method
         msgs = [self.message(down, "evaluate", self.node_of[c], wait, methods=",".join(methods)) for c in range(self.n)]
-        got = {}
+        client_of = {v: k for k, v in self.node_of.items()}
+        scores, no_local, seconds = {}, {}, {}
         for reply in self.grid.send_and_receive(msgs, timeout=wait):
-            c = {v: k for k, v in self.node_of.items()}.get(reply.metadata.src_node_id)
+            c = client_of.get(reply.metadata.src_node_id)
             if reply.has_error():
                 raise UserError(f"client {c} failed to evaluate: {reply.error.reason}")
-            got[c] = reply.content
-        if len(got) < self.n:
-            raise UserError(f"clients {sorted(set(range(self.n)) - set(got))} did not send their scores")
-        return ({m: [json.loads(got[c]["scores"]["scores"])[m] for c in range(self.n)] for m in methods},
-                {m: [c for c in range(self.n) if m in json.loads(got[c]["scores"]["no-local"])] for m in methods},
-                {m: max(got[c]["seconds"][m] for c in range(self.n)) for m in methods})
+            record = reply.content["scores"]
+            scores[c], no_local[c] = json.loads(record["scores"]), json.loads(record["no-local"])
+            seconds[c] = reply.content["seconds"]
+        if len(scores) < self.n:
+            raise UserError(f"clients {sorted(set(range(self.n)) - set(scores))} did not send their scores")
+        clients = range(self.n)
+        return ({m: [scores[c][m] for c in clients] for m in methods},
+                {m: [c for c in clients if m in no_local[c]] for m in methods},
+                {m: max(seconds[c][m] for c in clients) for m in methods})
 
 
 @server.main()
@@ -304,14 +308,7 @@ def main(grid: Grid, context: Context) -> None:
     conf = context.run_config
     train_args, n = str(conf["train-args"]), int(conf["nodes"])
     cfg, args = settings(train_args)
-    train.check_flags(cfg, args)
-    if args.resume:
-        cfg = train.resumed_config(cfg, args.resume)
-        state = runs.load_state(cfg.out)
-    else:
-        runs.check_new(cfg.out, args.overwrite)
-        state = None
-    train.check_config(cfg)
+    cfg, state = train.open_run(cfg, args)
     device = train.choose_device("cpu")  # the server only averages adapters
     t0 = time.time()
     model = train.load_model(cfg, train.base_and_tokenizer(cfg, device, False)[0], device)
@@ -335,14 +332,13 @@ def main(grid: Grid, context: Context) -> None:
         runs.run_phase(name, phase, state, lambda s: runs.save_state(cfg.out, s), cfg.seed, cfg.weighting, cfg.out,
                        train_round=nodes.train_round(name, phase.rounds))
     todo = [m for m in methods if m not in state["results"]]
+    tasks = [str(nodes.info[c]["task"]) for c in range(n)]
     if todo:
         globals_ = {p: state["trained"][p]["global"] for p in {feddpa.phase_of(m) for m in todo}}  # FedDPA-F's: FedIT's
         per_client, no_local, seconds = nodes.evaluate(todo, globals_)
-        tasks = [str(nodes.info[c]["task"]) for c in range(n)]
         for m in todo:
             state["results"][m] = evaluation.summarize(per_client[m], tasks, no_local[m], seconds[m])
         runs.save_state(cfg.out, state)
-    tasks = [str(nodes.info[c]["task"]) for c in range(n)]
     res = runs.write_results(cfg.out, asdict(cfg), state, tasks, time.time() - t_start)
     runs.print_table(state["results"], json.loads(nodes.info[0]["tasks"]), tasks, args.verbose)
     runs.print_times(res["seconds"])

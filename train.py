@@ -215,10 +215,8 @@ def load_model(cfg: Config, model_dir: str, device):
 
 # ----------------------------------------------------------------------------------------------
 
-def run(cfg: Config, args):
-    """Everything is read and checked before the first write, so a run that fails on bad input leaves
-    any existing output folder exactly as it was."""
-    t_start = time.time()
+def open_run(cfg: Config, args) -> tuple:
+    """The run's settings, checked, and its saved state (None for a new run; nothing is written yet)."""
     check_flags(cfg, args)
     if args.resume:
         cfg = resumed_config(cfg, args.resume)
@@ -227,6 +225,14 @@ def run(cfg: Config, args):
         runs.check_new(cfg.out, args.overwrite)
         state = None
     check_config(cfg)
+    return cfg, state
+
+
+def run(cfg: Config, args):
+    """Everything is read and checked before the first write, so a run that fails on bad input leaves
+    any existing output folder exactly as it was."""
+    t_start = time.time()
+    cfg, state = open_run(cfg, args)
     device = choose_device(cfg.device)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
