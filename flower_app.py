@@ -20,9 +20,11 @@ a node that is killed and restarted, or a new run with the same settings, goes o
 
 The server holds only the global adapter and the round loop. A round waits `round-timeout` seconds
 for replies and averages those that came (the history lists the chosen clients that did not reply,
-as "missing"); a round that no node answered is sent again; every completed round is checkpointed,
-and `--resume OUT` in train-args continues a run from its last one. Runs FedIT, FedDPA-F and FedDPA-T (every weighting); the base model, Local
-and Centralized need no federation: run them with train.py.
+as "missing"). A node that is killed and restarted meanwhile comes back under a new node id: its
+client gets the round again there, and trains it from its files, as if it had never stopped. A round
+that no node answered is sent again; every completed round is checkpointed, and `--resume OUT` in
+train-args continues a run from its last one. Runs FedIT, FedDPA-F and FedDPA-T (every weighting);
+the base model, Local and Centralized need no federation: run them with train.py.
 
 Top to bottom: the settings; the node (its data and model, its state files, train, describe,
 evaluate); the server (finding the nodes, a round over Flower, the phases, the evaluation).
@@ -52,6 +54,7 @@ from runs import UserError
 
 PHASES = ("fedit", "feddpa-f", "feddpa-t")
 METHODS = tuple(m for m in feddpa.METHODS if feddpa.phase_of(m) in PHASES)
+POLL = 0.5  # seconds between the server's looks for replies
 EVAL_ONLY = ("methods", "test_per_task", "max_new_tokens", "num_beams", "eval_batch_size", "out", "device", "cache")
 
 
@@ -207,8 +210,8 @@ server = ServerApp()
 
 
 class Federation:
-    """The nodes as the server reaches them: partition-id -> node id, refreshed before every round (a
-    restarted SuperNode comes back under a new node id)."""
+    """The nodes as the server reaches them: partition-id -> node id. A SuperNode that is restarted
+    comes back under a new node id; the server learns it before every round and while it waits."""
 
     def __init__(self, grid: Grid, train_args: str, n_clients: int, timeout: float):
         self.grid, self.train_args, self.n, self.timeout = grid, train_args, n_clients, timeout
@@ -218,27 +221,74 @@ class Federation:
         content = RecordDict({"run": ConfigRecord({"train-args": self.train_args, **run}), **records})
         return Message(content, node_id, kind, ttl=ttl or self.timeout)  # a message outlives no wait for it
 
-    def discover(self, wait: float = 0.0):
-        """Ask nodes not seen before which client they are; wait up to `wait` s until all n are there."""
-        t0 = time.time()
+    def exchange(self, messages: dict, deadline: float, resend=None) -> dict:
+        """Push messages (key -> Message) and collect their replies until all have come or the deadline
+        (time.time()) passes: key -> reply. resend(keys still waiting) -> {key: Message}: new messages
+        that replace those keys' (their node is gone and a new one stands for it). flwr's
+        send_and_receive looks for replies every 3 s; this looks every POLL s."""
+        pending = {}  # message id -> key
+
+        def push(batch: dict):
+            for key, mid in zip(batch, self.grid.push_messages(list(batch.values())) if batch else []):
+                if mid is not None:  # None: the SuperLink refused it, so no reply will come
+                    pending[mid] = key
+        push(messages)
+        replies = {}
+        while pending and time.time() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                key = pending.pop(reply.metadata.reply_to_message_id, None)
+                if key is not None:
+                    replies.setdefault(key, reply)
+            if resend and pending:
+                again = resend(set(pending.values()))
+                for mid in [m for m, key in pending.items() if key in again]:
+                    del pending[mid]
+                push(again)
+            if pending:
+                time.sleep(POLL)
+        return replies
+
+    def discover(self, wait: float = 0.0, deadline: float = 0.0) -> list:
+        """Ask nodes not seen before which client they are, waiting up to `wait` s until all n are
+        there; returns the clients that came back under a new node id. A node that does not answer
+        by the deadline (default: a round's timeout) is asked again next time."""
+        t0, moved = time.time(), []
         while True:
             new = [i for i in self.grid.get_node_ids() if i not in self.known]
-            if new:
-                for reply in self.grid.send_and_receive([self.message({}, "query", i) for i in new], timeout=self.timeout):
-                    self.known.add(reply.metadata.src_node_id)
-                    if reply.has_error():
-                        raise UserError(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
-                    info = reply.content["info"]
-                    if int(info["n-clients"]) != self.n:
-                        raise UserError(f"client {info['partition-id']}'s data has {info['n-clients']} clients but "
-                                        f"the federation has {self.n} (pass --clients {self.n}, or start that many nodes)")
-                    self.node_of[int(info["partition-id"])] = reply.metadata.src_node_id
-                    self.info[int(info["partition-id"])] = info
+            self.known.update(new)
+            replies = self.exchange({i: self.message({}, "query", i) for i in new}, deadline or time.time() + self.timeout)
+            self.known.difference_update(set(new) - set(replies))
+            for node_id, reply in replies.items():
+                if reply.has_error():
+                    raise UserError(f"node {node_id}: {reply.error.reason}")
+                info = reply.content["info"]
+                c = int(info["partition-id"])
+                if int(info["n-clients"]) != self.n:
+                    raise UserError(f"client {c}'s data has {info['n-clients']} clients but the federation has "
+                                    f"{self.n} (pass --clients {self.n}, or start that many nodes)")
+                if c in self.node_of and self.node_of[c] != node_id:
+                    moved.append(c)
+                self.node_of[c], self.info[c] = node_id, info
             if len(self.node_of) >= self.n or time.time() - t0 > wait:
                 break
             time.sleep(1.0)
         if wait and len(self.node_of) < self.n:
             raise UserError(f"only clients {sorted(self.node_of)} of {self.n} connected within {wait:.0f}s")
+        return moved
+
+    def to_clients(self, make, clients, timeout: float, what: str) -> dict:
+        """make(node id) -> Message to each client's node; the replies within timeout s: client -> reply.
+        A client whose node comes back under a new node id before it replied (killed and restarted)
+        gets the message again there: the old node is gone, and the message with it."""
+        deadline = time.time() + timeout
+        self.discover(deadline=deadline)
+
+        def resend(waiting: set) -> dict:
+            back = [c for c in self.discover(deadline=deadline) if c in waiting]
+            for c in back:
+                print(f"{what}: client {c} is back under a new node id; sending it the message again", flush=True)
+            return {c: make(self.node_of[c]) for c in back}
+        return self.exchange({c: make(self.node_of[c]) for c in clients if c in self.node_of}, deadline, resend)
 
     def train_round(self, phase: str, rounds: int, attempts: int = 3):
         """fed.run_rounds' train_round over Flower: the global adapter to each chosen node, the
@@ -258,17 +308,14 @@ class Federation:
             return replies
 
         def send(round_, chosen, global_adapter) -> dict:
-            self.discover()
             down = to_record(global_adapter)
-            msgs = [self.message({"global": down}, "train", self.node_of[c], phase=phase, round=round_)
-                    for c in chosen if c in self.node_of]
-            client_of = {v: k for k, v in self.node_of.items()}
+
+            def make(node: int) -> Message:
+                return self.message({"global": down}, "train", node, phase=phase, round=round_)
             replies = {}
-            for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
-                c = client_of.get(reply.metadata.src_node_id)
-                if reply.has_error() or c is None:
-                    print(f"{phase} round {round_ + 1}: client {c} failed: "
-                          f"{reply.error.reason if reply.has_error() else 'unknown node'}", flush=True)
+            for c, reply in self.to_clients(make, chosen, self.timeout, f"{phase} round {round_ + 1}").items():
+                if reply.has_error():
+                    print(f"{phase} round {round_ + 1}: client {c} failed: {reply.error.reason}", flush=True)
                     continue
                 m = reply.content["metrics"]
                 metrics = {k: v for k, v in m.items() if k != "n-examples"}
@@ -282,11 +329,11 @@ class Federation:
         """Every client's scores for each method, from its node: per method, a per-client list."""
         down = {f"global.{p}": to_record(g) for p, g in globals_.items()}
         wait = self.timeout * len(methods)  # a round's timeout per method
-        msgs = [self.message(down, "evaluate", self.node_of[c], wait, methods=",".join(methods)) for c in range(self.n)]
-        client_of = {v: k for k, v in self.node_of.items()}
+
+        def make(node: int) -> Message:
+            return self.message(down, "evaluate", node, wait, methods=",".join(methods))
         scores, no_local, seconds = {}, {}, {}
-        for reply in self.grid.send_and_receive(msgs, timeout=wait):
-            c = client_of.get(reply.metadata.src_node_id)
+        for c, reply in self.to_clients(make, range(self.n), wait, "evaluation").items():
             if reply.has_error():
                 raise UserError(f"client {c} failed to evaluate: {reply.error.reason}")
             record = reply.content["scores"]

@@ -66,24 +66,34 @@ def descendants(pid: int) -> list:
     return found
 
 
-class Deployment:
-    """The processes of one deployment, each in its own process group with its own FLWR_HOME and log
-    under `work`; close() stops every one of them."""
+def threads_per_node(nodes: int) -> int:
+    """torch threads for each of `nodes` SuperNodes sharing this machine's cores. More threads than cores
+    in all would make every op's threads wait at its barrier for one that is not running: a small
+    model's ClientApp ran 20x slower so. (The thread count can change a float sum's order: compare a
+    deployment with train.py at the same count.)"""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // nodes)
 
-    def __init__(self, work: str):
+
+class Deployment:
+    """The processes of one deployment of `nodes` SuperNodes on this machine, each in its own process
+    group with its own FLWR_HOME and log under `work`; close() stops every one of them."""
+
+    def __init__(self, work: str, nodes: int):
         self.work = work
         os.makedirs(work, exist_ok=True)
         self.procs = {}  # name -> Popen
         self.superlink = ""
+        self.threads = threads_per_node(nodes)
 
     def env(self, name: str) -> dict:
         home = os.path.join(self.work, name)
         os.makedirs(home, exist_ok=True)
         return {**os.environ, **ENV, "FLWR_HOME": home}
 
-    def start(self, name: str, argv: list):
+    def start(self, name: str, argv: list, env: dict = None):
         log = open(os.path.join(self.work, f"{name}.log"), "ab")
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env(name),
+        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**self.env(name), **(env or {})},
                                             cwd=self.work, start_new_session=True)
         log.close()
 
@@ -109,7 +119,8 @@ class Deployment:
     def start_node(self, i: int, state_dir: str, data: str = ""):
         config = f'partition-id={i} state-dir="{state_dir}"' + (f' data="{data}"' if data else "")
         self.start(f"node{i}", ["flower-supernode", "--insecure", "--superlink", self.superlink,
-                                "--port", str(free_port()), "--node-config", config])
+                                "--port", str(free_port()), "--node-config", config],
+                   env={"OMP_NUM_THREADS": str(self.threads)})  # its ClientApps inherit it
 
     def stop(self, name: str, wait: float = 10.0, kill: bool = False):
         """Stop process `name` and everything it started: SIGTERM to their process groups (the SuperLink
@@ -230,7 +241,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="feddpa-flower-"))
-    deployment = Deployment(work)
+    deployment = Deployment(work, args.nodes)
     signal.signal(signal.SIGTERM, interrupted)  # a kill of this command stops its processes too
     try:
         if args.superlink:

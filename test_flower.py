@@ -1,7 +1,8 @@
 """The Flower app (flower_app.py, flower_run.py): a real loopback deployment trains the adapters
-train.py trains, bit for bit; a SuperNode killed in the middle of a round costs that round its reply
-and nothing else; what crosses the wire is the global adapter and numbers, never a local adapter; a
-failed ServerApp or an unreachable SuperLink fails the command with one line; no process is left behind."""
+train.py trains, bit for bit, and so does one whose SuperNode is killed in the middle of a round and
+restarted; a node that stops answering costs a round its reply and nothing else; what crosses the
+wire is the global adapter and numbers, never a local adapter; a failed ServerApp or an unreachable
+SuperLink fails the command with one line; no process is left behind."""
 import glob
 import json
 import os
@@ -33,6 +34,32 @@ def cache(tmp_path_factory):
     cfg, _ = train.parse_args([*SMALL, "--cache", str(d)])
     train.base_and_tokenizer(cfg, torch.device("cpu"), False)
     return str(d)
+
+
+ARGS = [*SMALL, "--methods", "feddpa-t,feddpa-t-calibrated", "--rounds", "3"]  # the deployments' run
+
+
+def train_py(tmp_path_factory, cache: str, clients: int) -> Path:
+    """`python train.py` with the deployments' settings, on as many threads as each of their nodes: what
+    they must end with."""
+    out = tmp_path_factory.mktemp("ours") / "out"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(flower_run.threads_per_node(clients))
+    try:
+        train.main([*ARGS, "--clients", str(clients), "--cache", cache, "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory, cache):
+    return train_py(tmp_path_factory, cache, 3)
+
+
+@pytest.fixture(scope="module")
+def ours2(tmp_path_factory, cache):
+    return train_py(tmp_path_factory, cache, 2)
 
 
 def processes_using(folder: str) -> list:
@@ -72,36 +99,43 @@ def same(a: dict, b: dict) -> bool:
 # ----------------------------------------------------------------------------------------------
 # A real deployment on loopback: processes, ports, flwr run
 
-def test_a_loopback_deployment_trains_what_train_py_trains(tmp_path, cache):
-    args = [*SMALL, "--methods", "feddpa-t,feddpa-t-calibrated", "--rounds", "3", "--cache", cache]
-    t0 = time.time()
-    assert flower_run.main(["--nodes", "3", "--work", str(tmp_path / "work"), *args, "--out", str(tmp_path / "flower")]) == 0
-    seconds = time.time() - t0
-    assert processes_using(str(tmp_path / "work")) == []
-    train.main([*args, "--out", str(tmp_path / "ours")])
-    ours = tmp_path / "ours" / "adapters" / "feddpa-t"
-    assert same(load_file(tmp_path / "flower" / "adapters" / "feddpa-t" / "global.safetensors"),
-                load_file(ours / "global.safetensors"))
-    for i in range(3):  # each local adapter stayed on its node, where it is bit-identical to train.py's
-        assert same(local_state(tmp_path / "work", i, "feddpa-t", 2), load_file(ours / f"client{i}_local.safetensors"))
-    assert not list((tmp_path / "flower" / "adapters").rglob("*local*"))  # the server never had one
-    theirs, mine = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("flower", "ours"))
+def same_run(flower: Path, work: Path, ours: Path, nodes: int = 3):
+    """The deployment in `work` ended with train.py's adapters and scores, bit for bit; no local adapter
+    ever reached its server."""
+    assert same(load_file(flower / "adapters" / "feddpa-t" / "global.safetensors"),
+                load_file(ours / "adapters" / "feddpa-t" / "global.safetensors"))
+    for i in range(nodes):  # each local adapter stayed on its node, where it is bit-identical to train.py's
+        assert same(local_state(work, i, "feddpa-t", 2), load_file(ours / "adapters" / "feddpa-t" / f"client{i}_local.safetensors"))
+    assert not list((flower / "adapters").rglob("*local*"))
+    theirs, mine = (json.loads((d / "results.json").read_text()) for d in (flower, ours))
     for m in ("feddpa-t", "feddpa-t-calibrated"):  # scored on the nodes: the same answers
         assert theirs["methods"][m]["per_client"] == mine["methods"][m]["per_client"]
         assert theirs["methods"][m]["lambda"] == mine["methods"][m]["lambda"]
+    return theirs
+
+
+def test_a_loopback_deployment_trains_what_train_py_trains(tmp_path, cache, ours):
+    t0 = time.time()
+    assert flower_run.main(["--nodes", "3", "--work", str(tmp_path / "work"), *ARGS, "--cache", cache,
+                            "--out", str(tmp_path / "flower")]) == 0
+    seconds = time.time() - t0
+    assert processes_using(str(tmp_path / "work")) == []
+    same_run(tmp_path / "flower", tmp_path / "work", ours)
     print(f"loopback deployment, 3 nodes, 3 rounds: {seconds:.0f}s")
 
 
-def test_a_node_killed_mid_round_costs_only_its_reply(tmp_path, cache):
+def test_a_node_killed_mid_round_and_restarted_loses_nothing(tmp_path, cache, ours2):
+    """SIGKILL to node 1's SuperNode and ClientApp while it trains round 3, then a restart on the same
+    state folder: the server sends round 3 to the node's new id, the node trains it from its files of
+    round 2, and the run ends exactly as an uninterrupted one. (Two nodes: one per core here, so that
+    the deployment's time is the messages' and not the cores'.)"""
     work = tmp_path / "work"
-    d = flower_run.Deployment(str(work))
+    d = flower_run.Deployment(str(work), 2)
     out, failure = [], []
     try:
         d.start_superlink()
-        for i in range(3):
+        for i in range(2):
             d.start_node(i, str(work / f"state{i}"))
-        args = [*SMALL, "--methods", "feddpa-t", "--rounds", "4", "--cache", cache,
-                "--out", str(tmp_path / "flower")]
 
         class Lines:
             def write(self, s):
@@ -112,33 +146,35 @@ def test_a_node_killed_mid_round_costs_only_its_reply(tmp_path, cache):
 
         def run():
             try:
-                d.run_app(args, 3, round_timeout=20, connect_timeout=60, out=Lines())
+                d.run_app([*ARGS, "--clients", "2", "--cache", cache, "--out", str(tmp_path / "flower")], 2,
+                          round_timeout=120, connect_timeout=60, out=Lines())
             except Exception as e:  # noqa: BLE001 - handed to the test's thread
                 failure.append(e)
         app = threading.Thread(target=run)
         app.start()
-        log, done = work / "node2.log", work / "state2"
+        log, state = work / "node1.log", work / "state1"
         t0 = time.time()
-        while not list(done.glob("run-*/feddpa-t/round1.pt")):  # node 2 has trained round 2 ...
+        while not list(state.glob("run-*/feddpa-t/round1.pt")):  # node 1 has trained round 2 ...
             assert time.time() - t0 < 300 and app.is_alive(), "".join(out)
             time.sleep(0.05)
-        before = client_apps(d.procs["node2"].pid)
-        while not client_apps(d.procs["node2"].pid) - before:   # ... and a new ClientApp process takes round 3
+        before = client_apps(d.procs["node1"].pid)
+        while not client_apps(d.procs["node1"].pid) - before:   # ... and a new ClientApp process takes round 3
             assert time.time() - t0 < 300 and app.is_alive(), "".join(out)
             time.sleep(0.05)
-        d.stop("node2", kill=True)                              # killed (SIGKILL) while it trains
-        d.start_node(2, str(work / "state2"))                   # restarted: the same state folder
+        d.stop("node1", kill=True)                              # killed (SIGKILL) while it trains
+        assert not list(state.glob("run-*/feddpa-t/round2.pt"))
+        killed_log = log.stat().st_size
+        d.start_node(1, str(state))                             # restarted: the same state folder
         app.join(300)
         assert not app.is_alive() and not failure, "".join(out) + str(failure)
     finally:
         d.close()
     assert processes_using(str(work)) == []
-    history = json.loads((tmp_path / "flower" / "results.json").read_text())["training"]["feddpa-t"]["history"]
-    assert [h["missing"] for h in history] == [[], [], [2], []]     # round 3 went on without it ...
-    assert [h["clients"] for h in history] == [[0, 1, 2], [0, 1, 2], [0, 1], [0, 1, 2]]
-    assert not glob.glob(str(work / "state2" / "run-*" / "feddpa-t" / "round2.pt"))  # ... it saved nothing of it
-    restarted = log.read_text(errors="replace")
-    assert "client 2: feddpa-t round 4, local adapter from round 2 on disk" in restarted  # ... and went on from disk
+    assert "feddpa-t round 3: client 1 is back under a new node id; sending it the message again" in "".join(out)
+    restarted = log.read_bytes()[killed_log:].decode(errors="replace")
+    assert "client 1: feddpa-t round 3, local adapter from round 2 on disk" in restarted  # it went on from disk
+    history = same_run(tmp_path / "flower", work, ours2, nodes=2)["training"]["feddpa-t"]["history"]
+    assert [h["clients"] for h in history] == [[0, 1]] * 3 and [h["missing"] for h in history] == [[]] * 3
 
 
 def test_a_failed_server_app_fails_the_command_with_its_error(tmp_path, cache, capfd):
@@ -162,35 +198,100 @@ def test_an_unreachable_superlink_is_one_line(tmp_path):
 # The messages themselves: the app's server and nodes in this process, every message kept
 
 class InProcessGrid:
-    """flwr's Grid as the server uses it, with the nodes in this process: each message goes straight to
-    the ClientApp, and every message, both ways, is kept."""
+    """flwr's Grid as the server uses it, with the nodes in this process: a node answers a message when
+    the server looks for the reply, and every message, both ways, is kept. A node in `dead` takes
+    messages and never answers, as a killed SuperNode; on_push(message), if set, sees each message as
+    it is pushed (to kill or restart a node then)."""
 
     def __init__(self, node_configs: list):
         self.nodes = {1000 + i: c for i, c in enumerate(node_configs)}
-        self.wire = []
+        self.wire, self.waiting, self.dead, self.on_push = [], {}, set(), None
 
     def get_node_ids(self):
-        return list(self.nodes)
+        return [n for n in self.nodes if n not in self.dead]
 
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        ids = []
         for m in messages:
-            node = m.metadata.dst_node_id
-            reply = flower_app.client(m, Context(1, node, self.nodes[node], RecordDict(), {}))
-            self.wire += [m, reply]
-            replies.append(reply)
+            mid = f"m{len(self.wire)}"
+            m.metadata.__dict__["_message_id"] = mid  # as the SuperLink names a message it takes
+            if self.on_push:
+                self.on_push(m)
+            self.wire.append(m)
+            self.waiting[mid] = m
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        replies = []
+        for mid in message_ids:
+            m = self.waiting.get(mid)
+            if m is not None and m.metadata.dst_node_id not in self.dead:
+                node = m.metadata.dst_node_id
+                replies.append(flower_app.client(self.waiting.pop(mid), Context(1, node, self.nodes[node], RecordDict(), {})))
+                self.wire.append(replies[-1])
         return replies
 
+    def restart(self, node: int) -> int:
+        """The node's client, back under a new node id (the same node config: the same state folder)."""
+        self.dead.add(node)
+        self.nodes[max(self.nodes) + 1] = self.nodes[node]
+        return max(self.nodes)
 
-def test_only_the_global_adapter_and_numbers_cross_the_wire(tmp_path, cache, monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)   # what a ServerApp process is told at its start
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+def server_context(args: list, out: Path, round_timeout: float) -> Context:
+    return Context(1, 0, {}, RecordDict(), {"train-args": " ".join([*args, "--out", str(out)]), "nodes": 3,
+                                            "round-timeout": round_timeout, "connect-timeout": 10.0})
+
+
+@pytest.fixture
+def serverapp_process(monkeypatch):
+    """What a ServerApp process is told at its start."""
+    for field in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, field, 1)
+
+
+def test_a_node_that_stops_answering_costs_only_its_replies(tmp_path, cache, serverapp_process, capsys):
+    """Node 2 dies as round 3 goes out: round 3 waits out its timeout and averages the two replies that
+    came (the history lists client 2 as missing); the node, restarted under a new id as round 4 goes
+    out, is sent round 4 again there and trains it from its files of round 2."""
+    args = [*SMALL, "--methods", "feddpa-t", "--rounds", "4", "--cache", cache]
+    grid = InProcessGrid([{"partition-id": i, "state-dir": str(tmp_path / "work" / f"state{i}")} for i in range(3)])
+
+    def on_push(m):
+        if m.metadata.message_type == "train" and m.metadata.dst_node_id == 1002:
+            if int(m.content["run"]["round"]) == 2:
+                grid.dead.add(1002)   # killed as it receives round 3
+            elif int(m.content["run"]["round"]) == 3:
+                grid.restart(1002)    # back while round 4's message to its old id waits
+    grid.on_push = on_push
+    flower_app.server(grid, server_context(args, tmp_path / "flower", round_timeout=2.0))
+    history = json.loads((tmp_path / "flower" / "results.json").read_text())["training"]["feddpa-t"]["history"]
+    assert [h["missing"] for h in history] == [[], [], [2], []]
+    assert [h["clients"] for h in history] == [[0, 1, 2], [0, 1, 2], [0, 1], [0, 1, 2]]
+    trains = [m for m in grid.wire if m.metadata.message_type == "train"]
+    sent = {(int(m.content["run"]["round"]), m.metadata.dst_node_id): m for m in trains if m.metadata.reply_to_message_id == ""}
+    assert sorted(sent) == [(0, 1000), (0, 1001), (0, 1002), (1, 1000), (1, 1001), (1, 1002), (2, 1000), (2, 1001),
+                            (2, 1002), (3, 1000), (3, 1001), (3, 1002), (3, 1003)]
+    got = {m.metadata.reply_to_message_id: m for m in trains if m.metadata.reply_to_message_id}
+    replies = [got[sent[(2, n)].metadata.message_id] for n in (1000, 1001)]
+    assert sent[(2, 1002)].metadata.message_id not in got
+    n = [r.content["metrics"]["n-examples"] for r in replies]
+    ups = [r.content["global"].to_torch_state_dict() for r in replies]
+    down = sent[(3, 1000)].content["global"].to_torch_state_dict()  # what round 3 averaged: the two replies only
+    for k in down:
+        want = (n[0] * ups[0][k].double() + n[1] * ups[1][k].double()) / (n[0] + n[1])
+        assert torch.allclose(down[k].double(), want, rtol=0, atol=1e-7), k
+    assert sent[(3, 1003)].metadata.message_id in got                   # round 4, sent again to the new id, came back
+    assert "client 2: feddpa-t round 4, local adapter from round 2 on disk" in capsys.readouterr().out
+    assert list((tmp_path / "work" / "state2").glob("run-*/feddpa-t/round3.pt"))
+    assert not list((tmp_path / "work" / "state2").glob("run-*/feddpa-t/round2.pt"))
+
+
+def test_only_the_global_adapter_and_numbers_cross_the_wire(tmp_path, cache, serverapp_process):
     args = [*SMALL, "--methods", "fedit,feddpa-f,feddpa-t,feddpa-t-calibrated", "--rounds", "2", "--cache", cache]
     grid = InProcessGrid([{"partition-id": i, "state-dir": str(tmp_path / "work" / f"state{i}")} for i in range(3)])
-    flower_app.server(grid, Context(1, 0, {}, RecordDict(), {
-        "train-args": " ".join([*args, "--out", str(tmp_path / "flower")]), "nodes": 3, "round-timeout": 60.0,
-        "connect-timeout": 10.0}))
+    flower_app.server(grid, server_context(args, tmp_path / "flower", round_timeout=60.0))
     train.main([*args, "--out", str(tmp_path / "ours")])
     ours = tmp_path / "ours" / "adapters"
     global_names = set(load_file(ours / "fedit" / "global.safetensors"))
