@@ -91,7 +91,7 @@ class Deployment:
         os.makedirs(home, exist_ok=True)
         return {**os.environ, **ENV, "FLWR_HOME": home}
 
-    def start(self, name: str, argv: list, env: dict = None):
+    def start(self, name: str, argv: list, env: dict | None = None):
         log = open(os.path.join(self.work, f"{name}.log"), "ab")
         self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**self.env(name), **(env or {})},
                                             cwd=self.work, start_new_session=True)
