@@ -93,8 +93,8 @@ class Deployment:
 
     def start(self, name: str, argv: list, env: dict | None = None):
         log = open(os.path.join(self.work, f"{name}.log"), "ab")
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**self.env(name), **(env or {})},
-                                            cwd=self.work, start_new_session=True)
+        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.work,
+                                            env={**self.env(name), **(env or {})}, start_new_session=True)
         log.close()
 
     def log_tail(self, name: str, lines: int = 5) -> str:
