@@ -185,7 +185,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     model, tok = node.model()
     dec = evaluation.Decode(cfg.max_new_tokens, cfg.num_beams, cfg.eval_batch_size, cfg.cutoff)
     methods, rec = str(run["methods"]).split(","), train.recipe(cfg)
-    last = {p: node.last_state(p, 10 ** 9) for p in {feddpa.phase_of(m) for m in methods}}  # each phase's final files
+    phases = {feddpa.phase_of(m) for m in methods}
+    globals_ = {p: from_record(msg.content[f"global.{p}"]) for p in phases}
+    last = {p: node.last_state(p, 10 ** 9) for p in phases}  # each phase's final files
     scores, no_local, seconds = {}, [], {}
     for method in methods:
         t0 = time.time()
@@ -193,8 +195,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         local = last[phase][1] if last[phase] else None
         with torch.autocast(node.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
             scores[method] = evaluation.evaluate_client(
-                method, model, tok, node.fd.tests, node.records, node.id, node.task,
-                from_record(msg.content[f"global.{phase}"]), local, rec, dec, node.device)
+                method, model, tok, node.fd.tests, node.records, node.id, node.task, globals_[phase], local, rec,
+                dec, node.device)
         if local is None and method not in evaluation.SHARED:
             no_local.append(method)
         seconds[method] = time.time() - t0
@@ -255,9 +257,8 @@ class Federation:
         t0, moved = time.time(), []
         while True:
             new = [i for i in self.grid.get_node_ids() if i not in self.known]
-            self.known.update(new)
             replies = self.exchange({i: self.message({}, "query", i) for i in new}, deadline or time.time() + self.timeout)
-            self.known.difference_update(set(new) - set(replies))
+            self.known.update(replies)
             for node_id, reply in replies.items():
                 if reply.has_error():
                     raise UserError(f"node {node_id}: {reply.error.reason}")

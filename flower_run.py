@@ -86,15 +86,16 @@ class Deployment:
         self.superlink = ""
         self.threads = threads_per_node(nodes)
 
-    def env(self, name: str) -> dict:
+    def env(self, name: str, **extra) -> dict:
+        """Process `name`'s environment: its own FLWR_HOME under `work`, and `extra`."""
         home = os.path.join(self.work, name)
         os.makedirs(home, exist_ok=True)
-        return {**os.environ, **ENV, "FLWR_HOME": home}
+        return {**os.environ, **ENV, "FLWR_HOME": home, **extra}
 
-    def start(self, name: str, argv: list, env: dict | None = None):
+    def start(self, name: str, argv: list, **extra_env):
         log = open(os.path.join(self.work, f"{name}.log"), "ab")
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.work,
-                                            env={**self.env(name), **(env or {})}, start_new_session=True)
+        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env(name, **extra_env),
+                                            cwd=self.work, start_new_session=True)
         log.close()
 
     def log_tail(self, name: str, lines: int = 5) -> str:
@@ -120,7 +121,7 @@ class Deployment:
         config = f'partition-id={i} state-dir="{state_dir}"' + (f' data="{data}"' if data else "")
         self.start(f"node{i}", ["flower-supernode", "--insecure", "--superlink", self.superlink,
                                 "--port", str(free_port()), "--node-config", config],
-                   env={"OMP_NUM_THREADS": str(self.threads)})  # its ClientApps inherit it
+                   OMP_NUM_THREADS=str(self.threads))  # its ClientApps inherit it
 
     def stop(self, name: str, wait: float = 10.0, kill: bool = False):
         """Stop process `name` and everything it started: SIGTERM to their process groups (the SuperLink
@@ -162,16 +163,14 @@ class Deployment:
                 insecure: bool = True, root_certificates: str = "", out=sys.stdout) -> None:
         """`flwr run` of the app with train.py's flags, its output streamed to `out`; raises DeployError
         with the ServerApp's error if the run did not complete."""
-        home = os.path.join(self.work, "cli")
-        os.makedirs(home, exist_ok=True)
-        with open(os.path.join(home, "config.toml"), "w") as f:  # where the CLI finds the SuperLink
+        env = self.env("cli")
+        with open(os.path.join(env["FLWR_HOME"], "config.toml"), "w") as f:  # where the CLI finds the SuperLink
             f.write(f'[superlink]\ndefault = "feddpa"\n\n[superlink.feddpa]\naddress = "{self.superlink}"\n'
                     + ("insecure = true\n" if insecure else f'root-certificates = "{root_certificates}"\n'))
         run_config = os.path.join(self.work, "run_config.toml")
         with open(run_config, "w") as f:  # JSON strings are TOML basic strings
             f.write(f"train-args = {json.dumps(shlex.join(train_args))}\nnodes = {nodes}\n"
                     f"round-timeout = {float(round_timeout)}\nconnect-timeout = {float(connect_timeout)}\n")
-        env = {**os.environ, **ENV, "FLWR_HOME": home}
         cli = subprocess.Popen(["flwr", "run", ROOT, "feddpa", "--stream", "--run-config", run_config], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.procs["flwr-run"] = cli
