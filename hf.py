@@ -170,6 +170,28 @@ def read_bin(path: str) -> dict:
         raise CheckpointError(f"{path}: cannot load ({first_line(e)})") from None
 
 
+PEFT_PREFIX = "base_model.model."  # where peft puts the wrapped model's parameter names
+
+
+def read_peft(d: str, expected: dict | None = None) -> dict:
+    """A PEFT adapter folder's tensors (float32), keyed as lora.get_adapter ('<layer path>.lora_A.weight');
+    with expected ({key: tensor}, e.g. lora.adapter_tensors(model, "global")), every tensor checked by
+    name and shape (CheckpointError naming the first mismatch)."""
+    path = os.path.join(d, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{d}: no adapter_model.safetensors (not a PEFT adapter folder)")
+    state = {}
+    for key, t in read_safetensors(path).items():
+        key = key.removeprefix(PEFT_PREFIX)
+        for name in (".default", ".global", ".local"):  # peft names the adapter inside keys it keeps in memory
+            key = key.replace(f".lora_A{name}.", ".lora_A.").replace(f".lora_B{name}.", ".lora_B.")
+        state[key] = t.float()
+    problem = expected is not None and state_mismatch(expected, state, "adapter tensor")
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+    return state
+
+
 def resolve(name: str) -> str:
     """A model folder: name itself if it is one, else a Hugging Face hub id fetched into the hub's usual
     cache with the optional huggingface_hub package (config, safetensors weights, tokenizer files)."""

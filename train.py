@@ -22,7 +22,6 @@ from tqdm import tqdm
 import builtin
 import data
 import evaluation
-import export
 import fed
 import feddpa
 import hf
@@ -250,7 +249,7 @@ def run(cfg: Config, args):
     def save(s):
         runs.save_state(cfg.out, s)
     if state is None:
-        init = export.read_peft(cfg.init_adapter, model) if cfg.init_adapter else lora.get_adapter(model, "global")
+        init = hf.read_peft(cfg.init_adapter, lora.adapter_tensors(model, "global")) if cfg.init_adapter else lora.get_adapter(model, "global")
         state = {"init": init, "trained": {}, "results": {}, "current": None,
                  "pretrain_seconds": pretrain_seconds}
         runs.start(cfg.out, asdict(cfg), state)

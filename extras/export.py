@@ -22,7 +22,6 @@ import lora
 import pretrain
 from model import Llama
 
-PREFIX = "base_model.model."  # where peft puts the wrapped model's parameter names
 
 
 def lora_settings(config: dict) -> dict:
@@ -37,28 +36,8 @@ def write_peft(adapter: dict, d: str, base: str, settings: dict):
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "bias": "none",
               "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
               "use_rslora": False, "use_dora": False, **settings}
-    hf.write_safetensors({PREFIX + k: v.float() for k, v in adapter.items()}, os.path.join(d, "adapter_model.safetensors"))
+    hf.write_safetensors({hf.PEFT_PREFIX + k: v.float() for k, v in adapter.items()}, os.path.join(d, "adapter_model.safetensors"))
     hf.atomic_write(os.path.join(d, "adapter_config.json"), [json.dumps(config, indent=2).encode()])
-
-
-def read_peft(d: str, model=None) -> dict:
-    """A PEFT adapter folder's tensors keyed as lora.get_adapter; with model, every tensor checked by name
-    and shape against the model's adapters (hf.CheckpointError naming the first mismatch)."""
-    path = os.path.join(d, "adapter_model.safetensors")
-    if not os.path.isfile(path):
-        raise hf.CheckpointError(f"{d}: no adapter_model.safetensors (not a PEFT adapter folder)")
-    state = {}
-    for key, t in hf.read_safetensors(path).items():
-        key = key.removeprefix(PREFIX)
-        for name in (".default", ".global", ".local"):  # peft names the adapter inside keys it keeps in memory
-            key = key.replace(f".lora_A{name}.", ".lora_A.").replace(f".lora_B{name}.", ".lora_B.")
-        state[key] = t.float()
-    if model is not None:
-        try:
-            lora.check_adapter(model, state)
-        except ValueError as e:
-            raise hf.CheckpointError(f"{path}: {e}") from None
-    return state
 
 
 def merged_model(model, weights: dict) -> Llama:

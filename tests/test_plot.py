@@ -21,7 +21,7 @@ def finished(tiny_dir, tmp_path_factory):
 
 def test_plot_writes_four_figures_of_the_expected_size(finished, capsys):
     import matplotlib.image
-    import plot
+    from extras import plot
     assert plot.main([str(finished)]) == 0
     methods = 4
     expected = {"scores": (400, int(max(6, 0.7 * methods + 2) * 100)), "clients": (300, 1380),
@@ -36,8 +36,8 @@ def test_plot_writes_four_figures_of_the_expected_size(finished, capsys):
 
 
 def test_plot_without_matplotlib_or_results_is_one_line(tmp_path):
-    block = "import sys; sys.modules['matplotlib'] = None; import plot; sys.exit(plot.main([sys.argv[1]]))"
+    block = "import sys; sys.modules['matplotlib'] = None; from extras import plot; sys.exit(plot.main([sys.argv[1]]))"
     r = subprocess.run([sys.executable, "-c", block, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr == "error: plot.py needs matplotlib: pip install matplotlib\n"
-    r = subprocess.run([sys.executable, "plot.py", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "extras.plot", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "results.json: not the results of a finished run" in r.stderr

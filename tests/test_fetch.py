@@ -10,7 +10,7 @@ import threading
 import pytest
 
 import data
-import fetch
+from extras import fetch
 from conftest import FLAN, ROOT, needs_flan
 
 
@@ -44,7 +44,7 @@ def test_a_damaged_file_is_one_line_and_nothing_is_written(served, tmp_path):
     url, root = served
     path = root / "8" / "local_training_5.json"
     path.write_bytes(path.read_bytes().replace(b"the", b"teh", 1))
-    r = subprocess.run([sys.executable, "fetch.py", str(tmp_path / "flan"), "--base-url", url], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "extras.fetch", str(tmp_path / "flan"), "--base-url", url], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
     assert "local_training_5.json: sha256" in r.stderr and "nothing written" in r.stderr

@@ -15,6 +15,7 @@ import glob
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,9 +24,19 @@ import tempfile
 import time
 import urllib.request
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project: pyproject.toml names the app
 ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
 PATH_FLAGS = ("--out", "--resume", "--data", "--model", "--cache", "--init-adapter")  # made absolute for the apps
+
+
+BIN = os.path.dirname(sys.executable)  # flwr's executables sit beside the interpreter that has flwr installed
+EXECUTABLES = ("flwr", "flower-superlink", "flower-supernode")
+
+
+def missing_executable() -> str:
+    """The first of flwr's executables found neither beside this interpreter nor on PATH ('' if none)."""
+    path = BIN + os.pathsep + os.environ.get("PATH", "")
+    return next((name for name in EXECUTABLES if shutil.which(name, path=path) is None), "")
 
 
 class DeployError(Exception):
@@ -90,7 +101,9 @@ class Deployment:
         """Process `name`'s environment: its own FLWR_HOME under `work`, and `extra`."""
         home = os.path.join(self.work, name)
         os.makedirs(home, exist_ok=True)
-        return {**os.environ, **ENV, "FLWR_HOME": home, **extra}
+        # PATH: flwr's executables (and the ones they start) from beside this interpreter, activated or not
+        path = BIN + os.pathsep + os.environ.get("PATH", "")
+        return {**os.environ, **ENV, "PATH": path, "FLWR_HOME": home, **extra}
 
     def start(self, name: str, argv: list, **extra_env):
         log = open(os.path.join(self.work, f"{name}.log"), "ab")
@@ -230,6 +243,9 @@ def main(argv=None):
     try:
         cfg, _ = train.parse_args(train_args)
         train.check_config(cfg)
+        if missing := missing_executable():
+            raise UserError(f"flwr's {missing!r} is neither beside {sys.executable} nor on PATH: "
+                            "pip install flwr==1.42.0 into this interpreter's environment")
         if args.nodes < 1:
             raise UserError(f"--nodes {args.nodes} must be >= 1")
         if args.superlink and not (args.insecure or args.root_certificates):

@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-import bench_infer
+from extras import bench_infer
 import builtin
 import data
 import hf

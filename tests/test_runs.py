@@ -378,9 +378,9 @@ def test_errors_in_a_subprocess_are_one_line_without_traceback(tiny_run, tmp_pat
 # ----------------------------------------------------------------------------------------------
 # A small run of every method, bit for bit as recorded: adapters, the pretrained base, every score and
 # loss. Recorded before the architecture step (so the step changed no number); a change that is meant
-# to change numbers records it anew, saying why: python test_runs.py --record
+# to change numbers records it anew, saying why: python -m tools.record_golden
 
-GOLDEN = ROOT / "testdata" / "golden_run.json"
+GOLDEN = ROOT / "tests" / "data" / "golden_run.json"
 GOLDEN_ARGS = ["--rounds", "3", "--local-steps", "2", "--test-per-task", "5", "--pretrain-steps", "20",
                "--max-new-tokens", "8"]
 
@@ -415,18 +415,10 @@ def test_small_run_is_bit_identical_to_the_recorded_one(tmp_path):
     recorded = json.loads(GOLDEN.read_text())
     if recorded["machine"] != machine():
         pytest.skip(f"{GOLDEN.name} was recorded on {recorded['machine']}, this is {machine()}: floating point "
-                    "differs across machines; record it here with python test_runs.py --record")
+                    "differs across machines; record it here with python -m tools.record_golden")
     got = golden_run(tmp_path)
     assert got["base"] == recorded["base"]            # the pretrained built-in base and its tokenizer
     assert got["training"] == recorded["training"]    # every round's loss, clients and bytes
     assert got["adapters"] == recorded["adapters"]    # every adapter file
     assert got["methods"] == recorded["methods"]      # every score and mean lambda
 
-
-if __name__ == "__main__":
-    import tempfile
-    if sys.argv[1:] != ["--record"]:
-        raise SystemExit("usage: python test_runs.py --record   (writes testdata/golden_run.json)")
-    with tempfile.TemporaryDirectory() as d:
-        GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(json.dumps(golden_run(Path(d)), indent=1) + "\n")

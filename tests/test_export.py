@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-import export
+from extras import export
 import hf
 import lora
 import train
@@ -73,14 +73,14 @@ def test_peft_folders_read_back_and_mismatches_are_named(tmp_path):
             p.data.normal_(0, 0.1)
     theirs.save_pretrained(tmp_path / "peft")
     ours = ours_with_random_adapters(str(tmp_path / "base"))
-    state = export.read_peft(str(tmp_path / "peft"), ours)
+    state = hf.read_peft(str(tmp_path / "peft"), lora.adapter_tensors(ours, "global"))
     want = {k.removeprefix("base_model.model.").replace(".default", ""): v for k, v in theirs.state_dict().items() if "lora_" in k}
     assert set(state) == set(want) and all(torch.equal(state[k], want[k]) for k in want)
     small = get_peft_model(hf_tiny(tmp_path / "b2"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     small.save_pretrained(tmp_path / "r2")
     with pytest.raises(hf.CheckpointError, match=r"adapter_model.safetensors: adapter tensor model.layers.0.self_attn"
                                                  r".q_proj.lora_A.weight has shape \(2, 64\), the model expects \(4, 64\)"):
-        export.read_peft(str(tmp_path / "r2"), ours)
+        hf.read_peft(str(tmp_path / "r2"), lora.adapter_tensors(ours, "global"))
 
 
 def test_export_command_and_init_adapter_on_a_finished_run(tiny_dir, tmp_path, capsys):

@@ -18,8 +18,7 @@ from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
-import flower_app
-import flower_run
+from extras import flower_app, flower_run
 import train
 from conftest import ROOT
 
@@ -185,8 +184,8 @@ def test_a_failed_server_app_fails_the_command_with_its_error(tmp_path, cache, c
 
 def test_an_unreachable_superlink_is_one_line(tmp_path):
     port = flower_run.free_port()
-    r = subprocess.run([sys.executable, str(ROOT / "flower_run.py"), "--superlink", f"127.0.0.1:{port}", "--insecure",
-                        "--work", str(tmp_path / "work")], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "extras.flower_run", "--superlink", f"127.0.0.1:{port}", "--insecure",
+                        "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.startswith(f"error: no SuperLink reachable at 127.0.0.1:{port}") and r.stderr.count("\n") == 1
 
@@ -311,3 +310,16 @@ def test_only_the_global_adapter_and_numbers_cross_the_wire(tmp_path, cache, ser
             for value in record.values():  # numbers, settings and scores: nothing shaped like a tensor
                 assert isinstance(value, (str, int, float, bool)) or (isinstance(value, list) and len(value) < 1000)
     assert kinds == {"query", "train", "evaluate"}
+
+
+def test_flwr_is_found_beside_the_interpreter_or_named_in_one_line(tmp_path, monkeypatch, capsys):
+    """A virtual environment that is not activated still has flwr's executables beside its python; where
+    they are nowhere, one line names the one missing and nothing starts."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on PATH: only BIN can provide them
+    assert flower_run.missing_executable() == ""
+    assert flower_run.Deployment(str(tmp_path / "w"), 1).env("x")["PATH"].split(os.pathsep)[0] == flower_run.BIN
+    monkeypatch.setattr(flower_run, "BIN", str(tmp_path / "nothing"))
+    assert flower_run.main(["--nodes", "1", "--work", str(tmp_path / "work")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "flwr's 'flwr' is neither beside" in err and "pip install flwr" in err
+    assert not (tmp_path / "work").exists()

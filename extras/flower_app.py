@@ -1,6 +1,6 @@
 """FedDPA across processes and machines with Flower (flwr 1.42, Message API): one ServerApp, and one
-ClientApp on each SuperNode, where a SuperNode is one client. An optional extra: pip install -r
-requirements-flower.txt. flower_run.py starts a whole deployment on one machine; the README's "Run it
+ClientApp on each SuperNode, where a SuperNode is one client. An optional extra: pip install
+flwr==1.42.0. flower_run.py starts a whole deployment on one machine; the README's "Run it
 across machines" section says how to start one on several.
 
 The method is the project's own, not a second implementation: the server runs fed.run_rounds (client
@@ -44,8 +44,9 @@ from flwr.serverapp import Grid, ServerApp
 
 import data
 import evaluation
-import export
+from extras import export
 import fed
+import hf
 import feddpa
 import lora
 import runs
@@ -363,7 +364,7 @@ def main(grid: Grid, context: Context) -> None:
     nodes = Federation(grid, train_args, n, float(conf["round-timeout"]))
     nodes.discover(wait=float(conf["connect-timeout"]))
     if state is None:
-        init = export.read_peft(cfg.init_adapter, model) if cfg.init_adapter else lora.get_adapter(model, "global")
+        init = hf.read_peft(cfg.init_adapter, lora.adapter_tensors(model, "global")) if cfg.init_adapter else lora.get_adapter(model, "global")
         state = {"init": init, "trained": {}, "results": {}, "current": None, "pretrain_seconds": time.time() - t0}
         runs.start(cfg.out, asdict(cfg), state)
     else:

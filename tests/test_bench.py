@@ -4,7 +4,7 @@ import re
 def test_benchmark_runs_and_compares_like_with_like(capsys):
     """bench.py on its smallest scenarios, one timed step: both implementations get a row with their
     ratio, and they compute the same loss on the same weights and batch (|dloss0|)."""
-    import bench
+    from extras import bench
     bench.main(["--only", "d,pretrain", "--steps", "1"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("d fp32")]
