@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 import lora
-from feddpa import Recipe, calibrated, mix, paper_weight, phase_of, prompt_batches
+from feddpa import METHODS, Recipe, calibrated, mix, paper_weight, prompt_batches
 from generate import generate
 
 
@@ -85,12 +85,13 @@ def answer(model, tok, records, dec: Decode, device, weights: dict | None = None
         ids, mask = ids.to(device), mask.to(device)
         if dynamic is not None:
             lam = dynamic.lam(model, ids, mask)                                   # (B,)
-            lora.set_weights(model, mix(lam.repeat_interleave(dec.num_beams), dynamic.to))  # beams: example-major
+            batch_weights = mix(lam.repeat_interleave(dec.num_beams), dynamic.to)  # beams: example-major
             for i, v in zip(idx, lam.tolist()):
                 lams[i] = v
         else:
-            lora.set_weights(model, weights or {})
-        gen = generate(model, ids, mask, dec.max_new_tokens, tok.eos_id, tok.pad_id, dec.num_beams)
+            batch_weights = weights or {}
+        with lora.mixed(model, batch_weights):
+            gen = generate(model, ids, mask, dec.max_new_tokens, tok.eos_id, tok.pad_id, dec.num_beams)
         for i, row in zip(idx, gen.tolist()):
             row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
             out[i] = tok.decode(row).strip()
@@ -111,16 +112,13 @@ def evaluate(model, tok, tests: dict, dec: Decode, device, weights=None, dynamic
     return result
 
 
-SHARED = ("base", "fedit", "centralized")  # methods whose model every client shares: evaluated once
-
-
 def answers_needed(method: str, tests: dict, n_clients: int) -> int:
     """How many answers evaluate_method generates: every test instance, once per client unless the
     method's model is shared by all."""
-    return sum(map(len, tests.values())) * (1 if method in SHARED else n_clients)
+    return sum(map(len, tests.values())) * (1 if METHODS[method].shared else n_clients)
 
 
-def evaluate_client(method: str, model, tok, tests: dict, records: list, client_id: int, own_task: str,
+def evaluate_client(method: str, model, tok, tests: dict, *, records: list, client_id: int, own_task: str,
                     global_adapter: dict, local_adapter: dict | None, recipe: Recipe, dec: Decode, device,
                     progress=None) -> dict:
     """One client's scores on every task with the adapters and mix of `method` (feddpa.METHODS).
@@ -129,32 +127,34 @@ def evaluate_client(method: str, model, tok, tests: dict, records: list, client_
     adapter of the method's phase ({} for the base model and Local); local_adapter: the client's own,
     None where it never trained one (it is then scored with the global adapter alone; Local: the base
     model)."""
-    if method == "base" or (local_adapter is None and not global_adapter):
+    weighting = METHODS[method].weighting
+    if weighting == "none" or (local_adapter is None and not global_adapter):
         return evaluate(model, tok, tests, dec, device, {}, progress=progress)
     if global_adapter:  # Local has none
-        lora.set_adapter(model, "global", global_adapter)
-    if method in SHARED or local_adapter is None:
+        lora.load_adapter(model, "global", global_adapter)
+    if weighting == "global" or local_adapter is None:
         return evaluate(model, tok, tests, dec, device, {"global": 1.0}, progress=progress)
-    lora.set_adapter(model, "local", local_adapter)
-    if method == "local":
+    lora.load_adapter(model, "local", local_adapter)
+    if weighting == "local":
         return evaluate(model, tok, tests, dec, device, {"local": 1.0}, progress=progress)
-    if method.endswith("-fixed"):
+    if weighting == "fixed":
         return evaluate(model, tok, tests, dec, device, mix(recipe.local_weight), progress=progress)
-    if method.endswith("-oracle"):  # a bound: it reads the test instance's task
+    if weighting == "oracle":  # a bound: it reads the test instance's task
         return {task: evaluate(model, tok, {task: recs}, dec, device,
                                mix(recipe.local_weight) if task == own_task else {"global": 1.0}, progress=progress)[task]
                 for task, recs in tests.items()}
-    # a dynamic weight, the calibrated one or the paper's
+    if weighting not in ("paper", "calibrated"):
+        raise ValueError(f"{method}: unknown weighting {weighting!r}")
     if progress is not None:
         progress.set_postfix_str(f"client {client_id}: encoding its references")
-    weigh = calibrated if method.endswith("-calibrated") else paper_weight
+    weigh = calibrated if weighting == "calibrated" else paper_weight
     weight = weigh(model, tok, records, recipe, client_id, device, dec.cutoff)
     if progress is not None:
         progress.set_postfix_str(f"client {client_id}")
     return evaluate(model, tok, tests, dec, device, dynamic=weight, progress=progress)
 
 
-def evaluate_method(method: str, model, tok, tests: dict, client_data: list, client_tasks: list, trained: dict,
+def evaluate_method(method: str, model, tok, tests: dict, *, client_data: list, client_tasks: list, trained: dict,
                     recipe: Recipe, dec: Decode, device, progress=None) -> dict:
     """Every client's scores with `method` (evaluate_client), P and TTP (summarize).
 
@@ -162,15 +162,18 @@ def evaluate_method(method: str, model, tok, tests: dict, client_data: list, cli
     bar advanced by answers_needed() in all. Models that every client shares (base, FedIT,
     Centralized) are evaluated once."""
     t0 = time.time()
-    phase = trained.get(phase_of(method), {"global": {}, "locals": [None] * len(client_data)})
-    if method in SHARED:
-        scores = evaluate_client(method, model, tok, tests, [], 0, "", phase["global"], None, recipe, dec, device, progress)
+    m = METHODS[method]
+    phase = trained.get(m.phase, {"global": {}, "locals": [None] * len(client_data)})
+    common = dict(recipe=recipe, dec=dec, device=device, progress=progress)
+    if m.shared:
+        scores = evaluate_client(method, model, tok, tests, records=[], client_id=0, own_task="",
+                                 global_adapter=phase["global"], local_adapter=None, **common)
         per_client = [scores] * len(client_data)
     else:
-        per_client = [evaluate_client(method, model, tok, tests, records, i, client_tasks[i], phase["global"],
-                                      phase["locals"][i], recipe, dec, device, progress)
+        per_client = [evaluate_client(method, model, tok, tests, records=records, client_id=i, own_task=client_tasks[i],
+                                      global_adapter=phase["global"], local_adapter=phase["locals"][i], **common)
                       for i, records in enumerate(client_data)]
-    no_local = [] if method in SHARED else [i for i, local in enumerate(phase["locals"]) if local is None]
+    no_local = [] if m.shared else [i for i, local in enumerate(phase["locals"]) if local is None]
     return summarize(per_client, client_tasks, no_local, time.time() - t0)
 
 

@@ -40,44 +40,39 @@ class Diverged(Exception):
     """The loss became NaN or infinite; the message names where."""
 
 
-def train_adapter(model, name: str, examples: list, train: LocalTrain, weights: dict, pad_id: int,
+def train_adapter(model, name: str, examples: list, *, train: LocalTrain, weights: dict, pad_id: int,
                   generator: torch.Generator, where: str = "") -> dict:
     """Train adapter `name` (only it) on encoded examples, the others mixed in with fixed `weights`.
 
     Returns {"loss": mean loss, "steps": optimizer steps, "examples": examples seen, "tokens": labelled tokens}."""
-    lora.set_trainable(model, name)
-    lora.set_weights(model, weights)
-    params = list(lora.adapter_tensors(model, name).values())
     steps = train.max_steps or max(1, math.ceil(train.epochs * len(examples) / train.batch_size))
-    # fused: one kernel per step for all the adapter's tensors (transformers' Trainer default too)
-    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)  # linear decay to 0
-    order = []
-    losses, tokens = [], 0
-    model.train()
-    for _ in range(steps):
-        while len(order) < train.batch_size:  # epochs of seeded shuffles, as long as the budget needs
-            order += torch.randperm(len(examples), generator=generator).tolist()
-        batch, order = [examples[i] for i in order[:train.batch_size]], order[train.batch_size:]
-        micro = [batch[i:i + train.micro_batch_size] for i in range(0, len(batch), train.micro_batch_size)]
-        step_loss = 0.0
-        for mb in micro:
-            ids, mask, labels = (t.to(params[0].device) for t in collate(mb, pad_id))
-            with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=train.bf16):
-                loss = model(ids, mask, labels)[1] / len(micro)
-            loss.backward()
-            step_loss += loss.item()
-            tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
-        if not math.isfinite(step_loss):
-            raise Diverged(f"loss became {step_loss} while training the {name} adapter{where}")
-        if train.max_grad_norm > 0:  # after accumulation, before the step, as the official Trainer does
-            torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(step_loss)
-    model.eval()
-    lora.set_trainable(model, None)
+    with lora.mixed(model, weights), lora.training(model, name) as params:  # mix and mode for this block only
+        # fused: one kernel per step for all the adapter's tensors (transformers' Trainer default too)
+        opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)  # linear decay to 0
+        order = []
+        losses, tokens = [], 0
+        for _ in range(steps):
+            while len(order) < train.batch_size:  # epochs of seeded shuffles, as long as the budget needs
+                order += torch.randperm(len(examples), generator=generator).tolist()
+            batch, order = [examples[i] for i in order[:train.batch_size]], order[train.batch_size:]
+            micro = [batch[i:i + train.micro_batch_size] for i in range(0, len(batch), train.micro_batch_size)]
+            step_loss = 0.0
+            for mb in micro:
+                ids, mask, labels = (t.to(params[0].device) for t in collate(mb, pad_id))
+                with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=train.bf16):
+                    loss = model(ids, mask, labels)[1] / len(micro)
+                loss.backward()
+                step_loss += loss.item()
+                tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
+            if not math.isfinite(step_loss):
+                raise Diverged(f"loss became {step_loss} while training the {name} adapter{where}")
+            if train.max_grad_norm > 0:  # after accumulation, before the step, as the official Trainer does
+                torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(step_loss)
     return {"loss": sum(losses) / len(losses), "steps": steps, "examples": steps * train.batch_size, "tokens": tokens}
 
 

@@ -1,27 +1,29 @@
-"""FedDPA: dual-personalizing adapters (Yang et al., NeurIPS 2024), its baselines, and how each is evaluated.
+"""FedDPA: dual-personalizing adapters (Yang et al., NeurIPS 2024), its baselines, and every step of both.
 
-Each client owns a *global* adapter, trained locally and averaged by the server every round (it
-learns what all clients share: test-time personalization), and a *local* adapter that never leaves
-the client (it learns the client's own task: personalization). The local adapter is learned in one
-of two ways, sequentially (F) or iteratively (T), as the paper names them:
+The algorithm, each step named by the function that does it (fed.py holds the generic round loop):
 
-  FedDPA-F  federated LoRA (FedIT) for R rounds, then each client fine-tunes a copy of the final
-            global adapter on its own data; that copy is its local adapter.
-  FedDPA-T  round 0 trains the global adapter alone; from round 1 each selected client first trains
-            its local adapter (at its first time, a fresh one of its own: A random, B = 0) with the
-            global one mixed in and frozen,
-                h = W x + (1 - a) * dW_global x + a * dW_local x,      a = 0.5,
-            then trains its copy of the global adapter alone and sends it for FedAvg.
-A client's local adapter stays on it across the rounds it is not sampled in; a client that never
-trained one is evaluated with the global adapter alone (and the results say so).
+  every method   one frozen base with two LoRA slots per layer, `global` and `local` (lora.inject);
+                 run_phase runs a training phase: R rounds of fed.run_rounds, each chosen client
+                 taking one client step, the server averaging what comes back (fed.fedavg)
+  FedIT          each round, each client loads the global adapter, trains it alone and sends it back
+                 (fedit_step)
+  FedDPA-F       FedIT for R rounds; then one round in which each client fine-tunes a copy of FedIT's
+                 final global adapter on its own data, and keeps it as its local adapter
+                 (setup_phase "feddpa-f", local_step)
+  FedDPA-T       round 0 as FedIT; from round 1 each client first trains its local adapter (at first a
+                 fresh one of its own, fresh_local) with the frozen global one mixed in,
+                     h = W x + (1 - a) * dW_global x + a * dW_local x,      a = 0.5  (mix),
+                 then its copy of the global adapter alone, and sends that (feddpa_t_step)
+  inference      per test instance x, lambda(x) = clamp(s * mean_k cos(r(x), r(x_k)), 0, 1), s = 0.5,
+                 r the representation with the local adapter (represent), x_1..x_K K = 5 of the
+                 client's training instructions drawn once (paper_weight, dynamic_lambda); the local
+                 adapter gets lambda, the global one 1 - lambda (mix), per example inside a batch
+                 (evaluation.answer)
 
-At inference the two are mixed per test instance (the paper's instance-wise dynamic weighting mechanism):
-        lambda(x) = clamp(s * mean_k cos(r(x), r(x_k)), 0, 1),   s = 0.5 (lambda_scale),
-where r is the model's representation of an instruction (local adapter active) and x_1..x_K are
-K = 5 of the client's training instructions, drawn once; the local adapter gets lambda and the
-global one 1 - lambda (mix), so instances that look like the client's own data lean on its local
-adapter. The `-fixed` rows (the paper's ablation) use the training mix a instead.
-
+Each client owns a *global* adapter, averaged by the server every round (it learns what all clients
+share: test-time personalization), and a *local* adapter that never leaves it (its own task:
+personalization). A client's local adapter stays on it across the rounds it is not sampled in; a
+client that never trained one is evaluated with the global adapter alone (and the results say so).
 Baselines on the same model and data: the base model (no adapter), Local (each client alone), FedIT
 (one federated adapter), Centralized (one adapter on the pooled data).
 
@@ -32,10 +34,10 @@ training instructions and public text: representations centred on the mean of ge
 this file ships, the top-k similarity to M of the client's instructions, and a scale set by the
 client's own instructions' leave-one-out similarities, so that lambda spans [0, s].
 
-Top to bottom: the methods and the training phases each needs; the mix; the client steps; each
-phase's clients, step and schedule (FedDPA-F's hand-over from FedIT included); the paper's dynamic
-weight and the calibrated one. Not here: the LoRA layers (lora.py), the round loop, local training
-and FedAvg (fed.py), how each method is scored (evaluation.py), the run folder (runs.py).
+Top to bottom: the methods (one table) and the training phases; the recipe and the mix; the client
+steps; each phase's clients, step and schedule, and run_phase; the paper's dynamic weight and the
+calibrated one. Not here: the LoRA layers (lora.py), the round loop, local training and FedAvg
+(fed.py), scoring (evaluation.py), checkpoints and resume (runs.py).
 """
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -43,28 +45,54 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+import fed
 import lora
 from data import encode_prompt, pad_left
 from fed import Client, LocalTrain, Update, train_adapter
 
-# Each FedDPA variant is evaluated four ways: with the paper's dynamic weight; "-fixed", the training mix
-# (the paper's ablation); "-calibrated", the calibrated dynamic weight (beyond the paper, below); and
-# "-oracle", the training mix on the client's own task and the global adapter alone on the others: a
-# bound on any weighting rule, not a method, since it reads the task of the test instance.
-WEIGHTINGS = ("", "-fixed", "-calibrated", "-oracle")
-METHODS = ("base", "local", "fedit", "centralized", *(f"feddpa-{v}{w}" for v in "ft" for w in WEIGHTINGS))
-PHASES = {  # training phase -> the methods that need it, in the order they run (FedDPA-F needs FedIT first)
-    "fedit": {"fedit", *(f"feddpa-f{w}" for w in WEIGHTINGS)},
-    "feddpa-f": {f"feddpa-f{w}" for w in WEIGHTINGS},
-    "feddpa-t": {f"feddpa-t{w}" for w in WEIGHTINGS},
-    "local": {"local"},
-    "centralized": {"centralized"},
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the comparison: the training phase whose adapters it is evaluated with, and how it
+    weighs them at inference (evaluation.evaluate_client reads `weighting`)."""
+    phase: str | None     # None: the base model, no adapter
+    weighting: str        # one of WEIGHTINGS
+    shared: bool = False  # one model for every client (no local adapter): evaluated once
+
+
+# How a method weighs its adapters at inference: "none" (the base model); "global" or "local" alone;
+# "fixed", the training mix a for every instance (the paper's ablation); "paper", the paper's
+# instance-wise dynamic weight; "calibrated", the calibrated dynamic weight (beyond the paper, below);
+# "oracle", the training mix on the client's own task and the global adapter alone on the others: it
+# reads the test instance's task, so it is a bound on any weighting rule, not a method.
+WEIGHTINGS = ("none", "global", "local", "fixed", "paper", "calibrated", "oracle")
+
+# Every method, in the table's order. Adding a method is one entry here.
+METHODS = {
+    "base": Method(None, "none", shared=True),
+    "local": Method("local", "local"),
+    "fedit": Method("fedit", "global", shared=True),
+    "centralized": Method("centralized", "global", shared=True),
+    "feddpa-f": Method("feddpa-f", "paper"),
+    "feddpa-f-fixed": Method("feddpa-f", "fixed"),
+    "feddpa-f-calibrated": Method("feddpa-f", "calibrated"),
+    "feddpa-f-oracle": Method("feddpa-f", "oracle"),
+    "feddpa-t": Method("feddpa-t", "paper"),
+    "feddpa-t-fixed": Method("feddpa-t", "fixed"),
+    "feddpa-t-calibrated": Method("feddpa-t", "calibrated"),
+    "feddpa-t-oracle": Method("feddpa-t", "oracle"),
 }
 
+# The training phases, in the order they run, each with its own stream of dropout draws: a number
+# fixed per phase, so that adding a phase changes no other phase's draws.
+PHASES = {"fedit": 0, "feddpa-f": 1, "feddpa-t": 2, "local": 3, "centralized": 4}
+STARTS_FROM = {"feddpa-f": "fedit"}  # FedDPA-F fine-tunes FedIT's final global adapter
 
-def phase_of(method: str) -> str:
-    """The training phase whose adapters `method` is evaluated with ("base": none)."""
-    return method[:len("feddpa-t")] if method.startswith("feddpa-") else method
+
+def phases_of(method: str) -> list:
+    """The training phases `method` needs, in the order they run."""
+    phase = METHODS[method].phase
+    return [] if phase is None else [p for p in (STARTS_FROM.get(phase), phase) if p]
 
 
 @dataclass
@@ -97,9 +125,9 @@ def mix(lam, to: str = "local") -> dict:
 def fedit_step(model, pad_id, train: LocalTrain):
     """FedIT (plain federated LoRA) and FedDPA-T's round 0: train the global adapter alone."""
     def step(round_, client: Client, global_adapter):
-        lora.set_adapter(model, "global", global_adapter)
-        metrics = train_adapter(model, "global", client.data, train, {"global": 1.0}, pad_id, client.generator,
-                                where=f" of client {client.id} in round {round_ + 1}")
+        lora.load_adapter(model, "global", global_adapter)
+        metrics = train_adapter(model, "global", client.data, train=train, weights={"global": 1.0}, pad_id=pad_id,
+                                generator=client.generator, where=f" of client {client.id} in round {round_ + 1}")
         return Update(lora.get_adapter(model, "global"), len(client.data)), metrics
     return step
 
@@ -117,10 +145,10 @@ def feddpa_t_step(model, pad_id, train: LocalTrain, local_weight: float, seed: i
     def step(round_, client: Client, global_adapter):
         if round_ == 0:
             return global_step(round_, client, global_adapter)
-        lora.set_adapter(model, "global", global_adapter)
-        lora.set_adapter(model, "local", client.local if client.local is not None else fresh_local(model, seed, client.id))
-        local = train_adapter(model, "local", client.data, train, mix(local_weight), pad_id, client.generator,
-                              where=f" of client {client.id} in round {round_ + 1}")
+        lora.load_adapter(model, "global", global_adapter)
+        lora.load_adapter(model, "local", client.local if client.local is not None else fresh_local(model, seed, client.id))
+        local = train_adapter(model, "local", client.data, train=train, weights=mix(local_weight), pad_id=pad_id,
+                              generator=client.generator, where=f" of client {client.id} in round {round_ + 1}")
         client.local = lora.get_adapter(model, "local")   # stays on the client
         update, glob = global_step(round_, client, global_adapter)
         return update, {"loss": (local["loss"] + glob["loss"]) / 2, "local_loss": local["loss"], "global_loss": glob["loss"],
@@ -133,9 +161,9 @@ def local_step(model, pad_id, train: LocalTrain, start: dict):
     second stage (start = the final global adapter, one round) and the Local baseline (start = the
     initial adapter, R rounds). The adapter carries over between rounds."""
     def step(round_, client: Client, global_adapter):
-        lora.set_adapter(model, "local", client.local if client.local is not None else start)
-        metrics = train_adapter(model, "local", client.data, train, {"local": 1.0}, pad_id, client.generator,
-                                where=f" of client {client.id} in round {round_ + 1}")
+        lora.load_adapter(model, "local", client.local if client.local is not None else start)
+        metrics = train_adapter(model, "local", client.data, train=train, weights={"local": 1.0}, pad_id=pad_id,
+                                generator=client.generator, where=f" of client {client.id} in round {round_ + 1}")
         client.local = lora.get_adapter(model, "local")
         return Update({}, len(client.data)), metrics
     return step
@@ -157,7 +185,7 @@ def scaled(train: LocalTrain, factor: float) -> LocalTrain:
     return replace(train, epochs=train.epochs * factor, max_steps=round(train.max_steps * factor))
 
 
-def setup_phase(name: str, model, pad_id: int, recipe: Recipe, datasets: list, init: dict, trained: dict) -> Phase:
+def setup_phase(name: str, model, *, pad_id: int, recipe: Recipe, datasets: list, init: dict, trained: dict) -> Phase:
     """Phase `name` on the clients' encoded datasets, every adapter starting from init; trained holds
     the phases already run ({phase: {"global": adapter, "locals": [...]}}): FedDPA-F starts from FedIT's."""
     def clients(sets):
@@ -201,6 +229,21 @@ def phase_result(name: str, global_adapter: dict, clients: list, trained: dict) 
             "locals": [c.local for c in clients]}
 
 
+def run_phase(name: str, phase: Phase, *, seed: int, weighting: str = "count", federation=None, train_round=None,
+              on_round_end=None, progress: bool = False) -> "fed.Federation":
+    """Phase `name` end to end: its rounds of fed.run_rounds, each chosen client taking phase.step in this
+    process (or reached by train_round elsewhere: over Flower), FedAvg with `weighting`. A fresh start
+    seeds the phase's dropout draws; federation: the state of a resumed phase, its RNG already restored
+    (runs.py). on_round_end(federation) after every round (runs.py: the checkpoint). Returns the
+    federation; phase_result says what it leaves for evaluation."""
+    if federation is None:
+        federation = fed.Federation(phase.start, len(phase.clients))
+        torch.manual_seed(seed * 7919 + PHASES[name])  # dropout, per phase
+    reach = train_round or fed.in_process(phase.clients, phase.step, progress)
+    return fed.run_rounds(federation, phase.rounds, reach, phase.fraction, seed, weighting, desc=name,
+                          on_round_end=on_round_end, progress=progress)
+
+
 # ----------------------------------------------------------------------------------------------
 # Instance-wise dynamic weighting mechanism (inference)
 
@@ -216,9 +259,10 @@ def prompt_batches(tok, records, batch_size, cutoff=512):
 
 @torch.no_grad()
 def represent(model, ids, mask, pool):
-    """r(x): the instruction's representation with only the local adapter active, (B, dim)."""
-    lora.set_weights(model, {"local": 1.0})
-    return model.represent(ids, mask, pool)
+    """r(x): the instruction's representation with only the local adapter active, (B, dim); the
+    caller's mix is untouched."""
+    with lora.mixed(model, {"local": 1.0}):
+        return model.represent(ids, mask, pool)
 
 
 def draw_references(records, k: int, seed: int, client_id: int) -> list:

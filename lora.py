@@ -8,14 +8,22 @@ the server averages and a *local* one that never leaves the client, and mixes th
     y = W x + sum_name w_name * (lora_alpha / r) * B_name A_name dropout(x)
 
 where the weights {name: w} are the mix (feddpa.mix says which mix each method uses). Each w is a
-float or a (batch,) tensor, so instance-wise weights apply per example inside one batch. Exactly one adapter (or none) trains at a time; the
-others contribute under no-grad, as the paper's code detaches them.
+float or a (batch,) tensor, so instance-wise weights apply per example inside one batch. Exactly one
+adapter (or none) trains at a time; the others contribute under no-grad, as the paper's code detaches them.
+
+The mix is an input of every forward pass, given at the call: `with mixed(model, weights): model(...)`
+puts it on the layers for the block only and restores what was there before, so no function ever reads
+a mix that another left behind; outside any block the layers add no adapter (the base model alone). A
+functional port (JAX, MLX) passes `weights` as an argument of the forward function instead, down to
+each LoRA layer; nothing else about the layer holds state. `training(model, name)` scopes which
+adapter trains, and training mode, the same way.
 
 Parameter names follow peft's layout (`q_proj.base_layer`, `q_proj.lora_A.<adapter>.weight`), and an
 adapter's state dict drops the adapter name, so a global adapter can be loaded as a local one.
 Not here: which adapter trains when, and with which mix (fed.py, feddpa.py).
 """
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -70,7 +78,7 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.ModuleDict({n: Dropout(dropout) for n in names})
         for n in names:
             self.reset(n)
-        self.weights = {n: 1.0 for n in names}  # the mix; floats or (batch,) tensors
+        self.weights = {}                       # the mix, set only inside lora.mixed: floats or (batch,) tensors
         self.merged = None                      # the fixed mix folded into base_layer, if any
 
     def reset(self, name: str, generator=None):
@@ -159,10 +167,33 @@ def set_trainable(model: nn.Module, name):
             layer.lora_B[n].weight.requires_grad_(n == name)
 
 
-def set_weights(model: nn.Module, weights: dict):
-    """Set the mix {adapter: float or (batch,) tensor}; adapters not named get weight 0."""
-    for _, layer in lora_layers(model):
+@contextmanager
+def mixed(model: nn.Module, weights: dict):
+    """Forward passes inside the block use the mix {adapter: float or (batch,) tensor}; adapters not
+    named get weight 0. The mix that was there before comes back when the block ends, however it ends."""
+    layers = [layer for _, layer in lora_layers(model)]
+    before = [layer.weights for layer in layers]
+    for layer in layers:
         layer.weights = {n: weights.get(n, 0.0) for n in layer.lora_A}
+    try:
+        yield model
+    finally:
+        for layer, w in zip(layers, before):
+            layer.weights = w
+
+
+@contextmanager
+def training(model: nn.Module, name: str):
+    """Inside the block adapter `name` (only it) trains, in training mode (dropout on); after it, the
+    model is back in the mode it had and no adapter trains."""
+    was_training = model.training
+    set_trainable(model, name)
+    model.train()
+    try:
+        yield list(adapter_tensors(model, name).values())
+    finally:
+        model.train(was_training)
+        set_trainable(model, None)
 
 
 def adapter_tensors(model: nn.Module, name: str) -> dict:
@@ -198,7 +229,7 @@ def check_adapter(model: nn.Module, state: dict, name: str = "global"):
     return own
 
 
-def set_adapter(model: nn.Module, name: str, state: dict):
+def load_adapter(model: nn.Module, name: str, state: dict):
     """Load get_adapter()'s output into adapter `name`; every tensor must match by name and shape."""
     own = check_adapter(model, state, name)
     with torch.no_grad():

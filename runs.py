@@ -11,8 +11,8 @@ The state is a plain dict of tensors and containers, so torch.load(..., weights_
     results    {method: {"P", "TTP", "exact", "per_client", "eval_seconds"}} for every evaluated method
     current    None, or the phase in progress: its global adapter, rounds done, history, each client's
                (local adapter, data-order generator state), and every RNG state
-run_phase runs one training phase (feddpa.Phase) with fed.run_rounds and writes that state after every
-round. A porter can skip this file: it holds no part of the method.
+run_phase runs one training phase (feddpa.run_phase) and writes that state after every round. A porter
+can skip this file: it holds no part of the method, only its checkpoint and resume hooks.
 """
 import glob
 import io
@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import fed
 import lora
+import feddpa
 from feddpa import METHODS, PHASES, phase_result
 from hf import atomic_write, first_line, write_safetensors
 
@@ -223,7 +224,7 @@ def write_results(out: str, config: dict, state: dict, client_tasks: list, secon
             if local is not None:
                 write_safetensors(local, os.path.join(d, f"client{i}_local.safetensors"))
     for method, r in state["results"].items():
-        phases = [p for p, needed in PHASES.items() if method in needed and p in res["training"]]
+        phases = [p for p in feddpa.phases_of(method) if p in res["training"]]
         per_client = [[sum(x) for x in zip(*(res["training"][p]["budget"][k] for p in phases))] if phases else []
                       for k in ("steps", "examples")]
         res["methods"][method] = {"P": r["P"], "TTP": r["TTP"], "P_exact": r["exact"]["P"],
@@ -252,7 +253,7 @@ def print_table(results: dict, tasks: list, client_tasks: list, verbose: bool):
         lam = r.get("lambda")
         diag = f"   {lam['own']:5.2f}/{lam['other']:<5.2f} {lam['auroc']:5.2f}" if lam and lam["clients"] else ""
         print(f"{name:<22}{r['P']:7.1f}{r['TTP']:7.1f}{r['exact']['P']:7.1f}{r['exact']['TTP']:8.1f}{diag}")
-    if any(m.endswith("-oracle") for m in results):
+    if any(METHODS[m].weighting == "oracle" for m in results):
         print("-oracle rows: a bound, not a method: the training mix on the client's own task, the global adapter "
               "alone on the others (they read the test instance's task)")
     for method, r in results.items():
@@ -271,22 +272,20 @@ def print_table(results: dict, tasks: list, client_tasks: list, verbose: bool):
 # ----------------------------------------------------------------------------------------------
 # One training phase, checkpointed after every round and resumed from the last complete one
 
-def run_phase(name: str, phase, state: dict, save, seed: int, weighting: str, out: str, progress: bool = False,
+def run_phase(name: str, phase, state: dict, save, *, seed: int, weighting: str, out: str, progress: bool = False,
               train_round=None):
-    """Run feddpa.Phase `name` with fed.run_rounds; state["current"] holds its progress after each round
+    """feddpa.run_phase, checkpointed: state["current"] holds the phase's progress after each round
     (continued from there if it is this phase's), state["trained"][name] its result at the end.
     train_round: how the clients are reached; by default phase.clients, in this process (a Flower server
     passes its own, and its phase's clients are placeholders that never hold a local adapter)."""
-    federation = fed.Federation(phase.start, len(phase.clients))
+    federation = None
     resume = state.get("current")
     if resume and resume["phase"] == name:  # continue from the last complete round
-        federation.global_adapter, federation.round, federation.history = resume["global"], resume["round"], resume["history"]
+        federation = fed.Federation(resume["global"], len(phase.clients), resume["round"], resume["history"])
         for c, (local, gen) in zip(phase.clients, resume["clients"]):
             c.local = local
             c.generator.set_state(gen)
         set_rng(resume["rng"])
-    else:
-        torch.manual_seed(seed * 7919 + list(PHASES).index(name))  # dropout, per phase
 
     def checkpoint(f: fed.Federation):
         h = f.history[-1]
@@ -298,13 +297,13 @@ def run_phase(name: str, phase, state: dict, save, seed: int, weighting: str, ou
                             "clients": [(c.local, c.generator.get_state()) for c in phase.clients], "rng": get_rng()}
         save(state)
 
-    reach = train_round or fed.in_process(phase.clients, phase.step, progress)
     try:
-        fed.run_rounds(federation, phase.rounds, reach, phase.fraction, seed, weighting, desc=name,
-                       on_round_end=checkpoint, progress=progress)
+        federation = feddpa.run_phase(name, phase, seed=seed, weighting=weighting, federation=federation,
+                                      train_round=train_round, on_round_end=checkpoint, progress=progress)
     except (fed.Diverged, fed.NoReplies) as e:  # nothing of the failed round is saved: the checkpoint keeps the last good one
+        done = state["current"]["round"] if state.get("current") and state["current"]["phase"] == name else 0
         raise type(e)(f"{name}: {e}; stopped, {os.path.join(out, 'checkpoint.pt')} keeps the last "
-                           f"good round ({federation.round} of {phase.rounds} complete)") from None
+                           f"good round ({done} of {phase.rounds} complete)") from None
     hist = federation.history
     print(f"{name:>12}: {phase.rounds} round(s), loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}, "
           f"{sum(h['bytes_up'] + h['bytes_down'] for h in hist) / 1e6:.2f} MB sent, {sum(h['seconds'] for h in hist):.1f}s")

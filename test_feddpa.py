@@ -221,3 +221,46 @@ def test_local_adapters_stay_on_their_clients_through_rounds_they_sit_out(tiny):
                 sat_out += 1
                 assert all(torch.equal(before[k], after[k]) for k in before)
     assert sat_out > 0
+
+
+def layer_state(m):
+    """Every LoRA layer's mix, which adapters require grad, and the modules' training flags."""
+    return ([dict(layer.weights) for _, layer in lora.lora_layers(m)],
+            [p.requires_grad for p in m.parameters()], [mod.training for mod in m.modules()])
+
+
+def test_representing_training_and_answering_leave_the_callers_mix_and_mode_as_they_were(tiny):
+    """The mix and the mode are scoped: each step sets what it needs for its own forward passes and puts
+    back what the caller had, so no step reads a mix or a mode that another left behind."""
+    m, tok, world = tiny
+    g = torch.Generator().manual_seed(5)
+    for name in lora.ADAPTERS:  # two different, non-zero adapters, so a wrong mix changes the numbers
+        lora.load_adapter(m, name, {k: v + (0.3 * torch.randn(v.shape, generator=g) if "lora_B" in k else 0)
+                                    for k, v in lora.get_adapter(m, name).items()})
+    ids, mask = data.pad_left([data.encode_prompt(tok, r) for r in world.clients[0][:3]], tok.pad_id)
+    caller = {"global": 0.8, "local": 0.2}
+    with lora.mixed(m, caller):
+        m.eval()
+        before = layer_state(m)
+        with torch.no_grad():
+            want = m(ids, mask)[0]
+        reps = feddpa.represent(m, ids, mask, "last")
+        assert layer_state(m) == before
+        with torch.no_grad(), lora.mixed(m, {"local": 1.0}):  # represent's own mix: the local adapter alone
+            assert torch.equal(reps, m.represent(ids, mask, "last"))
+        assert layer_state(m) == before
+        dec = evaluation.Decode(max_new_tokens=3, batch_size=2)
+        dynamic = feddpa.paper_weight(m, tok, world.clients[0], feddpa.Recipe(k_refs=3), 0, "cpu")
+        evaluation.answer(m, tok, world.tests[world.client_tasks[1]][:3], dec, "cpu", dynamic=dynamic)
+        assert layer_state(m) == before
+        examples = [data.encode_example(tok, r) for r in world.clients[0][:8]]
+        fed.train_adapter(m, "local", examples, train=fed.LocalTrain(lr=1e-2, max_steps=1, batch_size=4),
+                          weights=feddpa.mix(0.5), pad_id=tok.pad_id, generator=torch.Generator().manual_seed(0))
+        assert layer_state(m) == before       # eval mode again, nothing trainable, the caller's mix
+        with torch.no_grad():
+            after = m(ids, mask)[0]
+        assert not torch.equal(want, after)   # the local adapter trained ...
+    assert layer_state(m)[0] == [{}] * len(lora.lora_layers(m))  # ... and outside any block, no adapter is on
+    with pytest.raises(RuntimeError), lora.mixed(m, {"global": 1.0}):
+        raise RuntimeError("a step that fails")
+    assert layer_state(m)[0] == [{}] * len(lora.lora_layers(m))  # restored however the block ends

@@ -263,22 +263,25 @@ def run(cfg: Config, args):
           f"({sum(p.numel() for p in model.parameters() if not p.requires_grad):,} frozen parameters); device {device}")
     for note in fd.notes:
         print(f"note: {note}")
-    todo_phases = [p for p, needed in feddpa.PHASES.items() if needed & set(methods) and p not in state["trained"]]
+    needed = {p for m in methods for p in feddpa.phases_of(m)}
+    todo_phases = [p for p in feddpa.PHASES if p in needed and p not in state["trained"]]
     todo_methods = [m for m in methods if m not in state["results"]]
     answers = sum(evaluation.answers_needed(m, fd.tests, len(fd.clients)) for m in todo_methods)
     print("work ahead: " + "; ".join(f"{p} {feddpa.schedule(p, rec, len(fd.clients))}" for p in todo_phases)
           + f"{'; ' if todo_phases else ''}{answers:,} answers of up to {cfg.max_new_tokens} tokens for {len(todo_methods)} methods")
 
     for name in todo_phases:
-        phase = feddpa.setup_phase(name, model, tok.pad_id, rec, encoded, state["init"], state["trained"])
-        runs.run_phase(name, phase, state, save, cfg.seed, cfg.weighting, cfg.out, progress)
+        phase = feddpa.setup_phase(name, model, pad_id=tok.pad_id, recipe=rec, datasets=encoded, init=state["init"],
+                                   trained=state["trained"])
+        runs.run_phase(name, phase, state, save, seed=cfg.seed, weighting=cfg.weighting, out=cfg.out, progress=progress)
     dec = evaluation.Decode(cfg.max_new_tokens, cfg.num_beams, cfg.eval_batch_size, cfg.cutoff)
     for method in todo_methods:
         bar = tqdm(total=evaluation.answers_needed(method, fd.tests, len(fd.clients)), desc=f"evaluating {method}",
                    unit="answer", leave=False, disable=not progress)
         with bar, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            state["results"][method] = evaluation.evaluate_method(method, model, tok, fd.tests, fd.clients, fd.client_tasks,
-                                                                  state["trained"], rec, dec, device, bar)
+            state["results"][method] = evaluation.evaluate_method(
+                method, model, tok, fd.tests, client_data=fd.clients, client_tasks=fd.client_tasks,
+                trained=state["trained"], recipe=rec, dec=dec, device=device, progress=bar)
         save(state)
     res = runs.write_results(cfg.out, asdict(cfg), state, fd.client_tasks, time.time() - t_start)
     runs.print_table(state["results"], list(fd.tests), fd.client_tasks, args.verbose)

@@ -134,7 +134,6 @@ def build(d: str, targets, is_hf: bool, bf16: bool = False):
     dtype = torch.bfloat16 if bf16 else torch.float32
     if not is_hf:
         m = lora.inject(hf.from_pretrained(d, dtype=dtype), targets, r=8, lora_alpha=16, dropout=0.05, dtype=torch.float32)
-        lora.set_weights(m, {"global": 1.0})
         lora.set_trainable(m, "global")
         return m
     from peft import LoraConfig, get_peft_model
@@ -149,7 +148,8 @@ def loss_of(m, is_hf: bool, batch, bf16: bool = False):
         if is_hf:  # positions count real tokens, as ours do, so left-padded rows match
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             return m(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels).loss
-        return m(ids, mask, labels)[1]
+        with lora.mixed(m, {"global": 1.0}):  # the adapter that trains, alone
+            return m(ids, mask, labels)[1]
 
 
 def stepper(m, is_hf: bool, bf16: bool = False, lr: float = 3e-3):

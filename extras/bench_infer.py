@@ -26,9 +26,9 @@ def one_at_a_time(m, tok, records, train_records, dec: evaluation.Decode, recipe
         ids, mask = data.pad_left(prompts, tok.pad_id)
         reps = feddpa.represent(m, ids, mask, recipe.pool).float()
         lam = feddpa.dynamic_lambda(reps[-1:], reps[:-1], recipe.lambda_scale).item()
-        lora.set_weights(m, feddpa.mix(lam, recipe.lambda_to))
         prompt = torch.tensor([prompts[-1]])
-        out.append(generate(m, prompt, torch.ones_like(prompt), dec.max_new_tokens, tok.eos_id, tok.pad_id))
+        with lora.mixed(m, feddpa.mix(lam, recipe.lambda_to)):
+            out.append(generate(m, prompt, torch.ones_like(prompt), dec.max_new_tokens, tok.eos_id, tok.pad_id))
     return out
 
 

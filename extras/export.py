@@ -78,8 +78,8 @@ def main(argv=None) -> int:
         model = lora.inject(hf.from_pretrained(base), settings["target_modules"], r=settings["r"],
                             lora_alpha=settings["lora_alpha"], dropout=0.0)
         d = os.path.join(adapters, args.merge)
-        lora.set_adapter(model, "global", hf.read_safetensors(os.path.join(d, "global.safetensors")))
-        lora.set_adapter(model, "local", hf.read_safetensors(os.path.join(d, f"client{args.client}_local.safetensors")))
+        lora.load_adapter(model, "global", hf.read_safetensors(os.path.join(d, "global.safetensors")))
+        lora.load_adapter(model, "local", hf.read_safetensors(os.path.join(d, f"client{args.client}_local.safetensors")))
         w = config["local_weight"] if args.local_weight is None else args.local_weight
         hf.save_pretrained(merged_model(model, {"local": w, "global": 1 - w}), args.dest)
         for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):

@@ -53,8 +53,8 @@ import runs
 import train
 from runs import UserError
 
-PHASES = ("fedit", "feddpa-f", "feddpa-t")
-METHODS = tuple(m for m in feddpa.METHODS if feddpa.phase_of(m) in PHASES)
+FLOWER_PHASES = ("fedit", "feddpa-f", "feddpa-t")  # the phases whose clients talk to a server
+METHODS = tuple(m for m, method in feddpa.METHODS.items() if method.phase in FLOWER_PHASES)
 POLL = 0.5  # seconds between the server's looks for replies
 EVAL_ONLY = ("methods", "test_per_task", "max_new_tokens", "num_beams", "eval_batch_size", "out", "device", "cache")
 
@@ -64,7 +64,7 @@ def settings(train_args: str) -> tuple:
     cfg, args = train.parse_args(shlex.split(train_args))
     bad = [m for m in cfg.methods.split(",") if m not in METHODS]
     if bad:
-        raise UserError(f"--methods {','.join(bad)}: a Flower run trains {', '.join(PHASES)}; "
+        raise UserError(f"--methods {','.join(bad)}: a Flower run trains {', '.join(FLOWER_PHASES)}; "
                         f"run the base model, Local and Centralized with train.py")
     if cfg.seeds:
         raise UserError("--seeds: start one Flower run per seed")
@@ -155,11 +155,11 @@ def train_step(msg: Message, context: Context) -> Message:
     phase_name, round_ = str(run["phase"]), int(run["round"])
     received = from_record(msg.content["global"])
     model, tok = node.model()
-    torch.manual_seed(cfg.seed * 7919 + 101 * (PHASES.index(phase_name) + 1) + 10_007 * round_ + node.id)  # dropout
+    torch.manual_seed(cfg.seed * 7919 + 101 * (feddpa.PHASES[phase_name] + 1) + 10_007 * round_ + node.id)  # dropout
     encoded = [[] for _ in node.fd.clients]  # this client's records only: the others are not its to train on
     encoded[node.id] = data.encode_clients([node.records], tok, cfg.cutoff, cfg.max_dropped)[0]
-    phase = feddpa.setup_phase(phase_name, model, tok.pad_id, train.recipe(cfg), encoded, received,
-                               {"fedit": {"global": received}})
+    phase = feddpa.setup_phase(phase_name, model, pad_id=tok.pad_id, recipe=train.recipe(cfg), datasets=encoded,
+                               init=received, trained={"fedit": {"global": received}})
     me = phase.clients[node.id]
     last = node.last_state(phase_name, round_)
     if last is not None:
@@ -186,19 +186,19 @@ def evaluate(msg: Message, context: Context) -> Message:
     model, tok = node.model()
     dec = evaluation.Decode(cfg.max_new_tokens, cfg.num_beams, cfg.eval_batch_size, cfg.cutoff)
     methods, rec = str(run["methods"]).split(","), train.recipe(cfg)
-    phases = {feddpa.phase_of(m) for m in methods}
+    phases = {feddpa.METHODS[m].phase for m in methods}
     globals_ = {p: from_record(msg.content[f"global.{p}"]) for p in phases}
     last = {p: node.last_state(p, 10 ** 9) for p in phases}  # each phase's final files
     scores, no_local, seconds = {}, [], {}
     for method in methods:
         t0 = time.time()
-        phase = feddpa.phase_of(method)
+        phase = feddpa.METHODS[method].phase
         local = last[phase][1] if last[phase] else None
         with torch.autocast(node.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
             scores[method] = evaluation.evaluate_client(
-                method, model, tok, node.fd.tests, node.records, node.id, node.task, globals_[phase], local, rec,
-                dec, node.device)
-        if local is None and method not in evaluation.SHARED:
+                method, model, tok, node.fd.tests, records=node.records, client_id=node.id, own_task=node.task,
+                global_adapter=globals_[phase], local_adapter=local, recipe=rec, dec=dec, device=node.device)
+        if local is None and not feddpa.METHODS[method].shared:
             no_local.append(method)
         seconds[method] = time.time() - t0
     reply = RecordDict({"scores": ConfigRecord({"scores": json.dumps(scores), "no-local": json.dumps(no_local)}),
@@ -371,19 +371,21 @@ def main(grid: Grid, context: Context) -> None:
         runs.check_state(state, model, n, os.path.join(cfg.out, "checkpoint.pt"))
         runs.remove_partial_writes(cfg.out)
     methods, rec = cfg.methods.split(","), train.recipe(cfg)
-    print(f"Flower federation of {n} clients; training {', '.join(p for p in PHASES if feddpa.PHASES[p] & set(methods))}; "
+    needed = {p for m in methods for p in feddpa.phases_of(m)}
+    print(f"Flower federation of {n} clients; training {', '.join(p for p in FLOWER_PHASES if p in needed)}; "
           f"output {cfg.out}", flush=True)
-    for name in PHASES:
-        if not feddpa.PHASES[name] & set(methods) or name in state["trained"]:
+    for name in FLOWER_PHASES:
+        if name not in needed or name in state["trained"]:
             continue
         # the server's phase: the schedule of feddpa.setup_phase, with placeholder clients that hold no data
-        phase = feddpa.setup_phase(name, model, 0, rec, [[] for _ in range(n)], state["init"], state["trained"])
-        runs.run_phase(name, phase, state, lambda s: runs.save_state(cfg.out, s), cfg.seed, cfg.weighting, cfg.out,
-                       train_round=nodes.train_round(name, phase.rounds))
+        phase = feddpa.setup_phase(name, model, pad_id=0, recipe=rec, datasets=[[] for _ in range(n)], init=state["init"],
+                                   trained=state["trained"])
+        runs.run_phase(name, phase, state, lambda s: runs.save_state(cfg.out, s), seed=cfg.seed, weighting=cfg.weighting,
+                       out=cfg.out, train_round=nodes.train_round(name, phase.rounds))
     todo = [m for m in methods if m not in state["results"]]
     tasks = [str(nodes.info[c]["task"]) for c in range(n)]
     if todo:
-        globals_ = {p: state["trained"][p]["global"] for p in {feddpa.phase_of(m) for m in todo}}  # FedDPA-F's: FedIT's
+        globals_ = {p: state["trained"][p]["global"] for p in {feddpa.METHODS[m].phase for m in todo}}  # FedDPA-F's: FedIT's
         per_client, no_local, seconds = nodes.evaluate(todo, globals_)
         for m in todo:
             state["results"][m] = evaluation.summarize(per_client[m], tasks, no_local[m], seconds[m])

@@ -48,8 +48,8 @@ def test_peft_folders_give_our_logits_in_peft(tmp_path, which):
     for name in lora.ADAPTERS:
         export.write_peft(lora.get_adapter(ours, name), str(tmp_path / name), base, SETTINGS)
         theirs = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base, dtype=torch.float32), str(tmp_path / name)).eval()
-        lora.set_weights(ours, {name: 1.0})
-        diff = (logits(ours, ids, mask) - logits(theirs, ids, mask, True))[mask.bool()].abs().max()
+        with lora.mixed(ours, {name: 1.0}):
+            diff = (logits(ours, ids, mask) - logits(theirs, ids, mask, True))[mask.bool()].abs().max()
         assert diff <= 1e-5, (name, diff)
 
 
@@ -60,8 +60,8 @@ def test_a_fixed_mix_merged_loads_in_transformers(tmp_path):
     mix = {"local": 0.3, "global": 0.7}
     hf.save_pretrained(export.merged_model(ours, mix), str(tmp_path / "merged"))
     theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
-    lora.set_weights(ours, mix)
-    assert (logits(ours, ids, mask) - logits(theirs, ids, mask, True))[mask.bool()].abs().max() <= 1e-4
+    with lora.mixed(ours, mix):
+        assert (logits(ours, ids, mask) - logits(theirs, ids, mask, True))[mask.bool()].abs().max() <= 1e-4
 
 
 def test_peft_folders_read_back_and_mismatches_are_named(tmp_path):

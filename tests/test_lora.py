@@ -26,11 +26,10 @@ def test_lora_matches_peft(tmp_path):
     state = {k.removeprefix("base_model.model.").replace(".default", ""): v
              for k, v in ref.state_dict().items() if "lora_" in k}
     assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)
-    lora.set_adapter(ours, "global", state)
-    lora.set_weights(ours, {"global": 1.0})
+    lora.load_adapter(ours, "global", state)
     ids, mask = left_padded(96)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
+    with torch.no_grad(), lora.mixed(ours, {"global": 1.0}):
         want = ref(input_ids=ids, attention_mask=mask, position_ids=pos).logits
         got, _ = ours(ids, mask)
     assert (want - got)[mask.bool()].abs().max() <= 1e-5
@@ -51,8 +50,8 @@ def test_zero_B_gives_the_base_output_exactly():
     with torch.no_grad():
         want = base(ids, mask)[0]
         lora.inject(base)  # fresh adapters: B = 0
-        lora.set_weights(base, {"global": 0.7, "local": torch.tensor([0.1, 0.5, 0.9])})
-        got = base(ids, mask)[0]
+        with lora.mixed(base, {"global": 0.7, "local": torch.tensor([0.1, 0.5, 0.9])}):
+            got = base(ids, mask)[0]
     assert torch.equal(want, got)
 
 
@@ -61,11 +60,11 @@ def test_a_step_changes_only_the_trained_adapter(train):
     m = tiny_lora()
     frozen = "local" if train == "global" else "global"
     lora.set_trainable(m, train)
-    lora.set_weights(m, {"global": 0.5, "local": 0.5})
     before = {k: v.clone() for k, v in m.state_dict().items()}
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     ids, mask = left_padded(1024)
-    m(ids, mask, ids.masked_fill(mask == 0, -100))[1].backward()
+    with lora.mixed(m, {"global": 0.5, "local": 0.5}):
+        m(ids, mask, ids.masked_fill(mask == 0, -100))[1].backward()
     assert all(p.grad is None for p in params(m, frozen))
     assert all(p.grad is not None for p in params(m, train))
     opt.step()
@@ -87,7 +86,6 @@ def test_bfloat16_base_trains_float32_adapters():
         m.load_state_dict(ref.state_dict())
         models[dt] = lora.inject(m.to(dt), dropout=0.0, dtype=torch.float32)
         lora.set_trainable(models[dt], "global")
-        lora.set_weights(models[dt], {"global": 1.0})
     half = models[torch.bfloat16]
     assert all(p.dtype == torch.float32 for p in params(half, "global"))
     assert all(p.dtype == torch.bfloat16 for n, p in half.named_parameters() if "lora_" not in n)
@@ -95,12 +93,14 @@ def test_bfloat16_base_trains_float32_adapters():
                                                  params(models[torch.float32], "global")))
     ids, mask = left_padded(1024)
     labels = ids.masked_fill(mask == 0, -100)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), lora.mixed(half, {"global": 1.0}):
         loss = half(ids, mask, labels)[1]
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params(half, "global"))
     assert all(p.grad is None for n, p in half.named_parameters() if ".global." not in n)
-    assert abs(loss.item() - models[torch.float32](ids, mask, labels)[1].item()) < 0.02 * loss.item()
+    with lora.mixed(models[torch.float32], {"global": 1.0}):
+        full = models[torch.float32](ids, mask, labels)[1].item()
+    assert abs(loss.item() - full) < 0.02 * loss.item()
 
 
 def test_merge_then_unmerge_restores_and_matches_unmerged():
@@ -108,9 +108,9 @@ def test_merge_then_unmerge_restores_and_matches_unmerged():
     ids, mask = left_padded(1024)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     mix = {"global": 0.3, "local": 0.7}
-    lora.set_weights(m, mix)
     with torch.no_grad():
-        want = m(ids, mask)[0]
+        with lora.mixed(m, mix):
+            want = m(ids, mask)[0]
         lora.merge(m, mix)
         got = m(ids, mask)[0]
         lora.unmerge(m)
@@ -123,19 +123,18 @@ def test_per_example_weights_equal_examples_run_alone():
     ids, mask = left_padded(1024)
     lam = torch.tensor([0.0, 0.35, 1.0])
     with torch.no_grad():
-        lora.set_weights(m, {"local": lam, "global": 1 - lam})
-        batched = m(ids, mask)[0]
+        with lora.mixed(m, {"local": lam, "global": 1 - lam}):
+            batched = m(ids, mask)[0]
         for i in range(3):
-            lora.set_weights(m, {"local": lam[i].item(), "global": 1 - lam[i].item()})
-            alone = m(ids[i:i + 1, mask[i].bool()])[0]
+            with lora.mixed(m, {"local": lam[i].item(), "global": 1 - lam[i].item()}):
+                alone = m(ids[i:i + 1, mask[i].bool()])[0]
             assert (batched[i, mask[i].bool()] - alone[0]).abs().max() < 1e-5
 
 
 def test_per_example_weights_refuse_packed_training_batches():
     m = tiny_lora()
     ids, mask = left_padded(1024)
-    lora.set_weights(m, {"local": torch.tensor([0.0, 0.35, 1.0])})
-    with pytest.raises(ValueError, match="per-example weights"):
+    with lora.mixed(m, {"local": torch.tensor([0.0, 0.35, 1.0])}), pytest.raises(ValueError, match="per-example weights"):
         m(ids, mask, ids)  # a loss packs the real tokens: no longer one row per example
 
 
@@ -164,10 +163,10 @@ def test_dropout_masks_are_independent_bernoulli(p, shape, sigmas):
 def test_adapter_state_roundtrip_and_mismatch_is_named():
     m = tiny_lora()
     g = lora.get_adapter(m, "global")
-    lora.set_adapter(m, "local", g)
+    lora.load_adapter(m, "local", g)
     assert all(torch.equal(g[k], v) for k, v in lora.get_adapter(m, "local").items())
     bad = dict(g)
     key = next(iter(bad))
     bad[key] = torch.zeros(1, 1)
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        lora.set_adapter(m, "local", bad)
+        lora.load_adapter(m, "local", bad)

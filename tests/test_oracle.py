@@ -186,7 +186,8 @@ def runs(setting, tiny_dir):
     recipe = feddpa.Recipe(train=train, rounds=ROUNDS, local_weight=A_MIX, finetune_rounds=1.0, seed=SEED)
     ours = {}
     for name in feddpa.PHASES:
-        phase = feddpa.setup_phase(name, model, tok.pad_id, recipe, datasets, init, ours)
+        phase = feddpa.setup_phase(name, model, pad_id=tok.pad_id, recipe=recipe, datasets=datasets, init=init,
+                                   trained=ours)
         federation = fed.run_rounds(fed.Federation(phase.start, len(phase.clients)), phase.rounds,
                                     fed.in_process(phase.clients, phase.step), phase.fraction, SEED)
         ours[name] = feddpa.phase_result(name, federation.global_adapter, phase.clients, ours)
@@ -227,8 +228,8 @@ def test_dynamic_weighting_equals_the_oracle_one_instance_at_a_time(setting, run
     g = torch.Generator().manual_seed(7)
     trained = {name: {k: v + (torch.randn(v.shape, generator=g) * 0.5 if "lora_B" in k else 0) for k, v in adapter.items()}
                for name, adapter in (("global", ours["feddpa-t"]["global"]), ("local", ours["feddpa-t"]["locals"][1]))}
-    lora.set_adapter(model, "global", trained["global"])
-    lora.set_adapter(model, "local", trained["local"])
+    lora.load_adapter(model, "global", trained["global"])
+    lora.load_adapter(model, "local", trained["local"])
     refs = feddpa.draw_references(world.clients[1], K, SEED, 1)
     dynamic = feddpa.Dynamic(feddpa.reference_reps(model, tok, refs, "last", "cpu"), 0.5, "last", to)
     tests = [recs[i] for recs in world.tests.values() for i in range(2)]
@@ -325,8 +326,8 @@ def test_every_method_is_evaluated_with_its_own_adapters_and_mix(setting, tiny_d
         answers = [oracle_answers(method, c) for c in range(3)]
         tests = {task: [{**rec, "output": answers[0][task][i] or "-"} for i, rec in enumerate(world.tests[task][:2])]
                  for task in tasks}
-        got = evaluation.evaluate_method(method, model, tok, tests, world.clients[:3], client_tasks, trained, recipe,
-                                         dec, "cpu")
+        got = evaluation.evaluate_method(method, model, tok, tests, client_data=world.clients[:3], client_tasks=client_tasks,
+                                         trained=trained, recipe=recipe, dec=dec, device="cpu")
         for c in range(3):
             for task in tasks:
                 want = evaluation.score(answers[c][task], [r["output"] for r in tests[task]])
