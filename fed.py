@@ -140,25 +140,25 @@ class NoReplies(Exception):
     """No chosen client answered in a round: there is nothing to average."""
 
 
-def run_rounds(fed: Federation, rounds: int, train_round, fraction: float = 1.0, seed: int = 0,
+def run_rounds(federation: Federation, rounds: int, train_round, fraction: float = 1.0, seed: int = 0,
                weighting: str = "count", desc: str = "", on_round_end=None, progress: bool = False):
-    """Run rounds fed.round .. rounds-1. train_round(round, chosen, global_adapter) -> {client: (Update,
-    metrics)} reaches the chosen clients (in_process, or over a network, where some may not answer); the
+    """Run rounds federation.round .. rounds-1. train_round(round, chosen, global_adapter) -> {client:
+    (Update, metrics)} reaches the chosen clients (in_process, or over a network, where some may not answer); the
     server here only samples, sends, and averages what came back. progress: bars on stderr."""
-    bar = tqdm(range(fed.round, rounds), desc=desc, leave=False, unit="round", initial=fed.round, total=rounds,
-               disable=not progress)
+    bar = tqdm(range(federation.round, rounds), desc=desc, leave=False, unit="round", initial=federation.round,
+               total=rounds, disable=not progress)
     for r in bar:
         t0 = time.time()
-        chosen = sample_clients(fed.n_clients, fraction, seed, r)
-        sent = nbytes(fed.global_adapter) * len(chosen)
-        replies = train_round(r, chosen, fed.global_adapter)
+        chosen = sample_clients(federation.n_clients, fraction, seed, r)
+        sent = nbytes(federation.global_adapter) * len(chosen)
+        replies = train_round(r, chosen, federation.global_adapter)
         came = [c for c in chosen if c in replies]
         if not came:
             raise NoReplies(f"round {r + 1}: none of the chosen clients {chosen} replied")
         updates, metrics = [replies[c][0] for c in came], [replies[c][1] for c in came]
-        fed.global_adapter = fedavg(updates, weighting)
-        fed.round = r + 1
-        fed.history.append({
+        federation.global_adapter = fedavg(updates, weighting)
+        federation.round = r + 1
+        federation.history.append({
             "round": r, "clients": came,
             "missing": [c for c in chosen if c not in replies],  # chosen but no reply (only over a network)
             "loss": sum(cm["loss"] for cm in metrics) / len(metrics),
@@ -168,7 +168,7 @@ def run_rounds(fed: Federation, rounds: int, train_round, fraction: float = 1.0,
             "bytes_up": sum(nbytes(u.adapter) for u in updates),
             "seconds": time.time() - t0,
         })
-        bar.set_postfix(loss=f"{fed.history[-1]['loss']:.3f}")
+        bar.set_postfix(loss=f"{federation.history[-1]['loss']:.3f}")
         if on_round_end is not None:
-            on_round_end(fed)
-    return fed
+            on_round_end(federation)
+    return federation

@@ -262,7 +262,7 @@ def represent(model, ids, mask, pool):
     """r(x): the instruction's representation with only the local adapter active, (B, dim); the
     caller's mix is untouched."""
     with lora.mixed(model, {"local": 1.0}):
-        return model.represent(ids, mask, pool)
+        return model.pooled(ids, mask, pool)
 
 
 def draw_references(records, k: int, seed: int, client_id: int) -> list:

@@ -42,7 +42,8 @@ class Dropout(nn.Dropout):
     LoRA step as much as all its matmuls. Draw where the drops fall instead: in a sequence of
     independent Bernoulli(p) trials the gaps between successes are independent Geometric(p), so about
     p * numel draws give exactly the distribution of numel (20x fewer at p = 0.05). GPUs draw cheaply
-    (and the check below would wait on the device), so they use F.dropout.
+    (and the check below would wait on the device), so they use F.dropout. Optional to port: F.dropout
+    is the plain equivalent, with the same distribution (tested).
     """
     sigmas = 4.0  # gaps drawn beyond the expected count, in standard deviations of the drop count
 

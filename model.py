@@ -90,7 +90,8 @@ def apply_rope(x, cos, sin):
 
 
 class Packing(NamedTuple):
-    """Where N packed tokens sit in a padded (B, T) batch: their flat positions b * T + t, in order."""
+    """Where N packed tokens sit in a padded (B, T) batch: their flat positions b * T + t, in order.
+    Optional to port (speed only): the plain way runs every block on the padded batch and keeps h[keep]."""
     B: int
     T: int
     index: torch.Tensor  # (N,)
@@ -194,12 +195,14 @@ class LinearCrossEntropy(torch.autograd.Function):
     gradient, a zero-filled NLL gradient), a tensor too big for any cache. Here each chunk's logits
     go straight to its loss and, when a gradient is needed, to d loss / d logits = (softmax - onehot) / N
     and on to the gradients of h and weight, which backward only scales. Same FLOPs, one pass.
+    Optional to port: the plain equivalent is F.cross_entropy(F.linear(h, weight).float(), targets).
+    (`fn` is autograd's context object, named apart from the blocks' Context.)
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, rows, grad):  # h: (N, dim), weight: (vocab, dim), targets: (N,)
+    def forward(fn, h, weight, targets, rows, grad):  # h: (N, dim), weight: (vocab, dim), targets: (N,)
         N = h.shape[0]
-        need_h, need_w = grad and ctx.needs_input_grad[0], grad and ctx.needs_input_grad[1]
+        need_h, need_w = grad and fn.needs_input_grad[0], grad and fn.needs_input_grad[1]
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
@@ -214,15 +217,15 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_h[i:i + rows] = (d.to(weight.dtype) @ weight) / N     # (c, dim)
                 if need_w:
                     grad_w += d.t().to(hc.dtype) @ hc / N                      # (vocab, dim)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
+        fn.save_for_backward(grad_h, grad_w)
+        fn.weight_dtype = weight.dtype
         return loss / N
 
     @staticmethod
-    def backward(ctx, g):
-        grad_h, grad_w = ctx.saved_tensors
+    def backward(fn, g):
+        grad_h, grad_w = fn.saved_tensors
         return (None if grad_h is None else grad_h * g.to(grad_h.dtype),
-                None if grad_w is None else (grad_w * g).to(ctx.weight_dtype), None, None, None)
+                None if grad_w is None else (grad_w * g).to(fn.weight_dtype), None, None, None)
 
 
 def linear_cross_entropy(h, weight, targets, rows: int = 0):
@@ -320,7 +323,7 @@ class Llama(nn.Module):
         h = self.hidden(input_ids, attention_mask, keep=keep)  # (M, dim)
         return None, linear_cross_entropy(h, self.lm_head.weight, targets[keep])
 
-    def represent(self, input_ids, attention_mask, pool: str = "last"):
+    def pooled(self, input_ids, attention_mask, pool: str = "last"):
         """An instance's representation (FedDPA's dynamic weighting), (B, dim): the final normalised hidden
         state at the last real token ('last'), or its masked mean over real tokens ('mean')."""
         if pool == "mean":

@@ -247,7 +247,7 @@ def test_representing_training_and_answering_leave_the_callers_mix_and_mode_as_t
         reps = feddpa.represent(m, ids, mask, "last")
         assert layer_state(m) == before
         with torch.no_grad(), lora.mixed(m, {"local": 1.0}):  # represent's own mix: the local adapter alone
-            assert torch.equal(reps, m.represent(ids, mask, "last"))
+            assert torch.equal(reps, m.pooled(ids, mask, "last"))
         assert layer_state(m) == before
         dec = evaluation.Decode(max_new_tokens=3, batch_size=2)
         dynamic = feddpa.paper_weight(m, tok, world.clients[0], feddpa.Recipe(k_refs=3), 0, "cpu")

@@ -44,7 +44,7 @@ def test_represent_last_and_mean_ignore_padding():
     m = model.Llama(model.PRESETS["tiny"]).eval()
     ids, mask = left_padded(1024)
     with torch.no_grad():
-        last, mean = m.represent(ids, mask, "last"), m.represent(ids, mask, "mean")
+        last, mean = m.pooled(ids, mask, "last"), m.pooled(ids, mask, "mean")
         for i in range(len(ids)):
             alone = ids[i:i + 1, mask[i].bool()]
             h = m.hidden(alone)
