@@ -34,7 +34,10 @@ class CheckpointError(Exception):
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def read_safetensors(path: str) -> dict:
+def read_safetensors(path: str, dtype=None) -> dict:
+    """{name: tensor}; with dtype, each tensor converted as it is read. Each tensor is read from the file
+    straight into its own memory: no buffer of the whole file and no copy out of it, so a checkpoint's
+    peak memory is about its weights (in the target dtype), one tensor more at most."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -47,28 +50,31 @@ def read_safetensors(path: str) -> dict:
             header = json.loads(f.read(n))
         except (ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, an over-long number
             raise CheckpointError(f"{path}: header is not valid JSON ({str(e).splitlines()[0][:200]})") from None
-        buf = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8) if size > 8 + n else torch.empty(0, dtype=torch.uint8)
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is not a JSON object")
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
-            ok = type(shape) is list and all(type(d) is int and 0 <= d < 1 << 63 for d in [*shape, begin, end])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
-        if not ok:
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape or offsets")
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
-        nbytes = math.prod(shape) * dtype.itemsize
-        if not begin <= end <= buf.numel() or end - begin != nbytes:
-            raise CheckpointError(f"{path}: tensor {name!r} offsets [{begin}, {end}) do not fit its "
-                                  f"shape {shape} or the {buf.numel()}-byte buffer")
-        # clone: a fresh, aligned buffer per tensor (offsets need not be multiples of the item size)
-        out[name] = buf[begin:end].clone().view(dtype).reshape(shape)
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: header is not a JSON object")
+        buffer = size - 8 - n  # bytes of tensor data after the header
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                kind, shape, (begin, end) = SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
+                ok = type(shape) is list and all(type(d) is int and 0 <= d < 1 << 63 for d in [*shape, begin, end])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
+            if not ok:
+                raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape or offsets")
+            if kind is None:
+                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
+            nbytes = math.prod(shape) * kind.itemsize
+            if not begin <= end <= buffer or end - begin != nbytes:
+                raise CheckpointError(f"{path}: tensor {name!r} offsets [{begin}, {end}) do not fit its "
+                                      f"shape {shape} or the {buffer}-byte buffer")
+            t = torch.empty(shape, dtype=kind)
+            f.seek(8 + n + begin)
+            if nbytes and f.readinto(t.view(-1).view(torch.uint8).numpy()) != nbytes:
+                raise CheckpointError(f"{path}: tensor {name!r} ends early (the file is shorter than its header says)")
+            out[name] = t if dtype is None else t.to(dtype)
     return out
 
 
@@ -169,12 +175,13 @@ def unsupported(hf: dict) -> str | None:
     return None
 
 
-def read_weights(d: str) -> dict:
-    """All tensors of an HF directory, whichever of the standard weight layouts it uses."""
+def read_weights(d: str, dtype=None) -> dict:
+    """All tensors of an HF directory, whichever of the standard weight layouts it uses; with dtype, each
+    converted as it is read (never a whole second copy of the checkpoint)."""
     def path(name):
         return os.path.join(d, name)
     if os.path.isfile(path("model.safetensors")):
-        return read_safetensors(path("model.safetensors"))
+        return read_safetensors(path("model.safetensors"), dtype)
     for index, reader in (("model.safetensors.index.json", read_safetensors),
                           ("pytorch_model.bin.index.json", read_bin)):
         if os.path.isfile(path(index)):
@@ -185,18 +192,19 @@ def read_weights(d: str) -> dict:
                 raise CheckpointError(f"{path(index)}: unreadable shard index ({e})") from None
             out = {}
             for shard in shards:
-                out.update(reader(path(shard)))
+                out.update(reader(path(shard), dtype))
             return out
     if os.path.isfile(path("pytorch_model.bin")):
-        return read_bin(path("pytorch_model.bin"))
+        return read_bin(path("pytorch_model.bin"), dtype)
     raise CheckpointError(f"{d}: no model.safetensors, sharded safetensors index or pytorch_model.bin")
 
 
-def read_bin(path: str) -> dict:
+def read_bin(path: str, dtype=None) -> dict:
     try:  # weights_only: a checkpoint is data, never code to unpickle
-        return torch.load(path, map_location="cpu", weights_only=True)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot load ({first_line(e)})") from None
+    return sd if dtype is None else {k: v.to(dtype) for k, v in sd.items()}
 
 
 PEFT_PREFIX = "base_model.model."  # where peft puts the wrapped model's parameter names
@@ -239,7 +247,7 @@ def resolve(name: str) -> str:
 
 def from_pretrained(d: str, dtype=torch.float32, device="cpu") -> Llama:
     config = config_from_hf(os.path.join(d, "config.json"))
-    sd = {k: v for k, v in read_weights(d).items() if not k.endswith("rotary_emb.inv_freq")}
+    sd = {k: v for k, v in read_weights(d, dtype).items() if not k.endswith("rotary_emb.inv_freq")}
     if config.tie_embeddings:
         sd.pop("lm_head.weight", None)
     with torch.device("meta"):  # no memory for weights that are about to be replaced

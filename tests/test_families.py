@@ -97,6 +97,18 @@ def test_greedy_and_beam_search_match_transformers(tmp_path, family):
                            eos_token_id=2, pad_token_id=0)[:, ids.shape[1]:]
     got = generate(ours, ids, mask, 12, eos_id=2, pad_id=0, num_beams=4)
     assert [until_eos(r) for r in got] == [until_eos(r) for r in want]
+    # a second stop id: the first token of the first row's best beam, so that stopping at it matters
+    stops = [2, int(until_eos(got[0])[0])]
+    want = theirs.generate(ids, attention_mask=mask, max_new_tokens=12, num_beams=4, do_sample=False,
+                           eos_token_id=stops, pad_token_id=0)[:, ids.shape[1]:]
+    multi = generate(ours, ids, mask, 12, eos_id=stops, pad_id=0, num_beams=4)
+    assert stops[1] != 2 and [until_stop(r, stops) for r in multi] == [until_stop(r, stops) for r in want]
+    assert [until_stop(r, stops) for r in multi] != [until_eos(r) for r in got]
+
+
+def until_stop(row, stops):
+    row = row.tolist()
+    return row[:next((i + 1 for i, t in enumerate(row) if t in stops), len(row))]
 
 
 def with_random_adapters(d):
@@ -361,6 +373,30 @@ def test_without_tokenizers_package_tokenizer_json_is_one_line(bpe, monkeypatch)
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(SystemExit, match=r"tokenizer.json needs the 'tokenizers' package: pip install tokenizers$"):
         hf.load_tokenizer(str(d), hf.ModelConfig())
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading big checkpoints: no second copy
+
+def test_a_bfloat16_checkpoint_loads_with_memory_growing_as_its_weights():
+    """Peak memory of loading grows with the checkpoint as its weights do, not twice as fast (a whole-file
+    buffer copied out, or a float32 copy): two sizes of one-shard bfloat16 checkpoint, a fixed process
+    overhead cancelled by the difference. tools/measure_loading.py measures the bigger sizes of docs/models.md."""
+    from tools.measure_loading import measure
+    small, big = measure(16, 1), measure(96, 1)
+    assert small["dtype"] == big["dtype"] == "torch.bfloat16"
+    slope = (big["growth"] - small["growth"]) / (big["weights"] - small["weights"])
+    assert 0.8 < slope < 1.15, slope
+
+
+def test_dtype_bfloat16_keeps_the_frozen_base_in_bfloat16(tmp_path):
+    """train.py --dtype bfloat16: the base as stored, bfloat16 (no float32 copy); the adapters float32."""
+    hf_family(tmp_path, "qwen2")
+    model = train.load_model(train.Config(model=str(tmp_path), dtype="bfloat16"), str(tmp_path), torch.device("cpu"))
+    base = {k: p.dtype for k, p in model.named_parameters() if "lora_" not in k}
+    adapters = {p.dtype for k, p in model.named_parameters() if "lora_" in k}
+    assert set(base.values()) == {torch.bfloat16} and adapters == {torch.float32}
+    assert any(k.endswith("q_proj.base_layer.bias") for k in base)
 
 
 # ----------------------------------------------------------------------------------------------
