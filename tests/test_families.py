@@ -149,26 +149,26 @@ def test_lora_on_every_projection_equals_peft_forward_and_gradients(tmp_path, fa
     for name in lora.ADAPTERS:
         export.write_peft(lora.get_adapter(ours, name), str(tmp_path / name), base, SETTINGS)
         theirs = peft_model(base, {name: str(tmp_path / name)}, trainable=True)
-        lora.set_weights(ours, {name: 1.0})
-        with torch.no_grad():
-            got = ours(ids, mask)[0]
-        assert (got - hf_logits(theirs, ids, mask))[mask.bool()].abs().max() <= 1e-5, name
-        mine = {k.replace(f".{name}.", "."): p.requires_grad_() for k, p in ours.named_parameters() if f"lora_A.{name}." in k or f"lora_B.{name}." in k}
-        peft = {k.removeprefix(hf.PEFT_PREFIX).replace(f".{name}.", "."): p for k, p in theirs.named_parameters() if p.requires_grad}
-        assert mine.keys() == peft.keys() and len(mine) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
-        loss = ours(ids, mask, labels)[1]
-        ref = theirs(input_ids=ids, attention_mask=mask, position_ids=positions(mask), labels=labels).loss
-        assert torch.allclose(loss, ref, atol=1e-5)
-        for k, g, h in zip(mine, torch.autograd.grad(loss, list(mine.values())), torch.autograd.grad(ref, [peft[k] for k in mine])):
-            assert torch.allclose(g, h, atol=1e-5, rtol=1e-4), (name, k)
-        for p in mine.values():
-            p.requires_grad_(False)
+        with lora.mixed(ours, {name: 1.0}):
+            with torch.no_grad():
+                got = ours(ids, mask)[0]
+            assert (got - hf_logits(theirs, ids, mask))[mask.bool()].abs().max() <= 1e-5, name
+            with lora.training(ours, name) as params:  # dropout 0: training mode changes nothing else
+                mine = dict(zip(lora.adapter_tensors(ours, name), params))
+                peft = {k.removeprefix(hf.PEFT_PREFIX).replace(f".{name}.", "."): p for k, p in theirs.named_parameters() if p.requires_grad}
+                assert mine.keys() == peft.keys() and len(mine) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
+                loss = ours(ids, mask, labels)[1]
+                ref = theirs(input_ids=ids, attention_mask=mask, position_ids=positions(mask), labels=labels).loss
+                assert torch.allclose(loss, ref, atol=1e-5)
+                grads = zip(mine, torch.autograd.grad(loss, list(mine.values())), torch.autograd.grad(ref, [peft[k] for k in mine]))
+                for k, g, h in grads:
+                    assert torch.allclose(g, h, atol=1e-5, rtol=1e-4), (name, k)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_feddpa_mix_per_instance_equals_the_oracle(tmp_path, family):
     """FedDPA's inference: each instance its own weight lam on the global adapter and 1 - lam on the
-    local one (lora.set_weights with (B,) tensors), against peft's two adapters mixed as the official
+    local one (lora.mixed with (B,) tensors), against peft's two adapters mixed as the official
     LoRA layer does (the oracle of test_oracle.py, here per instance)."""
     from peft.tuners.lora import LoraLayer
     hf_family(tmp_path / "base", family)
@@ -192,8 +192,7 @@ def test_feddpa_mix_per_instance_equals_the_oracle(tmp_path, family):
     for m in layers:
         m.forward = mixed(m)
     ids, mask = left_padded(96)
-    lora.set_weights(ours, mix)
-    with torch.no_grad():
+    with lora.mixed(ours, mix), torch.no_grad():
         got = ours(ids, mask)[0]
     assert (got - hf_logits(theirs, ids, mask))[mask.bool()].abs().max() <= 1e-5
 
@@ -207,9 +206,8 @@ def test_a_fixed_mix_merged_loads_in_transformers_as_its_family(tmp_path, family
     hf.save_pretrained(export.merged_model(ours, mix), str(tmp_path / "merged"))
     theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
     assert type(theirs).__name__ == CLASSES[family]
-    lora.set_weights(ours, mix)
     ids, mask = left_padded(96)
-    with torch.no_grad():
+    with lora.mixed(ours, mix), torch.no_grad():
         got = ours(ids, mask)[0]
     assert (got - hf_logits(theirs, ids, mask))[mask.bool()].abs().max() <= 1e-4
     assert hf.config_from_hf(str(tmp_path / "merged" / "config.json")) == ours.config
