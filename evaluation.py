@@ -91,9 +91,9 @@ def answer(model, tok, records, dec: Decode, device, weights: dict | None = None
         else:
             batch_weights = weights or {}
         with lora.mixed(model, batch_weights):
-            gen = generate(model, ids, mask, dec.max_new_tokens, tok.eos_id, tok.pad_id, dec.num_beams)
+            gen = generate(model, ids, mask, dec.max_new_tokens, tok.stop_ids, tok.pad_id, dec.num_beams)
         for i, row in zip(idx, gen.tolist()):
-            row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
+            row = row[:next((j for j, t in enumerate(row) if t in tok.stop_ids), len(row))]
             out[i] = tok.decode(row).strip()
         if progress is not None:
             progress.update(len(idx))

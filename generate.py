@@ -34,10 +34,12 @@ class KVCache:
         self.v = [v.index_select(0, index) for v in self.v]
 
 @torch.no_grad()
-def generate(model: Llama, input_ids, attention_mask, max_new_tokens: int, eos_id: int, pad_id: int,
+def generate(model: Llama, input_ids, attention_mask, max_new_tokens: int, eos_id, pad_id: int,
              num_beams: int = 1):
     """New tokens, (B, L) with L <= max_new_tokens: each row ends at its EOS (kept), then pad_id.
+    eos_id: an id, or a list of ids any of which ends a row (tokenizer.stop_ids; Llama 3 has several).
     Greedy for num_beams=1, else beam search with the semantics of HF `generate(num_beams=k)`."""
+    eos_id = torch.tensor(eos_id, device=input_ids.device).view(-1)          # (n_eos,)
     if num_beams > 1:
         return beam_search(model, input_ids, attention_mask, max_new_tokens, eos_id, pad_id, num_beams)
     B, T = input_ids.shape
@@ -49,7 +51,7 @@ def generate(model: Llama, input_ids, attention_mask, max_new_tokens: int, eos_i
     for step in range(max_new_tokens):
         nxt = logits.argmax(-1).masked_fill(done, pad_id)                     # (B,)
         out.append(nxt)
-        done |= nxt == eos_id
+        done |= torch.isin(nxt, eos_id)
         if done.all() or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -57,13 +59,14 @@ def generate(model: Llama, input_ids, attention_mask, max_new_tokens: int, eos_i
     return torch.stack(out, dim=1)
 
 @torch.no_grad()
-def beam_search(model: Llama, input_ids, attention_mask, max_new_tokens, eos_id, pad_id, k):
+def beam_search(model: Llama, input_ids, attention_mask, max_new_tokens, eos_id, pad_id, k):  # eos_id: (n_eos,)
     """Beam search as HF transformers does it (length_penalty 1, early_stopping False): each step
     keeps the 2k best continuations of the k live beams; those ending in EOS become finished
     hypotheses scored by sum log-prob / generated length; the k best others live on. A batch
     element stops once no live beam can beat its k-th finished hypothesis."""
     B, T = input_ids.shape
     dev = input_ids.device
+    eos = set(eos_id.tolist())
     ids = input_ids.repeat_interleave(k, dim=0)                              # (B*k, T)
     mask = attention_mask.long().repeat_interleave(k, dim=0)
     cache = KVCache(model.config, B * k, T + max_new_tokens, model.lm_head.weight.dtype, dev)
@@ -87,7 +90,7 @@ def beam_search(model: Llama, input_ids, attention_mask, max_new_tokens, eos_id,
             n = 0
             for j in range(2 * k):
                 prev = seqs[b, beam[b, j]]
-                if tok[b, j] == eos_id:
+                if tok[b, j].item() in eos:
                     # only candidates ranked among the k best may finish (as HF does)
                     if j < k:
                         finished[b].append((top[b, j].item() / (step + 1),

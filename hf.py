@@ -34,7 +34,10 @@ class CheckpointError(Exception):
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def read_safetensors(path: str) -> dict:
+def read_safetensors(path: str, dtype=None) -> dict:
+    """{name: tensor}; with dtype, each tensor converted as it is read. Each tensor is read from the file
+    straight into its own memory: no buffer of the whole file and no copy out of it, so a checkpoint's
+    peak memory is about its weights (in the target dtype), one tensor more at most."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -47,28 +50,31 @@ def read_safetensors(path: str) -> dict:
             header = json.loads(f.read(n))
         except (ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, an over-long number
             raise CheckpointError(f"{path}: header is not valid JSON ({str(e).splitlines()[0][:200]})") from None
-        buf = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8) if size > 8 + n else torch.empty(0, dtype=torch.uint8)
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is not a JSON object")
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
-            ok = type(shape) is list and all(type(d) is int and 0 <= d < 1 << 63 for d in [*shape, begin, end])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
-        if not ok:
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape or offsets")
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
-        nbytes = math.prod(shape) * dtype.itemsize
-        if not begin <= end <= buf.numel() or end - begin != nbytes:
-            raise CheckpointError(f"{path}: tensor {name!r} offsets [{begin}, {end}) do not fit its "
-                                  f"shape {shape} or the {buf.numel()}-byte buffer")
-        # clone: a fresh, aligned buffer per tensor (offsets need not be multiples of the item size)
-        out[name] = buf[begin:end].clone().view(dtype).reshape(shape)
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: header is not a JSON object")
+        buffer = size - 8 - n  # bytes of tensor data after the header
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                kind, shape, (begin, end) = SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
+                ok = type(shape) is list and all(type(d) is int and 0 <= d < 1 << 63 for d in [*shape, begin, end])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
+            if not ok:
+                raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape or offsets")
+            if kind is None:
+                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
+            nbytes = math.prod(shape) * kind.itemsize
+            if not begin <= end <= buffer or end - begin != nbytes:
+                raise CheckpointError(f"{path}: tensor {name!r} offsets [{begin}, {end}) do not fit its "
+                                      f"shape {shape} or the {buffer}-byte buffer")
+            t = torch.empty(shape, dtype=kind)
+            f.seek(8 + n + begin)
+            if nbytes and f.readinto(t.view(-1).view(torch.uint8).numpy()) != nbytes:
+                raise CheckpointError(f"{path}: tensor {name!r} ends early (the file is shorter than its header says)")
+            out[name] = t if dtype is None else t.to(dtype)
     return out
 
 
@@ -111,41 +117,71 @@ HF_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "nu
            "tie_embeddings": "tie_word_embeddings", "bos_id": "bos_token_id", "eos_id": "eos_token_id"}
 
 
+# The Llama families: model_type -> what the family fixes that its config.json does not say, and its class
+FAMILIES = {"llama": ({}, "LlamaForCausalLM"), "mistral": ({}, "MistralForCausalLM"),
+            "qwen2": ({"qkv_bias": True}, "Qwen2ForCausalLM"), "qwen3": ({"qk_norm": True}, "Qwen3ForCausalLM")}
+ROPE_SCALING = {"linear": ("factor",),  # rope_type -> the parameters it needs (model.scale_rope)
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
 def config_from_hf(path: str) -> ModelConfig:
     try:
         with open(path) as f:
             hf = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read config ({e})") from None
-    if hf.get("model_type") != "llama":
-        raise CheckpointError(f"{path}: model_type {hf.get('model_type')!r} is not 'llama'")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise CheckpointError(f"{path}: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise CheckpointError(f"{path}: attention or MLP biases are not supported")
+    family = hf.get("model_type")
+    if family not in FAMILIES:
+        raise CheckpointError(f"{path}: model_type {family!r} is not supported (supported: {', '.join(FAMILIES)})")
+    problem = unsupported(hf)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     kw = {ours: hf[theirs] for ours, theirs in HF_KEYS.items() if hf.get(theirs) is not None}
     kw.setdefault("n_kv_heads", kw.get("n_heads"))
-    kw.setdefault("tie_embeddings", False)  # HF's LlamaConfig default
+    kw.setdefault("tie_embeddings", False)  # the default of HF's config classes for these families
     for key in ("bos_id", "eos_id"):  # some checkpoints list several EOS ids; the first is the main one
         if isinstance(kw.get(key), list):
             kw[key] = kw[key][0]
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
     kw["rope_theta"] = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if kind != "default":
+        kw["rope_scaling"] = {"rope_type": kind, **{k: rope[k] for k in ROPE_SCALING[kind]}}
+    kw.update(FAMILIES[family][0], family=family, head_dim=hf.get("head_dim") or 0,
+              sliding_window=hf.get("sliding_window") if family == "mistral" else None)
     try:
-        config = ModelConfig(**kw)
+        return ModelConfig(**kw)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
-    if hf.get("head_dim", config.head_dim) != config.head_dim:
-        raise CheckpointError(f"{path}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
-    return config
 
 
-def read_weights(d: str) -> dict:
-    """All tensors of an HF directory, whichever of the standard weight layouts it uses."""
+def unsupported(hf: dict) -> str | None:
+    """What of an HF config (a supported model_type) this model cannot do, as a phrase; None if nothing."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default" and kind not in ROPE_SCALING:
+        return f"rope scaling {kind!r} is not supported (supported: default, {', '.join(ROPE_SCALING)})"
+    missing = [k for k in ROPE_SCALING.get(kind, ()) if k not in rope]
+    if missing:
+        return f"rope scaling {kind!r} lacks {missing[0]!r}"
+    if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        return "partial rotary embeddings (partial_rotary_factor) are not supported"
+    if hf.get("attention_bias") or hf.get("mlp_bias"):  # Qwen2's q/k/v biases are its own, not this flag
+        return "attention or MLP biases are not supported"
+    if hf.get("hidden_act", "silu") != "silu":
+        return f"hidden_act {hf['hidden_act']!r} is not supported (only silu)"
+    if hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or []):
+        return "sliding-window attention layers (use_sliding_window) are not supported"
+    return None
+
+
+def read_weights(d: str, dtype=None) -> dict:
+    """All tensors of an HF directory, whichever of the standard weight layouts it uses; with dtype, each
+    converted as it is read (never a whole second copy of the checkpoint)."""
     def path(name):
         return os.path.join(d, name)
     if os.path.isfile(path("model.safetensors")):
-        return read_safetensors(path("model.safetensors"))
+        return read_safetensors(path("model.safetensors"), dtype)
     for index, reader in (("model.safetensors.index.json", read_safetensors),
                           ("pytorch_model.bin.index.json", read_bin)):
         if os.path.isfile(path(index)):
@@ -156,18 +192,19 @@ def read_weights(d: str) -> dict:
                 raise CheckpointError(f"{path(index)}: unreadable shard index ({e})") from None
             out = {}
             for shard in shards:
-                out.update(reader(path(shard)))
+                out.update(reader(path(shard), dtype))
             return out
     if os.path.isfile(path("pytorch_model.bin")):
-        return read_bin(path("pytorch_model.bin"))
+        return read_bin(path("pytorch_model.bin"), dtype)
     raise CheckpointError(f"{d}: no model.safetensors, sharded safetensors index or pytorch_model.bin")
 
 
-def read_bin(path: str) -> dict:
+def read_bin(path: str, dtype=None) -> dict:
     try:  # weights_only: a checkpoint is data, never code to unpickle
-        return torch.load(path, map_location="cpu", weights_only=True)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot load ({first_line(e)})") from None
+    return sd if dtype is None else {k: v.to(dtype) for k, v in sd.items()}
 
 
 PEFT_PREFIX = "base_model.model."  # where peft puts the wrapped model's parameter names
@@ -210,7 +247,7 @@ def resolve(name: str) -> str:
 
 def from_pretrained(d: str, dtype=torch.float32, device="cpu") -> Llama:
     config = config_from_hf(os.path.join(d, "config.json"))
-    sd = {k: v for k, v in read_weights(d).items() if not k.endswith("rotary_emb.inv_freq")}
+    sd = {k: v for k, v in read_weights(d, dtype).items() if not k.endswith("rotary_emb.inv_freq")}
     if config.tie_embeddings:
         sd.pop("lm_head.weight", None)
     with torch.device("meta"):  # no memory for weights that are about to be replaced
@@ -227,13 +264,17 @@ def from_pretrained(d: str, dtype=torch.float32, device="cpu") -> Llama:
 
 
 def save_pretrained(model: Llama, d: str):
-    """Write config.json and model.safetensors as HF's LlamaForCausalLM would."""
+    """Write config.json and model.safetensors as HF's <family>ForCausalLM would."""
     config = model.config
     os.makedirs(d, exist_ok=True)
     hf = {theirs: getattr(config, ours) for ours, theirs in HF_KEYS.items()}
-    hf.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", rope_theta=config.rope_theta,
-              head_dim=config.head_dim, attention_bias=False, mlp_bias=False,
+    hf.update(architectures=[FAMILIES[config.family][1]], model_type=config.family, hidden_act="silu",
+              rope_theta=config.rope_theta, head_dim=config.head_dim, attention_bias=False, mlp_bias=False,
               torch_dtype=str(model.lm_head.weight.dtype).removeprefix("torch."))
+    if config.rope_scaling:  # the legacy key, which transformers 4 and 5 both read
+        hf["rope_scaling"] = config.rope_scaling
+    if config.family == "mistral":
+        hf["sliding_window"] = config.sliding_window
     sd = {k: v for k, v in model.state_dict().items() if not (config.tie_embeddings and k == "lm_head.weight")}
     write_safetensors(sd, os.path.join(d, "model.safetensors"))
     atomic_write(os.path.join(d, "config.json"), [json.dumps(hf, indent=2).encode()])
@@ -241,13 +282,15 @@ def save_pretrained(model: Llama, d: str):
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizers behind one interface: encode(text) -> ids (no special tokens), decode(ids) -> text,
-# bos_id, eos_id, pad_id, add_bos (whether a sequence starts with BOS, as the model was trained).
+# bos_id, eos_id (what a training example ends with), stop_ids (every id that ends generation, eos_id
+# first), pad_id, add_bos (whether a sequence starts with BOS, as the model was trained).
 
 class SentencePieceTokenizer:
     def __init__(self, path: str):
         import sentencepiece as spm
         self.sp = spm.SentencePieceProcessor(model_file=path)
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.stop_ids = [self.eos_id]
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
         self.add_bos = True
         self.vocab_size = self.sp.get_piece_size()
@@ -260,7 +303,7 @@ class SentencePieceTokenizer:
 
 
 class HFTokenizer:
-    """tokenizer.json through the optional `tokenizers` package."""
+    """tokenizer.json (byte-level BPE: Llama 3, Qwen, SmolLM2) through the optional `tokenizers` package."""
 
     def __init__(self, d: str, config: ModelConfig):
         try:
@@ -270,21 +313,44 @@ class HFTokenizer:
         self.tok = Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
         extra = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
-            if os.path.isfile(os.path.join(d, name)):
-                with open(os.path.join(d, name)) as f:
-                    extra = {**json.load(f), **extra}
-        pad = extra.get("pad_token")
-        pad = pad.get("content") if isinstance(pad, dict) else pad
+            extra = {**read_json(d, name), **extra}
+        pad = self.token_id(extra.get("pad_token"))
         self.bos_id, self.eos_id = config.bos_id, config.eos_id
-        self.pad_id = self.tok.token_to_id(pad) if pad and self.tok.token_to_id(pad) is not None else self.eos_id
-        self.add_bos = bool(extra.get("add_bos_token", False))
+        self.pad_id = self.eos_id if pad is None else pad
+        # BOS as the model was trained: the flag where the folder has one, else what the tokenizer's own
+        # post-processor adds (Llama 3's prepends <|begin_of_text|>; Qwen's and SmolLM2's add nothing)
+        flag = extra.get("add_bos_token")
+        self.add_bos = bool(flag) if flag is not None else self.tok.encode("a").ids[:1] == [self.bos_id]
+        # what ends generation, as transformers' generate: config's and generation_config's EOS ids
+        # (Llama 3 lists several), and the tokenizer's EOS token (a chat model's end of turn)
+        ids = [self.eos_id, *as_list(read_json(d, "config.json").get("eos_token_id")),
+               *as_list(read_json(d, "generation_config.json").get("eos_token_id")), self.token_id(extra.get("eos_token"))]
+        self.stop_ids = list(dict.fromkeys(i for i in ids if i is not None))
         self.vocab_size = self.tok.get_vocab_size()
+
+    def token_id(self, token) -> int | None:
+        """A special token of tokenizer_config.json (a string, or {"content": ...}) as its id; None if absent."""
+        token = token.get("content") if isinstance(token, dict) else token
+        return self.tok.token_to_id(token) if isinstance(token, str) else None
 
     def encode(self, text: str) -> list:
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def read_json(d: str, name: str) -> dict:
+    """d/name as a dict, {} if there is no such file."""
+    path = os.path.join(d, name)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def as_list(x) -> list:
+    return x if isinstance(x, list) else [] if x is None else [x]
 
 
 def load_tokenizer(d: str, config: ModelConfig):

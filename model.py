@@ -10,6 +10,7 @@ each block taking (x, ctx) where ctx carries what attention needs (rotary tables
 for training batches where the real tokens sit); the chunked cross-entropy; the model with its
 training loss, its hidden states and FedDPA's instance representation.
 """
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -35,15 +36,25 @@ class ModelConfig:
     tie_embeddings: bool = True
     bos_id: int = 1
     eos_id: int = 2
+    # What sets the Llama families apart (Llama 2 / SmolLM2 leave them all at their defaults):
+    head_dim: int = 0             # per-head width; 0: dim // n_heads (Qwen3 gives its own)
+    qkv_bias: bool = False        # biases on q, k, v (Qwen2, Qwen2.5)
+    qk_norm: bool = False         # per-head RMSNorm of queries and keys before RoPE (Qwen3)
+    rope_scaling: dict | None = None   # {"rope_type": "llama3" or "linear", "factor": ..., ...} (Llama 3.x)
+    sliding_window: int | None = None  # Mistral: attention span; longer sequences are refused
+    family: str = "llama"         # the Hugging Face model_type, written back on save
 
     def __post_init__(self):
-        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+        if not self.head_dim and self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"dim {self.dim}, n_heads {self.n_heads}, n_kv_heads {self.n_kv_heads}: "
                              "dim must divide by n_heads and n_heads by n_kv_heads")
+        self.head_dim = self.head_dim or self.dim // self.n_heads
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def context(self) -> int:
+        """The longest sequence read exactly: max_seq_len, or a shorter sliding window (whose mask is not
+        implemented here, so longer sequences are refused rather than read as full attention)."""
+        return min(self.max_seq_len, self.sliding_window or self.max_seq_len)
 
 
 IGNORE_INDEX = -100  # a label the loss skips (F.cross_entropy's default ignore_index)
@@ -75,12 +86,29 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float):
+def rope_tables(head_dim: int, max_len: int, theta: float, scaling: dict | None = None):
     """cos/sin tables, (max_len, head_dim), in the HF 'rotate half' layout (not interleaved pairs)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))  # (hd/2,)
+    if scaling:
+        inv_freq = scale_rope(inv_freq, scaling)
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
+
+
+def scale_rope(inv_freq, scaling: dict):
+    """Rotary frequencies stretched for a longer context, as transformers' rope init functions do.
+    linear: every frequency / factor. llama3 (Llama 3.1+): wavelengths above the original context / low
+    factor are divided by factor, those below it / high factor kept, and those between interpolated."""
+    kind, factor = scaling["rope_type"], scaling["factor"]
+    if kind == "linear":
+        return inv_freq / factor
+    low, high, context = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)                     # 0 at the long end, 1 at the short
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
 
 
 def apply_rope(x, cos, sin):
@@ -121,10 +149,12 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.n_heads, self.n_kv, self.hd = layer, config.n_heads, config.n_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.dim, config.n_heads * self.hd, bias=False)
-        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * self.hd, bias=False)
-        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * self.hd, bias=False)
+        self.q_proj = nn.Linear(config.dim, config.n_heads * self.hd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * self.hd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * self.hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_heads * self.hd, config.dim, bias=False)
+        if config.qk_norm:  # Qwen3: one RMSNorm over each head's hd features, shared by all heads
+            self.q_norm, self.k_norm = RMSNorm(self.hd, config.norm_eps), RMSNorm(self.hd, config.norm_eps)
 
     def forward(self, x, ctx: Context):
         """x: (B, T, dim); or packed, (N, dim): the real tokens of a (B, T) batch (ctx.packing). Only
@@ -141,6 +171,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)                # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)                   # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if hasattr(self, "q_norm"):                                            # per head, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer, k, v)                          # (B, nkv, S, hd)
@@ -251,7 +283,8 @@ class Llama(nn.Module):
 
     def init_rope(self, device=None):
         # non-persistent: derived from the config, never part of a checkpoint
-        cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+        c = self.config
+        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, c.rope_scaling)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
@@ -280,6 +313,9 @@ class Llama(nn.Module):
             attention_mask = torch.ones(B, start + T, dtype=torch.long, device=input_ids.device)
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        if start + T > self.config.context:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the sliding window of {self.config.sliding_window} "
+                             "tokens (sliding-window attention is not supported)")
         if keep is not None and cache is not None:
             raise ValueError("keep selects positions of whole sequences, not of decoding with a cache")
         valid = attention_mask.bool()                                             # (B, S)

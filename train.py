@@ -240,7 +240,7 @@ def run(cfg: Config, args):
     t0 = time.time()
     model_dir, tok = base_and_tokenizer(cfg, device, not args.quiet)
     encoded = data.encode_clients(fd.clients, tok, cfg.cutoff, cfg.max_dropped)
-    data.check_lengths(cfg.model, tok, hf.config_from_hf(os.path.join(model_dir, "config.json")).max_seq_len, fd.tests,
+    data.check_lengths(cfg.model, tok, hf.config_from_hf(os.path.join(model_dir, "config.json")).context, fd.tests,
                        encoded, cfg.cutoff, cfg.max_new_tokens)
     model = load_model(cfg, model_dir, device)
     pretrain_seconds = time.time() - t0

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         lora.load_adapter(model, "local", hf.read_safetensors(os.path.join(d, f"client{args.client}_local.safetensors")))
         w = config["local_weight"] if args.local_weight is None else args.local_weight
         hf.save_pretrained(merged_model(model, {"local": w, "global": 1 - w}), args.dest)
-        for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
             if os.path.isfile(os.path.join(base, name)):
                 shutil.copy(os.path.join(base, name), os.path.join(args.dest, name))
         print(f"{args.dest}: client {args.client}'s {args.merge} model, local adapter at {w}, global at {1 - w}, merged")
