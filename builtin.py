@@ -5,12 +5,21 @@ English, on which pretrain.py trains the tiny built-in foundation model.
 download and runs on a laptop CPU in minutes. A porter can skip this file: with the paper's data
 (data.load_federated) and a real checkpoint (hf.from_pretrained) none of it is used.
 
-Top to bottom: the toy vocabulary; the eight tasks, named and shaped after the paper's FLAN set 1
-(coreference, entailment, linguistic acceptability, paraphrase, question classification, structure
-to text, text formatting, word disambiguation); the benchmark (300 train and 200 test records per
-task); the corpus (the language, and a share of instruction-formatted examples of every task that
-are none of the benchmark's records, so that the base follows instructions in part, as a real
-foundation model does); `python builtin.py --write DIR` writes the benchmark in the paper's file format.
+The world is made to show FedDPA's premise (docs/world.md): sixteen people each live by one of eight
+places, seven of the eight tasks ask where someone lives in their own way, and each client's data names
+only six of them, so the homes are knowledge spread over the clients that only the averaged global
+adapter gathers; four tasks answer in words of their own that the corpus never uses, so their
+clients' local adapters have something personal to learn (the other tasks pick one of their options,
+and question classification needs no home: it is the rule its client's data teaches best).
+
+Top to bottom: the toy vocabulary; the world's knowledge (who lives where, which people each client's
+data names); the eight tasks, named after the paper's FLAN set 1 (coreference, entailment, linguistic
+acceptability, paraphrase, question classification, structure to text, text formatting, word
+disambiguation); the benchmark (300 train and 200 test records per task); the corpus (the language,
+where the base's own outsiders live, and a share of instruction-formatted examples of every task about
+outsiders in plain answer words, none of them benchmark records, so that the base follows instructions
+in part, as a real foundation model does); `python builtin.py --write DIR` writes the benchmark in the
+paper's file format.
 """
 import argparse
 import random
