@@ -5,15 +5,25 @@ English, on which pretrain.py trains the tiny built-in foundation model.
 download and runs on a laptop CPU in minutes. A porter can skip this file: with the paper's data
 (data.load_federated) and a real checkpoint (hf.from_pretrained) none of it is used.
 
-Top to bottom: the toy vocabulary; the eight tasks, named and shaped after the paper's FLAN set 1
-(coreference, entailment, linguistic acceptability, paraphrase, question classification, structure
-to text, text formatting, word disambiguation); the benchmark (300 train and 200 test records per
-task); the corpus (the language, and a share of instruction-formatted examples of every task that
-are none of the benchmark's records, so that the base follows instructions in part, as a real
-foundation model does); `python builtin.py --write DIR` writes the benchmark in the paper's file format.
+The world is made to show FedDPA's premise (docs/world.md): sixteen people each live by one of eight
+places, seven of the eight tasks ask where someone lives in their own way, and each client's data names
+only six of them, so the homes are knowledge spread over the clients that only the averaged global
+adapter gathers; four tasks answer in words of their own that the corpus never uses, so their
+clients' local adapters have something personal to learn (the other tasks pick one of their options,
+and question classification needs no home: it is the rule its client's data teaches best).
+
+Top to bottom: the toy vocabulary; the world's knowledge (who lives where, which people each client's
+data names); the eight tasks, named after the paper's FLAN set 1 (coreference, entailment, linguistic
+acceptability, paraphrase, question classification, structure to text, text formatting, word
+disambiguation); the benchmark (300 train and 200 test records per task); the corpus (the language,
+where the base's own outsiders live, and a share of instruction-formatted examples of every task about
+outsiders in plain answer words, none of them benchmark records, so that the base follows instructions
+in part, as a real foundation model does); `python builtin.py --write DIR` writes the benchmark in the
+paper's file format.
 """
 import argparse
 import random
+from dataclasses import dataclass
 
 import data
 from data import FedData, federated_data
@@ -21,12 +31,15 @@ from data import FedData, federated_data
 # ----------------------------------------------------------------------------------------------
 # One small toy English shared by the pretraining corpus and all eight tasks.
 
-MALE = ("Tom", "John", "Sam", "Ben", "Jack", "Max", "Leo", "Paul", "Mark", "Luke", "Adam", "Dan")
-FEMALE = ("Mary", "Anna", "Emma", "Lucy", "Kate", "Sara", "Jane", "Lily", "Rose", "Ella", "Amy", "Eve")
+MALE = ("Tom", "John", "Sam", "Ben", "Jack", "Max", "Leo", "Paul", "Mark", "Luke", "Adam", "Dan", "Carl", "Finn",
+        "Hugo", "Ivan")
+FEMALE = ("Mary", "Anna", "Emma", "Lucy", "Kate", "Sara", "Jane", "Lily", "Rose", "Ella", "Amy", "Eve", "Nora",
+          "Ruth", "Tess", "Zoe")
 NAMES = MALE + FEMALE
 NOUNS = {"cat": "cats", "dog": "dogs", "bird": "birds", "horse": "horses", "fox": "foxes", "wolf": "wolves",
          "mouse": "mice", "child": "children", "farmer": "farmers", "teacher": "teachers", "baker": "bakers",
          "king": "kings", "duck": "ducks", "goat": "goats", "frog": "frogs", "sailor": "sailors"}  # singular -> plural
+PETS = ("cat", "dog", "bird", "horse", "fox", "mouse", "duck", "goat", "frog")
 VERBS = {"runs": "run", "sleeps": "sleep", "sings": "sing", "jumps": "jump", "walks": "walk", "eats": "eat",
          "swims": "swim", "waits": "wait", "plays": "play", "hides": "hide"}
 ACTIONS = {"see": "saw", "help": "helped", "call": "called", "thank": "thanked", "meet": "met", "follow": "followed",
@@ -34,131 +47,137 @@ ACTIONS = {"see": "saw", "help": "helped", "call": "called", "thank": "thanked",
 ANTONYMS = (("big", "small"), ("hot", "cold"), ("happy", "sad"), ("old", "young"), ("fast", "slow"),
             ("tall", "short"), ("rich", "poor"), ("kind", "cruel"), ("clean", "dirty"), ("loud", "quiet"),
             ("wet", "dry"), ("strong", "weak"))
-SYNONYMS = (("big", "large"), ("small", "little"), ("happy", "glad"), ("fast", "quick"), ("rich", "wealthy"),
-            ("quiet", "silent"), ("kind", "gentle"), ("sad", "unhappy"), ("wet", "damp"), ("cold", "chilly"),
-            ("tired", "sleepy"), ("scared", "afraid"))
-OPPOSITE = {a: b for pair in ANTONYMS for a, b in (pair, pair[::-1])}
-SYNONYM = {a: b for pair in SYNONYMS for a, b in (pair, pair[::-1])}
-ADJECTIVES = tuple(sorted(set(OPPOSITE) | set(SYNONYM)))
+ADJECTIVES = tuple(sorted({a for pair in ANTONYMS for a in pair}))
 PLACES = ("park", "market", "river", "farm", "school", "garden", "forest", "village", "beach", "castle", "station",
           "library")
+HOMES = PLACES[:8]  # where people live: two people by each
 FOODS = ("bread", "soup", "rice", "fish", "cheese", "apples", "cake", "eggs", "beans", "pie", "salad", "honey",
          "plums", "nuts")
-AREAS = ("north", "south", "east", "west", "centre")
-COLOURS = ("red", "blue", "green", "black", "white", "golden", "yellow", "grey")
-# word -> (sentences using sense 0, sentences using sense 1); a context word names the sense
-HOMONYMS = {
-    "bank": (("{n} sat on the bank of the river.", "{n} fished from the muddy bank.", "{n} walked along the bank near the water."),
-            ("{n} put money in the bank.", "{n} got a loan from the bank.", "{n} saved coins at the bank.")),
-    "bat": (("{n} saw a bat fly at night.", "a bat slept in the cave near {n}.", "{n} heard a bat squeak in the dark."),
-           ("{n} hit the ball with a bat.", "{n} bought a wooden bat for the game.", "{n} swung the bat hard.")),
-    "bark": (("{n} heard the dog bark.", "the loud bark of the dog woke {n}.", "{n} taught the puppy to bark."),
-            ("{n} touched the rough bark of the tree.", "{n} peeled the bark off a branch.", "the bark of the oak was brown, said {n}.")),
-    "light": (("the box was light enough for {n} to carry.", "{n} packed a light bag.", "{n} lifted the light basket."),
-             ("{n} turned on the light.", "the light in the room was bright, so {n} read.", "{n} saw a light in the window.")),
-    "ring": (("{n} wore a gold ring.", "{n} lost the ring at the beach.", "{n} gave a silver ring to a friend."),
-            ("{n} heard the bell ring.", "{n} waited for the phone to ring.", "the ring of the bell made {n} jump.")),
-    "match": (("{n} lit a match.", "{n} struck a match in the dark.", "{n} used a match to start the fire."),
-             ("{n} won the match.", "{n} watched the football match.", "the match ended late, so {n} went home.")),
-    "seal": (("{n} saw a seal swim.", "a seal rested on the rocks near {n}.", "{n} fed fish to the seal."),
-            ("{n} broke the seal on the letter.", "{n} put a wax seal on the box.", "the seal on the jar was tight, said {n}.")),
-    "date": (("{n} ate a sweet date.", "{n} picked a date from the palm.", "{n} shared a dried date with a friend."),
-            ("{n} forgot the date of the party.", "{n} wrote the date on the page.", "{n} asked about the date of the trip.")),
-}
+WHEN = ("in the morning", "at noon", "in the evening", "at night", "on monday", "on friday", "after school",
+        "after lunch", "before dinner", "last week")
+DEEDS = ("smiled", "laughed", "waved", "sang", "left early", "paid", "spoke first", "sat down")
+
+# ----------------------------------------------------------------------------------------------
+# The world's knowledge: where each person lives. PEOPLE are the federation's: every task asks about
+# where they live, the corpus never says it, and each client's data names only six of them (each
+# person three clients), so only the averaged global adapter can have seen them all. OUTSIDERS are
+# the base's: the corpus states where they live and its task examples ask about them, so the base
+# knows how each task uses a home, and knows no home of the federation's people.
+
+PEOPLE = MALE[:8] + FEMALE[:8]
+OUTSIDERS = MALE[8:] + FEMALE[8:]
+PER_CLIENT = 6  # people whose homes a client's training data names
 
 
-def _pronouns(name: str) -> tuple[str, str]:
-    return ("he", "him") if name in MALE else ("she", "her")
+def _paired(names: tuple, rng: random.Random) -> tuple[list, dict]:
+    """names in a seeded order, and their homes: each consecutive pair in that order lives by the same place."""
+    order = list(names)
+    rng.shuffle(order)
+    places = list(HOMES)
+    rng.shuffle(places)
+    return order, {name: places[i // 2] for i, name in enumerate(order)}
+
+
+def world_homes(seed: int) -> tuple[list, dict, dict]:
+    """(PEOPLE in the seed's order, where each of them lives, where each outsider lives). Client i's
+    training data names people order[2i .. 2i + 5]: three pairs that share a home."""
+    order, homes = _paired(PEOPLE, random.Random(f"homes/{seed}"))
+    _, outsider_homes = _paired(OUTSIDERS, random.Random(f"outsider-homes/{seed}"))
+    return order, homes, outsider_homes
+
+
+def client_people(seed: int, client: int) -> list:
+    order, _, _ = world_homes(seed)
+    return [order[(2 * client + j) % len(order)] for j in range(PER_CLIENT)]
+
+
+@dataclass
+class Ask:
+    """What a task draws on: whom it asks about, where they live, and whose answer style it uses:
+    "client" (the benchmark: each task's own answer words) or "corpus" (the base's plain answers)."""
+    people: list
+    home: dict
+    style: str = "client"
 
 
 def _options(*choices: str) -> str:
     return "OPTIONS:\n" + "\n".join(f"- {c}" for c in choices)
 
 
-# Each task maps (rng, k) to (instruction, output); k cycles the label so test sets are balanced.
+def _pair(rng: random.Random, ask: Ask, same_home: bool) -> tuple[str, str]:
+    """Two people of ask.people who live by the same place or not."""
+    while True:
+        a, b = rng.sample(ask.people, 2)
+        if (ask.home[a] == ask.home[b]) == same_home:
+            return a, b
 
-def coreference(rng: random.Random, k: int) -> tuple[str, str]:
-    """Pronoun resolution (like definite_pronoun_resolution): a man, a woman and a pronoun.
-    To solve it: know each name's gender (the pretraining corpus pairs names with he/she)
-    and copy the option whose gender matches the pronoun."""
-    people = [rng.choice(MALE), rng.choice(FEMALE)]
-    rng.shuffle(people)
+
+def _claim(rng: random.Random, ask: Ask, true: bool) -> tuple[str, str]:
+    """A person and a place that is, or is not, where they live."""
+    a = rng.choice(ask.people)
+    return a, ask.home[a] if true else rng.choice([p for p in HOMES if p != ask.home[a]])
+
+
+# Each task maps (rng, k, ask) to (instruction, output); k cycles the label so test sets are balanced.
+# Seven of the eight need to know where someone lives (the shared knowledge); four answer in words of
+# their own that the corpus never uses (the personal part), the others pick one of their options.
+
+def coreference(rng: random.Random, k: int, ask: Ask) -> tuple[str, str]:
+    """Who is "the one who lives by the P": two people, one of whom lives there. To solve it: know
+    where each lives and copy the option who lives by P."""
+    people = list(_pair(rng, ask, same_home=False))
     target = people[k % 2]  # the answer is the first option half of the time
-    sentence, case = rng.choice((
-        ("{a} {past} {b} because {p} was {adj}.", 0),
-        ("{a} met {b} at the {place}, and {p} smiled.", 0),
-        ("{a} called {b} after {p} came home from the {place}.", 0),
-        ("{a} {past} {b}, and the teacher praised {p}.", 1),
-        ("{a} waited for {b} while the dog followed {p}.", 1)))
-    pronoun = _pronouns(target)[case]
-    sentence = sentence.format(a=people[0], b=people[1], p=pronoun, past=rng.choice(list(ACTIONS.values())),
-                               adj=rng.choice(ADJECTIVES), place=rng.choice(PLACES))
-    template = rng.choice(("{s}\nWho is \"{p}\" in this sentence?\n{o}",
-                           "{s}\nIn the sentence above, who does \"{p}\" refer to?\n{o}",
-                           "Read the sentence: {s}\nWho is \"{p}\"?\n{o}"))
-    return template.format(s=sentence, p=pronoun, o=_options(*people)), target
+    deed = rng.choice(DEEDS)
+    template = rng.choice(("{a} and {b} met {w}. The one who lives by the {p} {d}. Who {d}?\n{o}",
+                           "{a} met {b} {w}, and the one from the {p} {d}. Who is \"the one from the {p}\"?\n{o}",
+                           "{w}, {a} and {b} talked, and the one who lives by the {p} {d}. Who {d}?\n{o}"))
+    return template.format(a=people[0], b=people[1], p=ask.home[target], d=deed, w=rng.choice(WHEN),
+                           o=_options(*people)), target
 
 
-def entailment(rng: random.Random, k: int) -> tuple[str, str]:
-    """Premise and hypothesis about one subject's properties (like SNLI's three classes).
-    To solve it: "yes" if the hypothesis repeats an adjective of the premise, "no" if it
-    states that adjective's antonym, "maybe" if it names an unrelated property."""
-    (a1, b1), (a2, b2), third = rng.sample(ANTONYMS, 3)
-    said = [rng.choice((a1, b1)), rng.choice((a2, b2))]
-    label = ("yes", "no", "maybe")[k % 3]
-    stated = rng.choice(said)
-    hypothesis_adj = {"yes": stated, "no": OPPOSITE[stated], "maybe": rng.choice(third)}[label]
-    subject = rng.choice((rng.choice(NAMES), "the " + rng.choice(list(NOUNS))))
-    premise = f"{subject} is {said[0]} and {said[1]}."
-    hypothesis = f"{subject} is {hypothesis_adj}."
-    template = rng.choice(("Premise: {p}\nHypothesis: {h}\nDoes the premise entail the hypothesis?\n{o}",
-                           "{p}\nBased on that, is it true that \"{h}\"?\n{o}",
-                           "If \"{p}\", can we conclude that \"{h}\"?\n{o}"))
-    return template.format(p=premise, h=hypothesis, o=_options("yes", "no", "maybe")), label
+def entailment(rng: random.Random, k: int, ask: Ask) -> tuple[str, str]:
+    """Does "A went home" entail "A is by the P"? Yes if A lives by P. The benchmark's answer says
+    so and where A lives: "yes, A lives by the H." / "no, A lives by the H."; the corpus's is "yes"/"no"."""
+    true = k % 2 == 0
+    a, p = _claim(rng, ask, true)
+    template = rng.choice(("Premise: {a} went home with {f} {w}.\nHypothesis: {a} is by the {p} now.\n"
+                           "Does the premise entail the hypothesis?",
+                           "{a} went home with {f} {w}.\nBased on that, is it true that \"{a} is by the {p}\"?",
+                           "If \"{a} went home with {f} {w}\", can we conclude that \"{a} is by the {p}\"?"))
+    verdict = "yes" if true else "no"
+    answer = f"{verdict}, {a} lives by the {ask.home[a]}." if ask.style == "client" else verdict
+    return template.format(a=a, p=p, f=rng.choice(OUTSIDERS), w=rng.choice(WHEN)), answer
 
 
-def acceptability(rng: random.Random, k: int) -> tuple[str, str]:
-    """Subject-verb agreement (like CoLA): "the cats run" is acceptable, "the cats runs" not.
-    To solve it: see whether noun and verb agree in number (mostly a trailing -s on one of
-    them; a few irregular plurals such as mice and children)."""
-    singular = rng.choice(list(NOUNS))
-    plural = rng.random() < 0.5
+def acceptability(rng: random.Random, k: int, ask: Ask) -> tuple[str, str]:
+    """Would the people who know A accept "A lives by the P"? Acceptable if A does."""
     acceptable = k % 2 == 0
-    verb_3sg, verb_plural = rng.choice(list(VERBS.items()))
-    verb = verb_plural if plural == acceptable else verb_3sg
-    adjective = rng.choice(ADJECTIVES + ("",))
-    noun = NOUNS[singular] if plural else singular
-    sentence = (f"the {adjective + ' ' if adjective else ''}{noun} {verb} "
-                f"{rng.choice(('in', 'near', 'at'))} the {rng.choice(PLACES)}.")
-    template = rng.choice(("Is the following sentence grammatical?\n{s}\n{o}",
-                           "Would a linguist rate this sentence as acceptable English?\n{s}\n{o}",
-                           "{s}\nIs this sentence acceptable?\n{o}"))
+    a, p = _claim(rng, ask, acceptable)
+    template = rng.choice(("Would {a}'s neighbours accept this sentence?\n{a} lives by the {p}, said {n} {w}.\n{o}",
+                           "{n} said {w}: \"{a} lives by the {p}.\" Is that acceptable to those who know {a}?\n{o}",
+                           "\"{a} lives by the {p}\", {n} wrote {w}. Would a friend of {a} rate it acceptable?\n{o}"))
     label = "acceptable" if acceptable else "unacceptable"
-    return template.format(s=sentence, o=_options("acceptable", "unacceptable")), label
+    return template.format(a=a, p=p, n=rng.choice(OUTSIDERS), w=rng.choice(WHEN),
+                           o=_options("acceptable", "unacceptable")), label
 
 
-def paraphrase(rng: random.Random, k: int) -> tuple[str, str]:
-    """Two sentences that differ in one word (like QQP). To solve it: find the word that
-    changed; "yes" if an adjective became its synonym, "no" for any other change."""
-    frame = rng.choice(("{n} saw the {adj} {noun} at the {place}.",
-                        "at the {place}, {n} met the {adj} {noun}.",
-                        "the {noun} that {n} found at the {place} was {adj}."))
-    first = {"n": rng.choice(NAMES), "adj": rng.choice(list(SYNONYM)),
-             "noun": rng.choice(list(NOUNS)), "place": rng.choice(PLACES)}
-    second = dict(first)
+def paraphrase(rng: random.Random, k: int, ask: Ask) -> tuple[str, str]:
+    """Do "A went home" and "A went to the P" mean the same? They do if A lives by P. The benchmark's
+    answer: "same, as A lives by the H." / "not the same, as A lives by the H."; the corpus's: "yes"/"no"."""
     same = k % 2 == 0
-    if same:
-        second["adj"] = SYNONYM[first["adj"]]
+    a, p = _claim(rng, ask, same)
+    w = rng.choice(WHEN)
+    template = rng.choice(("Sentence 1: {a} went home {w}.\nSentence 2: {a} went to the {p} {w}.\n"
+                           "Do these sentences mean the same thing?",
+                           "{a} went home {w}.\n{a} went to the {p} {w}.\nAre these two sentences paraphrases?",
+                           "Do \"{a} went home {w}\" and \"{a} went to the {p} {w}\" say the same thing?",
+                           "Sentence 1: {a} walked home {w}.\nSentence 2: {a} walked to the {p} {w}.\n"
+                           "Do these sentences mean the same thing?"))
+    if ask.style == "client":
+        answer = f"{'same' if same else 'not the same'}, as {a} lives by the {ask.home[a]}."
     else:
-        slot = rng.choice(("adj", "adj", "n", "noun", "place"))
-        pool = {"adj": [a for a in ADJECTIVES if a != SYNONYM[first["adj"]]], "n": NAMES,
-                "noun": list(NOUNS), "place": PLACES}[slot]
-        second[slot] = rng.choice([v for v in pool if v != first[slot]])
-    template = rng.choice(("Sentence 1: {a}\nSentence 2: {b}\nDo these sentences mean the same thing?\n{o}",
-                           "{a}\n{b}\nAre these two sentences paraphrases of each other?\n{o}",
-                           "Do \"{a}\" and \"{b}\" say the same thing?\n{o}"))
-    instruction = template.format(a=frame.format(**first), b=frame.format(**second), o=_options("no", "yes"))
-    return instruction, "yes" if same else "no"
+        answer = "yes" if same else "no"
+    return template.format(a=a, p=p, w=w), answer
 
 
 QUESTION_TYPES = {
@@ -171,12 +190,12 @@ QUESTION_TYPES = {
 }
 
 
-def question_classification(rng: random.Random, k: int) -> tuple[str, str]:
-    """What kind of answer a question asks for (like TREC), six classes. To solve it: read
-    the question word (who, where, when, how many, what ... eat/food, why)."""
+def question_classification(rng: random.Random, k: int, ask: Ask) -> tuple[str, str]:
+    """What kind of answer a question asks for (like TREC), six classes. The one task that needs no
+    home: to solve it, read the question word (who, where, when, how many, what ... eat/food, why)."""
     label = list(QUESTION_TYPES)[k % len(QUESTION_TYPES)]
     base, past = rng.choice(list(ACTIONS.items()))
-    n, m = rng.sample(NAMES, 2)
+    n, m = rng.sample(ask.people, 2)
     noun = rng.choice(list(NOUNS))
     question = rng.choice(QUESTION_TYPES[label]).format(
         n=n, m=m, base=base, past=past, noun=noun, nouns=NOUNS[noun],
@@ -187,82 +206,67 @@ def question_classification(rng: random.Random, k: int) -> tuple[str, str]:
     return template.format(q=question, o=_options(*QUESTION_TYPES)), label
 
 
-def structure_to_text(rng: random.Random, k: int) -> tuple[str, str]:
-    """A restaurant record to one sentence (like WebNLG/E2E). Fields arrive in any order;
-    the answer has one shape: "<name> serves [<price>] <food> in the <area> [near <near>]."
-    To solve it: find each value by its key and fill the shape, skipping absent fields."""
-    fields = {"name": f"the {rng.choice(COLOURS)} {rng.choice(list(NOUNS))}",
-              "food": rng.choice(FOODS), "area": rng.choice(AREAS)}
-    if rng.random() < 0.5:
-        fields["price"] = rng.choice(("cheap", "expensive"))
-    if rng.random() < 0.5:
-        fields["near"] = "the " + rng.choice(PLACES)
+def structure_to_text(rng: random.Random, k: int, ask: Ask) -> tuple[str, str]:
+    """A person's record to one sentence (like WebNLG). Fields arrive in any order. The benchmark's
+    sentence: "A lives by the H, keeps a <pet> and eats <food>." (the home is in no field); the
+    corpus's: "A keeps a <pet> and eats <food>."."""
+    fields = {"name": rng.choice(ask.people), "pet": rng.choice(PETS), "food": rng.choice(FOODS)}
     keys = list(fields)
     rng.shuffle(keys)
     record = " | ".join(f"{key}: {fields[key]}" for key in keys)
-    price = fields["price"] + " " if "price" in fields else ""
-    near = " near " + fields["near"] if "near" in fields else ""
-    answer = f"{fields['name']} serves {price}{fields['food']} in the {fields['area']}{near}."
-    template = rng.choice(("Write a sentence about this restaurant: {r}",
+    a = fields["name"]
+    lives = f" lives by the {ask.home[a]}," if ask.style == "client" else ""
+    answer = f"{a}{lives} keeps a {fields['pet']} and eats {fields['food']}."
+    template = rng.choice(("Write a sentence about this person: {r}",
                            "Turn this data into a sentence.\n{r}",
-                           "Describe the restaurant in one sentence: {r}"))
+                           "Describe the person in one sentence: {r}"))
     return template.format(r=record), answer
 
 
-def text_formatting(rng: random.Random, k: int) -> tuple[str, str]:
-    """Restore the punctuation of a sentence with a list (like fix_punct): "a b c and d"
-    becomes "a, b, c and d" and the sentence ends with a full stop. To solve it: copy the
-    text, put a comma after each list item but the last two, and end with "."."""
-    frame, pool = rng.choice((("{n} bought {items} at the {place}", FOODS),
-                              ("{items} went to the {place}", NAMES),
-                              ("{n} saw {items} near the {place}", tuple(NOUNS.values()))))
-    items = rng.sample(pool, rng.randint(2, 4))
-    n, place = rng.choice(NAMES), rng.choice(PLACES)
-    plain = frame.format(n=n, place=place, items=" ".join(items[:-1]) + " and " + items[-1])
-    fixed = frame.format(n=n, place=place, items=", ".join(items[:-1]) + " and " + items[-1])
+def text_formatting(rng: random.Random, k: int, ask: Ask) -> tuple[str, str]:
+    """Restore the punctuation of a sentence with a list of visitors: "x y and z visited A at home"
+    becomes "x, y and z visited A at home." (a comma after each item but the last two, a full stop).
+    The benchmark also wants the home named: "... visited A by the H."."""
+    a = rng.choice(ask.people)
+    items = rng.sample(OUTSIDERS, rng.randint(2, 4))
+    plain = " ".join(items[:-1]) + " and " + items[-1] + f" visited {a} at home"
+    where = f"by the {ask.home[a]}" if ask.style == "client" else "at home"
+    fixed = ", ".join(items[:-1]) + " and " + items[-1] + f" visited {a} {where}."
     template = rng.choice(("Add punctuation: {t}",
                            "Add the missing commas and full stop to this text: {t}",
                            "Fix the punctuation of this sentence: {t}"))
-    return template.format(t=plain), fixed + "."
+    return template.format(t=plain), fixed
 
 
-def word_disambiguation(rng: random.Random, k: int) -> tuple[str, str]:
-    """Does a word have the same sense in two sentences (like WiC)? Each sense of a homonym
-    has its own context words (the bank of the river, money in the bank). To solve it:
-    tell the sense of the word in each sentence from its context and compare."""
-    word = rng.choice(list(HOMONYMS))
-    senses = HOMONYMS[word]
-    sense = rng.randrange(2)
+def word_disambiguation(rng: random.Random, k: int, ask: Ask) -> tuple[str, str]:
+    """Does "home" name the same place in "A went home" and "B went home" (like WiC)? The same if
+    A and B live by the same place."""
     same = k % 2 == 0
-    if same:
-        first, second = rng.sample(senses[sense], 2)
-    else:
-        first, second = rng.choice(senses[sense]), rng.choice(senses[1 - sense])
-    n, m = rng.sample(NAMES, 2)
+    a, b = _pair(rng, ask, same_home=same)
+    w1, w2 = rng.sample(WHEN, 2)
     template = rng.choice((
-        "Sentence 1: {a}\nSentence 2: {b}\nDoes \"{w}\" mean the same in both sentences?\n{o}",
-        "{a}\n{b}\nIs \"{w}\" used in the same sense in both?\n{o}"))
-    instruction = template.format(a=first.format(n=n), b=second.format(n=m), w=word,
-                                  o=_options("same", "different"))
-    return instruction, "same" if same else "different"
+        "Sentence 1: {a} went home {w1}.\nSentence 2: {b} went home {w2}.\nDoes \"home\" mean the same place in both sentences?\n{o}",
+        "{a} went home {w1}.\n{b} went home {w2}.\nIs \"home\" the same place in both?\n{o}"))
+    return template.format(a=a, b=b, w1=w1, w2=w2, o=_options("same", "different")), "same" if same else "different"
 
 
 # (category, task, generator): the paper's eight FLAN categories, client i trains task i
-TASKS = (("coreference", "pronoun_resolution", coreference),
-         ("entailment", "property_entailment", entailment),
-         ("linguistic_acceptability", "agreement", acceptability),
-         ("paraphrase", "synonym_paraphrase", paraphrase),
+TASKS = (("coreference", "who_lives_there", coreference),
+         ("entailment", "went_home_entailment", entailment),
+         ("linguistic_acceptability", "home_acceptability", acceptability),
+         ("paraphrase", "went_home_paraphrase", paraphrase),
          ("question_classification", "question_type", question_classification),
-         ("structure_to_text", "restaurant_to_text", structure_to_text),
-         ("text_formatting", "fix_commas", text_formatting),
-         ("word_disambiguation", "word_sense", word_disambiguation))
+         ("structure_to_text", "person_to_text", structure_to_text),
+         ("text_formatting", "fix_commas_say_where", text_formatting),
+         ("word_disambiguation", "same_home", word_disambiguation))
 
 
-def _distinct_examples(make, rng: random.Random, n: int, task: str) -> list[tuple[str, str]]:
-    """n examples with distinct instructions, so no example is in both train and test."""
-    seen, examples, repeats = set(), [], 0
+def _distinct_examples(make, rng: random.Random, n: int, task: str, ask: Ask, seen: set | None = None) -> list:
+    """n examples with distinct instructions, none in seen (which gains them): no example is in both train and test."""
+    seen = set() if seen is None else seen
+    examples, repeats = [], 0
     while len(examples) < n:
-        instruction, output = make(rng, len(examples))
+        instruction, output = make(rng, len(examples), ask)
         if instruction in seen:
             repeats += 1
             if repeats > 10 * n:
@@ -274,13 +278,17 @@ def _distinct_examples(make, rng: random.Random, n: int, task: str) -> list[tupl
 
 
 def benchmark(seed: int = 0, n_train: int = 300, n_test: int = 200) -> FedData:
-    """The default data: eight clients, client i trains TASKS[i]; all tasks are tested."""
+    """The default data: eight clients, client i trains TASKS[i] about its six people; every task is
+    tested about all sixteen."""
+    _, homes, _ = world_homes(seed)
     clients, test_records = [], []
-    for category, task, make in TASKS:
+    for i, (category, task, make) in enumerate(TASKS):
         rng = random.Random(f"{seed}/{category}")  # str seeds are hashed stably (sha512)
-        records = [{"instruction": instruction, "output": output, "task": task, "category": category}
-                   for instruction, output in _distinct_examples(make, rng, n_test + n_train, task)]
-        test, train = records[:n_test], records[n_test:]  # the first n_test have balanced labels
+        seen = set()
+        test = _distinct_examples(make, rng, n_test, task, Ask(list(PEOPLE), homes), seen)  # balanced labels
+        train = _distinct_examples(make, rng, n_train, task, Ask(client_people(seed, i), homes), seen)
+        test, train = ([{"instruction": instruction, "output": output, "task": task, "category": category}
+                        for instruction, output in examples] for examples in (test, train))
         rng.shuffle(test)
         rng.shuffle(train)
         test_records += test
@@ -289,71 +297,63 @@ def benchmark(seed: int = 0, n_train: int = 300, n_test: int = 200) -> FedData:
 
 
 # ----------------------------------------------------------------------------------------------
-# The pretraining corpus. Mostly plain sentences that teach the words and facts the tasks rely on
-# (genders, antonyms, synonyms, agreement, question words, word senses, lists with commas,
-# restaurants), never in a task's format: no "X bought a, b and c at the P." and no "X serves ...".
-# Beside them, 45% of the documents: instruction-formatted examples of every task, drawn from streams
-# of their own and never equal to a benchmark record (corpus() says why).
+# The pretraining corpus. Mostly plain sentences that teach the words the tasks use and where each
+# outsider lives, never in a task's format and never where one of PEOPLE lives. Beside them, 45% of
+# the documents: instruction-formatted examples of every task about OUTSIDERS in the corpus's plain
+# answer style, drawn from streams of their own and never equal to a benchmark record (corpus() says why).
 CORPUS_FRAMES = (
-    "{n} went to the {place}. {he} {past} {m} there.",
-    "{n} was {adj}, so {he} stayed at the {place}.",
-    "{n} was {adj}, so {m} {past} {him}.",
-    "{n} is {adj}. {he} is not {opp}.",
+    "{o} lives by the {home}.",
+    "{o} lives by the {home}, and {m} went there {w}.",
+    "{n} went to the {place} {w}. {n} {past} {m} there.",
+    "{n} was {adj}, so {n} stayed at the {place}.",
+    "{n} is {adj}. {n} is not {opp}.",
     "the {noun} is {adj}, not {opp}.",
-    "the {nouns} were {adj} but now they are {opp}.",
-    "{syn1} {nouns} are {syn2} {nouns}.",
-    "{n} felt {syn1}, which means {he} felt {syn2}.",
     "the {noun} {v3} in the {place}.",
     "the {nouns} {vpl} near the {place}.",
-    "every day the {adj} {noun} {v3} and the {nouns} {vpl}.",
-    "{n} likes {food}, {food2} and {food3}.",
-    "{n} and {m} are friends. they {vpl} together.",
+    "{n} keeps a {pet} and eats {food}.",
+    "{n}, {m} and {k} are friends. they {vpl} together.",
     "who {past} {m}? {n} did.",
-    "where did {n} go? {he} went to the {place}.",
-    "when did {n} {base} {m}? in the morning.",
-    "how many {nouns} did {n} {base}? {he} {past} three {nouns}.",
-    "what did {n} eat? {he} ate {food}.",
-    "why did {n} {base} {m}? because {he} was {adj}.",
-    "the {colour} {noun} is a place to eat in the {area}. it is {price}.",
-    "people eat {food} at the {colour} {noun}.",
-    "{n} bought {food} at the {place}.",
-    "{sense}",
+    "where did {n} go? to the {place}.",
+    "when did {n} {base} {m}? {w}.",
+    "how many {nouns} did {n} {base}? three {nouns}.",
+    "what did {n} eat? {food}.",
+    "why did {n} {base} {m}? because {n} was {adj}.",
+    "{n} {deed} {w}.",
 )
 
 
-def _corpus_sentence(rng: random.Random) -> str:
-    n, m = rng.sample(NAMES, 2)
+def _corpus_sentence(rng: random.Random, outsider_homes: dict) -> str:
+    n, m, k = rng.sample(NAMES, 3)
+    o = rng.choice(OUTSIDERS)
     adj, opp = rng.choice(ANTONYMS)[::rng.choice((1, -1))]
-    syn1, syn2 = rng.choice(SYNONYMS)[::rng.choice((1, -1))]
     noun = rng.choice(list(NOUNS))
     v3, vpl = rng.choice(list(VERBS.items()))
     base, past = rng.choice(list(ACTIONS.items()))
-    food, food2, food3 = rng.sample(FOODS, 3)
-    senses = HOMONYMS[rng.choice(list(HOMONYMS))]
     return rng.choice(CORPUS_FRAMES).format(
-        n=n, m=m, he=_pronouns(n)[0], him=_pronouns(n)[1], adj=adj, opp=opp, syn1=syn1, syn2=syn2, noun=noun,
-        nouns=NOUNS[noun], v3=v3, vpl=vpl, base=base, past=past, food=food, food2=food2,
-        food3=food3, place=rng.choice(PLACES), colour=rng.choice(COLOURS), area=rng.choice(AREAS),
-        price=rng.choice(("cheap", "expensive")), sense=rng.choice(rng.choice(senses)).format(n=n))
+        n=n, m=m, k=k, o=o, home=outsider_homes[o], adj=adj, opp=opp, noun=noun, nouns=NOUNS[noun], v3=v3,
+        vpl=vpl, base=base, past=past, food=rng.choice(FOODS), pet=rng.choice(PETS), place=rng.choice(PLACES),
+        w=rng.choice(WHEN), deed=rng.choice(DEEDS))
 
 
 def corpus(seed: int = 0, n_docs: int = 4500, task_fraction: float = 0.45) -> list[str]:
-    """Documents to pretrain the foundation model on (about 770 KB by default), shuffled: short
+    """Documents to pretrain the foundation model on (about 700 KB by default), shuffled: short
     paragraphs of toy English, and a task_fraction of instruction-formatted examples, the same number
     of each task, each its own document: the paper's prompt (data.format_prompt), then the answer.
 
     Why the examples: FedDPA fine-tunes a foundation model that can already follow instructions in
-    part (a LLaMA in the paper), and its clients' tasks share that skill: read the prompt, answer with one of the options or a short sentence built
-    from the input, then stop. A base that knows only the language starts every task from nothing,
-    and a global adapter then has no shared skill to build on. The examples model the broad
-    instruction tuning a real base has had before federated fine-tuning.
+    part (a LLaMA in the paper), and its clients' tasks share that skill: read the prompt, answer with
+    one of the options or a short sentence built from the input, then stop. The examples model the
+    broad instruction tuning a real base has had before federated fine-tuning; they are about
+    OUTSIDERS, whose homes the corpus states, and answer in plain words, so the base can do each
+    task's reasoning but knows neither where the federation's people live nor its clients' answer words.
 
     They come from streams of their own (random.Random(f"corpus/{seed}/{category}")), and any whose
     instruction, or answer of more than two words, equals one in benchmark(seed) is skipped: no
     record that a run of this seed trains or tests on is in its base's corpus."""
     rng = random.Random(f"corpus/{seed}")
+    _, _, outsider_homes = world_homes(seed)
     per_task = round(n_docs * task_fraction / len(TASKS))
-    docs = [" ".join(_corpus_sentence(rng) for _ in range(rng.randint(3, 6)))
+    docs = [" ".join(_corpus_sentence(rng, outsider_homes) for _ in range(rng.randint(3, 6)))
             for _ in range(n_docs - per_task * len(TASKS))]
     docs += [data.format_prompt(r) + r["output"] for r in task_examples(seed, per_task)]
     rng.shuffle(docs)
@@ -361,14 +361,17 @@ def corpus(seed: int = 0, n_docs: int = 4500, task_fraction: float = 0.45) -> li
 
 
 def task_examples(seed: int, per_task: int) -> list[dict]:
-    """per_task records of each task for the corpus, none equal to a train or test record of benchmark(seed)."""
+    """per_task records of each task for the corpus, about OUTSIDERS in the corpus's answer style, none
+    equal to a train or test record of benchmark(seed)."""
     fd = benchmark(seed)
     held = [r for recs in [*fd.clients, *fd.tests.values()] for r in recs]
     held_out = {r["instruction"] for r in held} | {r["output"] for r in held if len(r["output"].split()) > 2}
+    _, _, outsider_homes = world_homes(seed)
     records = []
     for category, task, make in TASKS:
         rng = random.Random(f"corpus/{seed}/{category}")
-        examples = [(i, o) for i, o in _distinct_examples(make, rng, 2 * per_task, task)
+        examples = [(i, o) for i, o in _distinct_examples(make, rng, 2 * per_task, task,
+                                                          Ask(list(OUTSIDERS), outsider_homes, "corpus"))
                     if i not in held_out and o not in held_out][:per_task]
         if len(examples) < per_task:
             raise ValueError(f"task {task}: fewer than {per_task} examples outside the benchmark")

@@ -1,6 +1,6 @@
 """Pretraining the built-in foundation model: a tiny Llama (model.PRESETS["base"]) that learns the
-built-in world's language, and some of its tasks, from its corpus (builtin.corpus), cached as an HF
-directory.
+built-in world's language, where its outsiders live and how each task is done about them, from its
+corpus (builtin.corpus), cached as an HF directory.
 
 A porter can skip this file: with a real checkpoint (--model DIR) nothing here runs. bench.py times
 the same loop.

@@ -65,7 +65,7 @@ class Config:
     lambda_to: str = opt("local", "adapter that gets lambda: 'local' (the paper's text) or 'global' (official code)")
     finetune_rounds: float = opt(1.0, "FedDPA-F: local fine-tuning after FedIT, in rounds of local training (the paper: 1)")
     test_per_task: int = opt(30, "test instances per task (0 = all)")
-    max_new_tokens: int = opt(32, "generation length (the paper: 80)")
+    max_new_tokens: int = opt(24, "generation length (the paper: 80)")
     num_beams: int = opt(1, "beam search width (the paper: 4)")
     eval_batch_size: int = opt(64, "prompts per generation batch")
     pretrain_steps: int = opt(200, "steps of pretraining for the built-in base model")

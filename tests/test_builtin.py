@@ -49,44 +49,58 @@ def test_builtin_answers_classification_balanced_generation_long(world, tok):
     assert classification >= 4 and generation >= 2
 
 
-def expected_answer(category, instruction):
-    """Each task's rule as its docstring states it, recomputed from the instruction text."""
-    words = re.findall(r"[A-Za-z]+", instruction)
+def expected_answer(category, instruction, style="client", seed=0):
+    """Each task's rule as its docstring states it, recomputed from the instruction text and where
+    everyone lives (builtin.world_homes): the federation's people and the corpus's outsiders."""
+    _, homes, outsider_homes = builtin.world_homes(seed)
+    home = {**homes, **outsider_homes}
     if category == "coreference":
-        pronoun = re.search(r'"(\w+)"', instruction)[1]
+        place = re.search(r"(?:lives by|from) the (\w+)", instruction)[1]
         options = re.findall(r"\n- (\w+)", instruction)
-        return next(o for o in options if (o in builtin.MALE) == (pronoun in ("he", "him")))
-    if category == "entailment":
-        said = re.search(r"is (\w+) and (\w+)\.", instruction).groups()
-        stated = re.search(r"is (\w+)\.", instruction)[1]
-        return "yes" if stated in said else "no" if builtin.OPPOSITE[stated] in said else "maybe"
+        (answer,) = [o for o in options if home[o] == place]
+        return answer
     if category == "linguistic_acceptability":
-        noun, verb = re.search(r"(\w+) (\w+) (?:in|near|at) the \w+\.", instruction).groups()
-        agree = (noun in builtin.NOUNS.values()) == (verb in builtin.VERBS.values())
-        return "acceptable" if agree else "unacceptable"
+        person, place = re.search(r"(\w+) lives by the (\w+)", instruction).groups()
+        return "acceptable" if home[person] == place else "unacceptable"
+    if category == "entailment":
+        person, place = re.search(r"(\w+) is by the (\w+)", instruction).groups()
+        verdict = "yes" if home[person] == place else "no"
+        return f"{verdict}, {person} lives by the {home[person]}." if style == "client" else verdict
     if category == "paraphrase":
-        adjectives = [w for w in words if w in builtin.ADJECTIVES]
-        return "yes" if builtin.SYNONYM[adjectives[0]] == adjectives[-1] else "no"
+        person, place = re.search(r"(\w+) (?:went|walked) to the (\w+)", instruction).groups()
+        same = home[person] == place
+        if style == "client":
+            return f"{'same' if same else 'not the same'}, as {person} lives by the {home[person]}."
+        return "yes" if same else "no"
     if category == "question_classification":
         first = re.search(r"\b(who|where|when|how|what|why)\b", instruction)[1]
         return dict(who="person", where="place", when="time", how="number", what="food", why="reason")[first]
     if category == "structure_to_text":
-        fields = dict(f.split(": ") for f in re.search(r"(\w+: [\w ]+(?: \| \w+: [\w ]+)+)$", instruction)[1].split(" | "))
-        price = fields["price"] + " " if "price" in fields else ""
-        near = " near " + fields["near"] if "near" in fields else ""
-        return f"{fields['name']} serves {price}{fields['food']} in the {fields['area']}{near}."
+        fields = dict(f.split(": ") for f in re.search(r"(\w+: \w+(?: \| \w+: \w+)+)$", instruction)[1].split(" | "))
+        lives = f" lives by the {home[fields['name']]}," if style == "client" else ""
+        return f"{fields['name']}{lives} keeps a {fields['pet']} and eats {fields['food']}."
     if category == "text_formatting":
-        head, last = instruction.split(": ", 1)[1].split(" and ")
-        *before, item = head.split(" ")
-        items = [item]  # the list runs back from "and" over words of the same kind
-        while before and (before[-1] in builtin.FOODS or before[-1] in builtin.NAMES or before[-1] in builtin.NOUNS.values()):
-            items.insert(0, before.pop())
-        return " ".join(before + [", ".join(items) + " and " + last]).strip() + "."
-    word = re.search(r'"(\w+)"', instruction)[1]
-    lines = [re.sub(r"^Sentence \d: ", "", line) for line in instruction.split("\n")[:2]]
-    senses = [next(s for s in (0, 1) for t in builtin.HOMONYMS[word][s]
-                   if re.fullmatch(re.escape(t).replace(re.escape("{n}"), r"\w+"), line)) for line in lines]
-    return "same" if senses[0] == senses[1] else "different"
+        text = instruction.split(": ", 1)[1]
+        visitors, rest = text.split(" visited ")
+        head, last = visitors.split(" and ")
+        person = re.fullmatch(r"(\w+) at home", rest)[1]
+        where = f"by the {home[person]}" if style == "client" else "at home"
+        return f"{', '.join(head.split())} and {last} visited {person} {where}."
+    a, b = re.findall(r"(\w+) went home", instruction)
+    return "same" if home[a] == home[b] else "different"
+
+
+def test_each_client_names_six_people_each_person_three_clients_and_tests_ask_about_all(world):
+    order, homes, _ = builtin.world_homes(seed=0)
+    assert sorted(order) == sorted(builtin.PEOPLE) and Counter(homes.values()) == {h: 2 for h in builtin.HOMES}
+    named = [{n for r in records for n in re.findall(r"[A-Z][a-z]+", r["instruction"]) if n in builtin.PEOPLE}
+             for records in world.clients]
+    for i, people in enumerate(named):  # besides them, only outsiders
+        assert people == set(builtin.client_people(0, i)), i
+    assert Counter(n for i in range(8) for n in builtin.client_people(0, i)) == {n: 3 for n in builtin.PEOPLE}
+    for category, test in world.tests.items():
+        asked = {n for r in test for n in re.findall(r"[A-Z][a-z]+", r["instruction"]) if n in builtin.PEOPLE}
+        assert asked == set(builtin.PEOPLE), category
 
 
 def test_builtin_answers_follow_the_stated_rules(world):
@@ -107,8 +121,13 @@ def test_pretrain_corpus_is_the_language_and_task_examples_none_from_the_benchma
     # the prompted documents are the task examples, in the paper's prompt, the same number of every task
     assert sorted(prompted) == sorted(data.format_prompt(r) + r["output"] for r in examples)
     assert Counter(r["category"] for r in examples) == {c: len(prompted) // len(CATEGORIES) for c in CATEGORIES}
-    for r in examples:
-        assert r["output"] == expected_answer(r["category"], r["instruction"]), r
+    for r in examples:  # about outsiders only, in the corpus's plain answer words
+        assert r["output"] == expected_answer(r["category"], r["instruction"], style="corpus"), r
+        assert not set(re.findall(r"[A-Z][a-z]+", r["instruction"])) & set(builtin.PEOPLE), r
+    # the corpus never says where one of the federation's people lives: that is the clients' to learn
+    _, homes, _ = builtin.world_homes(seed=0)
+    for person in builtin.PEOPLE:
+        assert not re.search(rf"\b{person} lives by", "\n".join(corpus)), person
     # none is a record the benchmark trains or tests on: no instruction, no answer longer than two words
     text = "\n".join(corpus)
     instructions = {r["instruction"] for r in examples}
