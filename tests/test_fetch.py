@@ -1,7 +1,9 @@
 """fetch.py: a real download over HTTP (a server on 127.0.0.1 serving a copy of the release's files),
 checked by sha256; a damaged file or an unreachable server is one line and writes nothing."""
 import functools
+import hashlib
 import http.server
+import json
 import shutil
 import subprocess
 import sys
@@ -92,3 +94,38 @@ def test_an_unreachable_server_or_a_used_folder_is_one_line(tmp_path, capsys):
     assert fetch.main([str(tmp_path / "used")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not an empty folder" in err
+
+
+def test_fetch_set_2_over_http_on_a_release_made_here(tmp_path, monkeypatch, capsys):
+    """Where the machine has no copy of data set 2 (CI): the same download, checks and layout on a small
+    release in data set 2's file names written here, its pins those files' sha256; one byte changed is
+    refused with nothing written."""
+    www = tmp_path / "www" / fetch.SETS[2][0]
+    pins = {}
+    for name in fetch.SETS[2][1]:
+        path = www / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".jsonl"):
+            body = "".join(json.dumps({"instruction": f"q{i}", "output": "a", "category": f"t{i}"}) + "\n" for i in range(8))
+        else:
+            i = int(name.rsplit("_", 1)[1].split(".")[0])
+            body = json.dumps([{"instruction": f"x{i} {j}", "output": "y", "category": f"t{i}"} for j in range(3)])
+        path.write_text(body)
+        pins[name] = hashlib.sha256(body.encode()).hexdigest()
+    monkeypatch.setitem(fetch.SETS, 2, (fetch.SETS[2][0], pins))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        assert fetch.main([str(tmp_path / "got"), "--set", "2", "--base-url", url]) == 0
+        fd = data.load_federated(tmp_path / "got")
+        assert [len(c) for c in fd.clients] == [3] * 8 and len(fd.tests) == 8
+        assert "FLAN data set 2" in capsys.readouterr().out
+        (www / name).write_text(body.replace("t", "T", 1))  # the last file, damaged
+        assert fetch.main([str(tmp_path / "again"), "--set", "2", "--base-url", url]) == 2
+        assert "sha256" in capsys.readouterr().err and not (tmp_path / "again").exists()
+    finally:
+        server.shutdown()
+        server.server_close()
