@@ -1,8 +1,10 @@
 """Record the golden run anew (tests/data/golden_run.json), which tests/test_runs.py holds every later run to.
 
-    python -m tools.record_golden      # from the repository's root
+    python -m tools.record_golden      # from the repository's root, on any machine
 
-Only a change that is meant to change numbers records it, and its commit message says why.
+The run is in float64 and the record holds on every CPU kind and thread count (tests/test_runs.py says
+within what), so it is recorded wherever the change is made. Only a change that is meant to change
+numbers records it, and its commit message says why.
 """
 import json
 import sys
