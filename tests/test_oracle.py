@@ -392,7 +392,7 @@ SETTINGS = {
 
 
 def sampled(n: int, fraction: float, round_: int) -> list:
-    """The clients of a round, the project's seeded draw restated (docs/conformance.md): max(1, round(f n))
+    """The clients of a round, the seeded draw a port must make as the project does: max(1, round(f n))
     of them, Python's random.Random(seed * 100003 + round).sample."""
     return sorted(random.Random(SEED * 100_003 + round_).sample(range(n), max(1, round(fraction * n))))
 
