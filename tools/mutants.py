@@ -99,8 +99,8 @@ MUTANTS = [  # (fault, file, text, replacement)
     ("the oracle bound gives the training mix on every task", "evaluation.py",
      "mix(recipe.local_weight) if task == own_task else {\"global\": 1.0}", "mix(recipe.local_weight)"),
     ("the calibrated weight is not centred on the generic instructions", "feddpa.py",
-     "represent(model, ids, mask, self.pool).float() - self.centre, dim=-1)",
-     "represent(model, ids, mask, self.pool).float(), dim=-1)"),
+     "represent(model, ids, mask, self.pool).to(self.centre.dtype) - self.centre, dim=-1)",
+     "represent(model, ids, mask, self.pool).to(self.centre.dtype), dim=-1)"),
     ("the AUROC of lambda counts ties as wins", "evaluation.py",
      "+ 0.5 * (pos[:, None] == neg[None])", "+ 1.0 * (pos[:, None] == neg[None])"),
     # every setting a user can choose (tests/test_oracle.py::test_every_setting_equals_the_oracle), and
