@@ -274,15 +274,20 @@ def draw_references(records, k: int, seed: int, client_id: int) -> list:
 @torch.no_grad()
 def reference_reps(model, tok, refs, pool, device, cutoff=512) -> torch.Tensor:
     """Cached representations of the client's reference instructions, (K, dim); local adapter loaded."""
-    reps = torch.empty(len(refs), model.config.dim, device=device)
+    reps = torch.empty(len(refs), model.config.dim, device=device, dtype=precise(model.lm_head.weight.dtype))
     for idx, ids, mask in prompt_batches(tok, refs, len(refs), cutoff):
-        reps[idx] = represent(model, ids.to(device), mask.to(device), pool).float()
+        reps[idx] = represent(model, ids.to(device), mask.to(device), pool).to(reps.dtype)
     return reps
+
+
+def precise(dtype):
+    """The dtype lambda is computed in: float32, or float64 for a float64 model (the same on any CPU)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def dynamic_lambda(reps, ref_reps, scale: float):
     """lambda = clamp(scale * mean_k cos(r(x), r(x_k)), 0, 1), per instance: (B, dim), (K, dim) -> (B,)."""
-    cos = F.cosine_similarity(reps.float()[:, None, :], ref_reps[None, :, :], dim=-1)  # (B, K)
+    cos = F.cosine_similarity(reps.to(ref_reps.dtype)[:, None, :], ref_reps[None, :, :], dim=-1)  # (B, K)
     return (scale * cos.mean(-1)).clamp(0.0, 1.0)
 
 
@@ -345,7 +350,7 @@ class Calibrated:
     to: str
 
     def lam(self, model, ids, mask):
-        c = F.normalize(represent(model, ids, mask, self.pool).float() - self.centre, dim=-1)
+        c = F.normalize(represent(model, ids, mask, self.pool).to(self.centre.dtype) - self.centre, dim=-1)
         unit = ((top_k_similarity(c, self.refs, self.k) - self.lo) / (self.mid - self.lo)).clamp(0.0, 1.0)
         return (self.scale * unit).clamp(max=1.0)  # (B,); as the paper's, never above 1
 

@@ -31,7 +31,7 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message is one line naming the file."""
 
 
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 def read_safetensors(path: str, dtype=None) -> dict:

@@ -80,8 +80,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in float32 whatever the working dtype, as the reference Llama does
-        h = x.float()
+        # normalise in float32 (float64 in a float64 model) whatever the working dtype, as the reference Llama does
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
@@ -235,12 +235,13 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(fn, h, weight, targets, rows, grad):  # h: (N, dim), weight: (vocab, dim), targets: (N,)
         N = h.shape[0]
         need_h, need_w = grad and fn.needs_input_grad[0], grad and fn.needs_input_grad[1]
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        acc = torch.promote_types(h.dtype, torch.float32)                    # float32, or float64 in a float64 model
+        loss = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
         for i in range(0, N, rows):
             hc, tc = h[i:i + rows], targets[i:i + rows]
-            logp = torch.log_softmax(F.linear(hc, weight).float(), -1)       # (c, vocab)
+            logp = torch.log_softmax(F.linear(hc, weight).to(acc), -1)       # (c, vocab)
             loss -= logp.gather(1, tc[:, None]).sum()
             if need_h or need_w:
                 d = logp.exp_()                                                # softmax, in place

@@ -159,8 +159,12 @@ def test_every_method_end_to_end_on_a_tiny_run(tiny_dir, tmp_path, capsys, dtype
     assert {t.dtype for t in hf.read_safetensors(str(out / "adapters" / "fedit" / "global.safetensors")).values()} == {torch.float32}
     res = json.loads((out / "results.json").read_text())
     assert set(res["methods"]) == set(feddpa.METHODS)
-    for method, r in res["methods"].items():
-        assert 0 <= r["P"] <= 100 and 0 <= r["TTP"] <= 100 and len(r["per_client"]) == 3
+    own = res["client_tasks"]
+    for method, r in res["methods"].items():  # P and TTP from the per-client scores, by hand
+        assert len(r["per_client"]) == 3 and all(set(c) == set(r["per_client"][0]) for c in r["per_client"])
+        p = [c[task]["rouge1"] for c, task in zip(r["per_client"], own)]
+        ttp = [sum(s["rouge1"] for s in c.values()) / len(c) for c in r["per_client"]]
+        assert r["P"] == pytest.approx(sum(p) / 3) and r["TTP"] == pytest.approx(sum(ttp) / 3), method
     assert res["training"]["local"]["bytes"] == 0 and res["training"]["fedit"]["bytes"] > 0
     assert (out / "adapters" / "feddpa-t" / "client2_local.safetensors").exists()
     printed = capsys.readouterr().out
@@ -264,3 +268,51 @@ def test_representing_training_and_answering_leave_the_callers_mix_and_mode_as_t
     with pytest.raises(RuntimeError), lora.mixed(m, {"global": 1.0}):
         raise RuntimeError("a step that fails")
     assert layer_state(m)[0] == [{}] * len(lora.lora_layers(m))  # restored however the block ends
+
+
+def every_step(m, tok, world):
+    """Each training or representation step a run takes, by name, as a function of the model."""
+    records, tests = world.clients[0][:12], {t: world.tests[t][:2] for t in world.client_tasks[:2]}
+    examples = [[data.encode_example(tok, r) for r in recs[:8]] for recs in world.clients[:2]]
+    recipe = feddpa.Recipe(train=fed.LocalTrain(lr=1e-2, max_steps=1, batch_size=4, micro_batch_size=2), rounds=2,
+                           k_refs=3, calibration_refs=6)
+    dec = evaluation.Decode(max_new_tokens=2, batch_size=4)
+    adapter = lora.get_adapter(m, "local")
+    ids, mask = data.pad_left([data.encode_prompt(tok, r) for r in records[:3]], tok.pad_id)
+
+    def phases(m):
+        trained = {}
+        for name in feddpa.PHASES:
+            phase = feddpa.setup_phase(name, m, pad_id=tok.pad_id, recipe=recipe, datasets=examples,
+                                       init=lora.get_adapter(m, "global"), trained=trained)
+            federation = feddpa.run_phase(name, phase, seed=0)
+            trained[name] = feddpa.phase_result(name, federation.global_adapter, phase.clients, trained)
+    steps = {
+        "represent": lambda m: feddpa.represent(m, ids, mask, "mean"),
+        "reference_reps": lambda m: feddpa.reference_reps(m, tok, records[:3], "last", "cpu"),
+        "paper_weight": lambda m: feddpa.paper_weight(m, tok, records, recipe, 0, "cpu"),
+        "calibrated": lambda m: feddpa.calibrated(m, tok, records, recipe, 0, "cpu"),
+        "train_adapter": lambda m: fed.train_adapter(m, "global", examples[0], train=recipe.train, weights={"global": 1.0},
+                                                      pad_id=tok.pad_id, generator=torch.Generator().manual_seed(0)),
+        "run_phase, every phase": phases,
+    }
+    for method in feddpa.METHODS:
+        steps[f"evaluate_client {method}"] = lambda m, method=method: evaluation.evaluate_client(
+            method, m, tok, tests, records=records, client_id=0, own_task=world.client_tasks[0],
+            global_adapter=adapter, local_adapter=adapter, recipe=recipe, dec=dec, device="cpu")
+    return steps
+
+
+def test_every_training_and_representation_step_leaves_the_callers_mix_and_mode_as_they_were(tiny):
+    """Each step of every_step, called inside a caller's mix in evaluation mode: afterwards the model is
+    in evaluation mode, no adapter requires grad, and every layer holds the caller's mix."""
+    m, tok, world = tiny
+    steps = every_step(m, tok, world)
+    caller = {"global": 0.8, "local": 0.2}
+    for name, step in steps.items():
+        with lora.mixed(m, caller):
+            m.eval()
+            before = layer_state(m)
+            step(m)
+            assert layer_state(m) == before, name
+            assert not m.training and not any(p.requires_grad for p in m.parameters()), name

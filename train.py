@@ -73,11 +73,13 @@ class Config:
     seed: int = opt(0, "seed for everything")
     seeds: str = opt("", "comma-separated seeds, e.g. 0,1,2: the whole comparison once per seed in OUT/seed<N>, then mean ± std")
     device: str = opt("auto", "auto, cpu or cuda")
-    dtype: str = opt("float32", "float32, or bfloat16: the frozen base in bfloat16, autocast, float32 adapters")
+    dtype: str = opt("float32", "float32; bfloat16: the frozen base in bfloat16, autocast, float32 adapters; "
+                     "float64: every weight (the built-in base's pretraining too), for runs that agree across CPU kinds")
     out: str = opt("runs/default", "output folder")
     cache: str = opt("~/.cache/feddpa", "where the built-in base model is cached")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}  # --dtype: the base's
 ALIASES = {"lambda_scale": "alpha", "local_weight": "mix"}  # earlier flag and config.json names, still accepted
 ALIASES_BACK = {old: new for new, old in ALIASES.items()}
 
@@ -140,7 +142,7 @@ def check_config(cfg: Config):
                 (cfg.weighting not in ("count", "uniform"), f"--weighting {cfg.weighting!r}: count or uniform"),
                 (cfg.pool not in ("last", "mean"), f"--pool {cfg.pool!r}: last or mean"),
                 (cfg.lambda_to not in ("local", "global"), f"--lambda-to {cfg.lambda_to!r}: local or global"),
-                (cfg.dtype not in ("float32", "bfloat16"), f"--dtype {cfg.dtype!r}: float32 or bfloat16"),
+                (cfg.dtype not in DTYPES, f"--dtype {cfg.dtype!r}: float32, bfloat16 or float64"),
                 (cfg.device not in ("auto", "cpu", "cuda"), f"--device {cfg.device!r}: auto, cpu or cuda"),
                 (cfg.k_refs < 1, f"--k-refs {cfg.k_refs} must be >= 1"),
                 (cfg.num_beams < 1 or cfg.max_new_tokens < 1, "--num-beams and --max-new-tokens must be >= 1"),
@@ -196,8 +198,17 @@ def load_data(name: str, seed: int, clients: int, dirichlet_alpha: float, min_cl
 
 def base_and_tokenizer(cfg: Config, device, progress: bool) -> tuple:
     """The foundation model's folder (with no --model, pretrain.py's tiny Llama, cached) and its tokenizer."""
-    model_dir = (pretrain.base_model(cfg.cache, cfg.seed, cfg.pretrain_steps, device, cfg.dtype == "bfloat16", progress)
-                 if cfg.model == "builtin" else hf.resolve(cfg.model))
+    if cfg.model == "builtin" and cfg.dtype == "float64":  # pretrained in float64, cached apart from the float32 base
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            model_dir = pretrain.base_model(os.path.join(cfg.cache, "float64"), cfg.seed, cfg.pretrain_steps, device,
+                                            False, progress)
+        finally:
+            torch.set_default_dtype(default)
+    else:
+        model_dir = (pretrain.base_model(cfg.cache, cfg.seed, cfg.pretrain_steps, device, cfg.dtype == "bfloat16", progress)
+                     if cfg.model == "builtin" else hf.resolve(cfg.model))
     return model_dir, hf.load_tokenizer(model_dir, hf.config_from_hf(os.path.join(model_dir, "config.json")))
 
 
@@ -205,10 +216,9 @@ def load_model(cfg: Config, model_dir: str, device):
     """The frozen foundation model with its two LoRA slots, each at the seeded initial adapter."""
     # bfloat16: the frozen base is stored in bfloat16 (half the memory, no cast at every step); the
     # adapters, which train, stay float32, and autocast runs the matmuls in bfloat16
-    bf16 = cfg.dtype == "bfloat16"
-    model = hf.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32, device=device)
+    model = hf.from_pretrained(model_dir, dtype=DTYPES[cfg.dtype], device=device)
     lora.inject(model, cfg.targets.split(","), r=cfg.lora_r, lora_alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                seed=cfg.seed, dtype=torch.float32)
+                seed=cfg.seed, dtype=torch.float64 if cfg.dtype == "float64" else torch.float32)
     return model.eval()
 
 

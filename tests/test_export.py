@@ -93,7 +93,18 @@ def test_export_command_and_init_adapter_on_a_finished_run(tiny_dir, tmp_path, c
     config = json.loads((tmp_path / "peft" / "feddpa-t" / "client1_local" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["base_model_name_or_path"] == str(tiny_dir)
     assert export.main([str(tmp_path / "run"), str(tmp_path / "merged"), "--merge", "feddpa-t", "--client", "1"]) == 0
-    assert hf.from_pretrained(str(tmp_path / "merged")).config.dim == 64
+    # the merged model computes what the run's model computes with client 1's adapters at the training mix
+    merged = hf.from_pretrained(str(tmp_path / "merged")).eval()
+    ours = lora.inject(hf.from_pretrained(str(tiny_dir)), ["q_proj", "v_proj"], r=4, dropout=0.0).eval()
+    lora.load_adapter(ours, "global", hf.read_safetensors(str(tmp_path / "run" / "adapters" / "feddpa-t" / "global.safetensors")))
+    lora.load_adapter(ours, "local", hf.read_safetensors(str(tmp_path / "run" / "adapters" / "feddpa-t" / "client1_local.safetensors")))
+    ids, mask = left_padded(merged.config.vocab_size)
+    with torch.no_grad(), lora.mixed(ours, {"local": 0.5, "global": 0.5}):
+        want = ours(ids, mask)[0]
+        got = merged(ids, mask)[0]
+    with torch.no_grad():
+        plain = ours(ids, mask)[0]  # outside the mix: the base alone
+    assert (got - want)[mask.bool()].abs().max() < 1e-4 < (plain - want)[mask.bool()].abs().max()
     train.main([*args, "--out", str(tmp_path / "again"), "--init-adapter", str(tmp_path / "peft" / "fedit" / "global")])
     init = torch.load(tmp_path / "again" / "checkpoint.pt", weights_only=True)["init"]
     fedit = hf.read_safetensors(str(tmp_path / "run" / "adapters" / "fedit" / "global.safetensors"))

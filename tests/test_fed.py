@@ -34,6 +34,10 @@ def test_run_rounds_messages_carry_only_the_global_adapter(tiny):
 
     def recording(r, c, g):
         update, metrics = step(r, c, g)
+        # what is sent is the global adapter the client just trained, value for value, and not its local one
+        assert all(torch.equal(v, lora.get_adapter(m, "global")[k]) for k, v in update.adapter.items())
+        if c.local is not None:
+            assert not any(torch.equal(update.adapter[k], c.local[k]) for k in update.adapter if "lora_B" in k)
         sent.append((c, update))
         return update, metrics
     federation = fed.run_rounds(fed.Federation(init, len(clients)), 2, fed.in_process(clients, recording),

@@ -8,7 +8,15 @@ and the initial adapter tensors. With dropout 0 and the same batches in the same
 rounds of 3 clients every client's global and local adapter must equal the project's, for FedIT,
 FedDPA-T, FedDPA-F, Local and Centralized; at inference, each instance's lambda (given to either
 adapter) and the answers must equal the oracle's, computed one instance at a time.
+
+test_every_setting_equals_the_oracle then varies, one at a time, every setting a user can choose
+(SETTINGS): the mix a, micro-batches, epoch budgets, FedAvg's weights, partial participation,
+FedDPA-F's fine-tuning budget, LoRA dropout, beam search, pooling, the adapter lambda goes to.
 """
+import math
+import random
+from dataclasses import dataclass, replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,8 +74,9 @@ class Oracle:
     def get(self, name):
         return {k: p.detach().clone() for k, p in self.params(name).items()}
 
-    def train(self, name, examples, weights, generator, steps, pad_id):
-        """`steps` AdamW steps of adapter `name` alone, the others mixed in with fixed weights."""
+    def train(self, name, examples, weights, generator, steps, pad_id, batch=BATCH, micro=MICRO):
+        """`steps` AdamW steps of adapter `name` alone, the others mixed in with fixed weights; each step
+        `batch` examples in forward passes of `micro`, the mean loss of each divided by their number."""
         self.model.set_adapter(name)  # peft: only this adapter requires grad
         self.training, self.weights = name, weights
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -77,14 +86,15 @@ class Oracle:
         order = []
         self.model.train()
         for _ in range(steps):
-            while len(order) < BATCH:  # the client's seeded data order
+            while len(order) < batch:  # the client's seeded data order
                 order += torch.randperm(len(examples), generator=generator).tolist()
-            batch, order = order[:BATCH], order[BATCH:]
-            for i in range(0, BATCH, MICRO):
-                ids, mask, labels = data.collate([examples[j] for j in batch[i:i + MICRO]], pad_id)
+            chosen, order = order[:batch], order[batch:]
+            starts = range(0, batch, micro)
+            for i in starts:
+                ids, mask, labels = data.collate([examples[j] for j in chosen[i:i + micro]], pad_id)
                 pos = (mask.cumsum(-1) - 1).clamp(min=0)
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels)
-                (out.loss / (BATCH // MICRO)).backward()
+                (out.loss / len(starts)).backward()
             torch.nn.utils.clip_grad_norm_(params, CLIP)
             opt.step()
             sched.step()
@@ -92,18 +102,22 @@ class Oracle:
         self.model.eval()
         self.training = None
 
-    def represent(self, prompt):
-        """The final normalised hidden state at the prompt's last token, local adapter alone."""
+    def represent(self, prompt, pool="last"):
+        """The final normalised hidden state at the prompt's last token ('last') or its mean over the
+        prompt's tokens ('mean'), local adapter alone."""
         self.weights = {"local": 1.0}
         with torch.no_grad():
-            return self.model.base_model.model.model(input_ids=torch.tensor([prompt])).last_hidden_state[0, -1]
+            h = self.model.base_model.model.model(input_ids=torch.tensor([prompt])).last_hidden_state[0]  # (T, dim)
+        return h[-1] if pool == "last" else h.mean(0)
 
-    def answer(self, prompt, weights, tok, max_new_tokens):
+    def answer(self, prompt, weights, tok, max_new_tokens, num_beams=1):
+        """transformers' greedy decoding or beam search (length penalty 1, no early stopping: its defaults)."""
         self.weights = weights
         x = torch.tensor([prompt])
         with torch.no_grad():
             out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                                      do_sample=False, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+                                      do_sample=False, num_beams=num_beams, eos_token_id=tok.eos_id,
+                                      pad_token_id=tok.pad_id)
         row = out[0, len(prompt):].tolist()
         return tok.decode(row[:row.index(tok.eos_id)] if tok.eos_id in row else row).strip()
 
@@ -337,3 +351,230 @@ def test_every_method_is_evaluated_with_its_own_adapters_and_mix(setting, tiny_d
     distinct = {m: len({str(oracle_answers(m, c)) for c in range(3)})
                 for m in ("local", "feddpa-t", "feddpa-t-fixed", "feddpa-t-calibrated", "feddpa-t-oracle")}
     assert all(n > 1 for n in distinct.values()), distinct  # the clients' answers differ: the check has teeth
+
+
+# ----------------------------------------------------------------------------------------------
+# Every setting a user can choose, one at a time, against the oracle
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the grid: the flags of train.py it sets, and the phases it trains (in order)."""
+    phases: tuple = ()       # training phases compared with the oracle's
+    rounds: int = 2
+    steps: int = STEPS       # optimizer steps per round (--local-steps); 0: an epoch budget
+    epochs: float = 1.0      # --epochs, when steps is 0
+    batch: int = BATCH
+    micro: int = MICRO
+    a: float = A_MIX         # --local-weight
+    weighting: str = "count"  # --weighting
+    fraction: float = 1.0    # --fraction
+    finetune: float = 1.0    # --finetune-rounds
+    dropout: float = 0.0     # --lora-dropout
+    beams: int = 1           # --num-beams
+    pool: str = "last"       # --pool
+    to: str = "local"        # --lambda-to
+    answers: bool = False    # compare client 1's lambdas and answers with the oracle's too
+
+
+SETTINGS = {
+    "a=0.3": Setting(phases=("feddpa-t",), a=0.3),
+    "a=0.7": Setting(phases=("feddpa-t",), a=0.7),
+    "micro-batch 1 of 4": Setting(phases=("feddpa-t",), micro=1),
+    "epoch budget": Setting(phases=("fedit", "feddpa-f", "centralized"), steps=0, epochs=1.0),
+    "uniform FedAvg": Setting(phases=("feddpa-t",), weighting="uniform"),
+    "fraction 0.5": Setting(phases=("fedit", "feddpa-t", "local"), fraction=0.5, rounds=3),
+    "finetune-rounds 2": Setting(phases=("fedit", "feddpa-f"), finetune=2.0),
+    "dropout 0.2": Setting(phases=("feddpa-t",), dropout=0.2, answers=True),
+    "4 beams": Setting(beams=4, answers=True),
+    "4 beams, lambda to global": Setting(beams=4, to="global", answers=True),
+    "mean pooling": Setting(pool="mean", answers=True),
+}
+
+
+def sampled(n: int, fraction: float, round_: int) -> list:
+    """The clients of a round, the seeded draw a port must make as the project does: max(1, round(f n))
+    of them, Python's random.Random(seed * 100003 + round).sample."""
+    return sorted(random.Random(SEED * 100_003 + round_).sample(range(n), max(1, round(fraction * n))))
+
+
+def budget(s: Setting, n_examples: int, factor: float = 1.0) -> int:
+    """Optimizer steps of one client's round: the step budget, or ceil(epochs * n / batch) steps."""
+    return round(s.steps * factor) if s.steps else max(1, math.ceil(s.epochs * factor * n_examples / s.batch))
+
+
+def average(updates, weighting):
+    """FedAvg: weights n_k / n ('count') or 1 / K ('uniform')."""
+    return fedavg(updates if weighting == "count" else [(state, 1) for state, _ in updates])
+
+
+def oracle_phases(o: Oracle, s: Setting, datasets, init, fresh, pad_id) -> dict:
+    """The adapters of s.phases, computed plainly with the oracle, each client's data order its own
+    seeded generator, advanced only in the rounds the client takes part in."""
+    n, out = len(datasets), {}
+
+    def train(name, i, examples, weights, g, factor=1.0):
+        o.train(name, examples, weights, g, budget(s, len(examples), factor), pad_id, batch=s.batch, micro=s.micro)
+        return o.get(name)
+
+    for phase in s.phases:
+        g = [torch.Generator().manual_seed(SEED * 1000 + i) for i in range(n)]
+        if phase == "fedit":
+            glob = init
+            for r in range(s.rounds):
+                updates = []
+                for i in sampled(n, s.fraction, r):
+                    o.load("global", glob)
+                    updates.append((train("global", i, datasets[i], {"global": 1.0}, g[i]), len(datasets[i])))
+                glob = average(updates, s.weighting)
+            out[phase] = {"global": glob, "locals": [None] * n}
+        elif phase == "feddpa-f":  # every client, one round of `finetune` rounds' budget, from FedIT's adapter
+            locals_ = []
+            for i in range(n):
+                o.load("local", out["fedit"]["global"])
+                locals_.append(train("local", i, datasets[i], {"local": 1.0}, g[i], s.finetune))
+            out[phase] = {"global": out["fedit"]["global"], "locals": locals_}
+        elif phase == "feddpa-t":
+            glob, locals_ = init, [None] * n
+            for r in range(s.rounds):
+                updates = []
+                for i in sampled(n, s.fraction, r):
+                    o.load("global", glob)
+                    if r > 0:
+                        o.load("local", locals_[i] if locals_[i] is not None else fresh[i])
+                        locals_[i] = train("local", i, datasets[i], {"local": s.a, "global": 1 - s.a}, g[i])
+                    updates.append((train("global", i, datasets[i], {"global": 1.0}, g[i]), len(datasets[i])))
+                glob = average(updates, s.weighting)
+            out[phase] = {"global": glob, "locals": locals_}
+        elif phase == "local":  # sampled as FedIT is
+            locals_ = [None] * n
+            for r in range(s.rounds):
+                for i in sampled(n, s.fraction, r):
+                    o.load("local", locals_[i] if locals_[i] is not None else init)
+                    locals_[i] = train("local", i, datasets[i], {"local": 1.0}, g[i])
+            out[phase] = {"global": {}, "locals": locals_}
+        elif phase == "centralized":  # one client: a step budget n times as large, or the same epochs
+            pooled, glob = [e for d in datasets for e in d], init
+            for _ in range(s.rounds):
+                o.load("global", glob)
+                glob = train("global", 0, pooled, {"global": 1.0}, g[0], n if s.steps else 1.0)
+            out[phase] = {"global": glob, "locals": [None]}
+    return out
+
+
+def with_random_B(adapter, g):
+    """The adapter with random B added: the two adapters then differ enough that the mix changes the
+    answers of this tiny random model."""
+    return {k: v + (torch.randn(v.shape, generator=g) * 0.5 if "lora_B" in k else 0) for k, v in adapter.items()}
+
+
+class DropoutRate:
+    """Counts, over the calls of every LoRA dropout module, the elements set to 0 that were not 0, and the
+    calls that returned their input unchanged; where one changed it, the elements kept must be scaled
+    by 1 / (1 - p)."""
+
+    def __init__(self, model, p):
+        self.dropped = self.seen = self.calls = self.unchanged = 0
+        self.p = p
+        self.handles = [m.register_forward_hook(self.hook) for _, layer in lora.lora_layers(model)
+                        for m in layer.lora_dropout.values()]
+
+    def hook(self, module, inputs, output):
+        x = inputs[0]
+        nonzero = x != 0
+        zeroed = nonzero & (output == 0)
+        kept = nonzero & ~zeroed
+        if torch.equal(output, x):
+            self.unchanged += 1
+        else:
+            assert torch.allclose(output[kept], x[kept] / (1 - self.p), rtol=1e-6, atol=0)
+        self.calls += 1
+        self.dropped += int(zeroed.sum())
+        self.seen += int(nonzero.sum())
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_every_setting_equals_the_oracle(setting, tiny_dir, name):
+    """Setting `name`: the project's phases (feddpa.setup_phase, feddpa.run_phase, as train.py runs them)
+    against the oracle's, adapter by adapter; where s.answers, client 1's lambdas and answers (FedDPA's
+    dynamic weight, the given pooling and decoding) against the oracle's, one instance at a time.
+
+    LoRA dropout draws its masks in the project's own layout (the real tokens packed), which the oracle,
+    on transformers' padded layout, cannot reproduce; it is checked statistically instead: in training
+    its modules zero a fraction p of their inputs' elements (within 5 standard deviations) and scale the
+    rest by 1 / (1 - p), the adapters differ from a dropout-free run's, and at evaluation the model is in
+    evaluation mode and equals the oracle's, which has no dropout."""
+    s = SETTINGS[name]
+    _, tok, world, datasets = setting
+    model = hf.from_pretrained(str(tiny_dir))
+    lora.inject(model, TARGETS, r=R, lora_alpha=ALPHA, dropout=s.dropout, seed=SEED)
+    model.eval()
+    init = lora.get_adapter(model, "global")
+    train = fed.LocalTrain(lr=LR, max_steps=s.steps, epochs=s.epochs, batch_size=s.batch, micro_batch_size=s.micro,
+                           max_grad_norm=CLIP)
+    recipe = feddpa.Recipe(train=train, rounds=s.rounds, fraction=s.fraction, local_weight=s.a,
+                           finetune_rounds=s.finetune, k_refs=K, pool=s.pool, lambda_to=s.to, seed=SEED)
+    rate = DropoutRate(model, s.dropout)
+    ours = {}
+    for phase in s.phases:
+        run = feddpa.setup_phase(phase, model, pad_id=tok.pad_id, recipe=recipe, datasets=datasets, init=init,
+                                 trained=ours)
+        federation = feddpa.run_phase(phase, run, seed=SEED, weighting=s.weighting)
+        ours[phase] = feddpa.phase_result(phase, federation.global_adapter, run.clients, ours)
+    rate.close()
+    assert not model.training, "training left the model in training mode"
+    fresh = [feddpa.fresh_local(model, SEED, i) for i in range(len(datasets))]
+    o = Oracle(str(tiny_dir))
+    theirs = oracle_phases(o, replace(s, dropout=0.0), datasets, init, fresh, tok.pad_id)
+
+    for phase in s.phases:
+        mine, want = ours[phase], theirs[phase]
+        pairs = [(mine["global"], want["global"])] if want["global"] else []
+        assert bool(mine["global"]) == bool(want["global"]), phase
+        assert [a is None for a in mine["locals"]] == [b is None for b in want["locals"]], phase
+        pairs += [(a, b) for a, b in zip(mine["locals"], want["locals"]) if b is not None]
+        for a, b in pairs:
+            assert max_diff(b, init) > 1e-3                                # it trained
+            if s.dropout:  # applied: the adapters are not those of the run without it
+                assert max_diff(a, b) > 1e-4, phase
+            else:
+                assert max_diff(a, b) < 1e-5, phase
+    if s.dropout:
+        n, p = rate.seen, s.dropout
+        assert rate.calls and abs(rate.dropped - n * p) < 5 * math.sqrt(n * p * (1 - p)), (rate.dropped, n)
+    if not s.answers:
+        return
+
+    g = torch.Generator().manual_seed(7)
+    source = ours.get("feddpa-t", {"global": init, "locals": [init] * 3})
+    glob, local = with_random_B(source["global"], g), with_random_B(source["locals"][1], g)
+    lora.load_adapter(model, "global", glob)
+    lora.load_adapter(model, "local", local)
+    rate = DropoutRate(model, s.dropout)
+    dynamic = feddpa.paper_weight(model, tok, world.clients[1], recipe, 1, "cpu")
+    tests = [recs[0] for recs in world.tests.values()]
+    dec = evaluation.Decode(max_new_tokens=8, num_beams=s.beams, batch_size=8)
+    answers, lams = evaluation.answer(model, tok, tests, dec, "cpu", dynamic=dynamic)
+    rate.close()
+    assert rate.calls and rate.unchanged == rate.calls, "dropout at evaluation"
+
+    o.load("global", glob)
+    o.load("local", local)
+    order = torch.randperm(len(world.clients[1]), generator=torch.Generator().manual_seed(SEED * 1_000_003 + 1))
+    refs = [o.represent(data.encode_prompt(tok, world.clients[1][j]), s.pool) for j in order[:K].tolist()]
+    other = "global" if s.to == "local" else "local"
+    swapped = greedy = 0  # instances whose answer the other assignment of lambda, or greedy decoding, changes
+    for rec, answer, lam in zip(tests, answers, lams):
+        prompt = data.encode_prompt(tok, rec)
+        rep = o.represent(prompt, s.pool)
+        want = min(max(0.5 * sum(F.cosine_similarity(rep, r, dim=0).item() for r in refs) / K, 0.0), 1.0)
+        assert abs(lam - want) < 1e-5, (rec["instruction"], lam, want)
+        assert answer == o.answer(prompt, {s.to: want, other: 1 - want}, tok, dec.max_new_tokens, s.beams)
+        swapped += answer != o.answer(prompt, {other: want, s.to: 1 - want}, tok, dec.max_new_tokens, s.beams)
+        greedy += answer != o.answer(prompt, {s.to: want, other: 1 - want}, tok, dec.max_new_tokens, 1)
+    assert swapped and max(lams) - min(lams) > 1e-3  # the check has teeth: which adapter gets lambda matters
+    if s.beams > 1:
+        assert greedy, "beam search answers as greedy decoding does here: the check has no teeth"

@@ -4,6 +4,7 @@ run the method's tests against it, and report which test caught it.
     python tools/mutants.py                 # every fault (about ten minutes on 2 cores)
     python tools/mutants.py --only 3,7      # some of them, by number
     python tools/mutants.py --list
+    python tools/mutants.py --only 27 --tests tests/test_lora.py   # against some tests only, to check quickly
 
 Prints one line per fault, "caught by <test>" or "SURVIVED", and exits 1 if any fault survives (or if
 the unplanted copy does not pass to begin with). Each fault is a literal text replacement that must
@@ -20,7 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ["tests/test_oracle.py", "test_feddpa.py", "tests/test_fed.py", "tests/test_lora.py", "tests/test_data.py"]
+TESTS = ["tests/test_oracle.py", "test_feddpa.py", "tests/test_fed.py", "tests/test_lora.py", "tests/test_data.py",
+         "tests/test_conformance.py"]
 
 PRODUCT_AVERAGE = '''    out = {k: sum(wi * u.adapter[k].double() for wi, u in zip(w, updates)).to(updates[0].adapter[k].dtype)
            for k in updates[0].adapter}
@@ -97,10 +99,48 @@ MUTANTS = [  # (fault, file, text, replacement)
     ("the oracle bound gives the training mix on every task", "evaluation.py",
      "mix(recipe.local_weight) if task == own_task else {\"global\": 1.0}", "mix(recipe.local_weight)"),
     ("the calibrated weight is not centred on the generic instructions", "feddpa.py",
-     "represent(model, ids, mask, self.pool).float() - self.centre, dim=-1)",
-     "represent(model, ids, mask, self.pool).float(), dim=-1)"),
+     "represent(model, ids, mask, self.pool).to(self.centre.dtype) - self.centre, dim=-1)",
+     "represent(model, ids, mask, self.pool).to(self.centre.dtype), dim=-1)"),
     ("the AUROC of lambda counts ties as wins", "evaluation.py",
      "+ 0.5 * (pos[:, None] == neg[None])", "+ 1.0 * (pos[:, None] == neg[None])"),
+    # every setting a user can choose (tests/test_oracle.py::test_every_setting_equals_the_oracle), and
+    # LoRA's scaling, initialisation and dropout, the evaluation mode, the scores
+    ("FedDPA-T trains its local adapter with the mix reversed (a and 1 - a swapped)", "feddpa.py",
+     "weights=mix(local_weight),", "weights=mix(1 - local_weight),"),
+    ("--lambda-to is ignored: lambda always goes to the local adapter", "evaluation.py",
+     "mix(lam.repeat_interleave(dec.num_beams), dynamic.to)", "mix(lam.repeat_interleave(dec.num_beams))"),
+    ("micro-batches past the second of a batch are dropped", "fed.py",
+     "for i in range(0, len(batch), train.micro_batch_size)]", "for i in range(0, 2 * train.micro_batch_size, train.micro_batch_size)]"),
+    ("an epoch budget rounds its step count to nearest instead of up", "fed.py",
+     "max(1, math.ceil(train.epochs * len(examples) / train.batch_size))",
+     "max(1, round(train.epochs * len(examples) / train.batch_size))"),
+    ("uniform FedAvg weights by example count", "fed.py",
+     "u.n_examples if weighting == \"count\" else 1.0", "u.n_examples"),
+    ("FedDPA-T samples every client whatever the fraction", "feddpa.py",
+     "return Phase(clients(datasets), step, recipe.rounds, recipe.fraction, init)",
+     "return Phase(clients(datasets), step, recipe.rounds, 1.0, init)"),
+    ("the clients of a round are fraction * n rounded down", "fed.py",
+     "k = max(1, round(fraction * n))", "k = max(1, int(fraction * n))"),
+    ("--finetune-rounds is ignored: FedDPA-F fine-tunes one round's worth", "feddpa.py",
+     "local_step(model, pad_id, scaled(train, recipe.finetune_rounds),", "local_step(model, pad_id, train,"),
+    ("beam search repeats lambda beam-major, not example-major", "evaluation.py",
+     "mix(lam.repeat_interleave(dec.num_beams), dynamic.to)", "mix(lam.repeat(dec.num_beams), dynamic.to)"),
+    ("mean pooling averages over the padding too", "model.py",
+     "return (h * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1)", "return h.mean(1)"),
+    ("LoRA scaling is alpha / sqrt(r) (rsLoRA), not alpha / r", "lora.py",
+     "self.scaling = lora_alpha / r", "self.scaling = lora_alpha / math.sqrt(r)"),
+    ("A is drawn within sqrt(3 / in), not peft's 1 / sqrt(in)", "lora.py",
+     "return 1 / math.sqrt(self.base_layer.in_features)", "return math.sqrt(3 / self.base_layer.in_features)"),
+    ("every client's fresh local adapter is the same draw", "feddpa.py",
+     "seed * 1_000_003 + 500_000 + client_id", "seed * 1_000_003 + 500_000"),
+    ("LoRA dropout is not applied in training", "lora.py",
+     "if not self.training or self.p == 0:", "if True:"),
+    ("LoRA dropout is applied at evaluation too", "lora.py",
+     "if not self.training or self.p == 0:", "if self.p == 0:"),
+    ("training leaves the model in training mode", "lora.py",
+     "model.train(was_training)", "model.train(True)"),
+    ("ROUGE-1 is scored as precision, not F1", "evaluation.py",
+     "return 2 * p * r / (p + r) if p + r > 0 else 0.0", "return p"),
 ]
 
 
@@ -112,11 +152,11 @@ def copy_repo(dest: Path):
     return dest / ROOT.name
 
 
-def run_tests(repo: Path, first_failure: bool) -> tuple:
+def run_tests(repo: Path, first_failure: bool, tests=TESTS) -> tuple:
     """(passed, the first failing test or the error's last line, seconds)."""
     t0 = time.time()
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(["-x"] if first_failure else []),
-                        *TESTS], cwd=repo, capture_output=True, text=True, timeout=1200,
+                        *tests], cwd=repo, capture_output=True, text=True, timeout=1200,
                        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", r.stdout, re.M)
     why = failed[0] if failed else (r.stdout.strip().splitlines() or ["no output"])[-1]
@@ -127,6 +167,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", help="comma-separated fault numbers (see --list)")
     ap.add_argument("--list", action="store_true", help="list the faults and exit")
+    ap.add_argument("--tests", help="comma-separated test files or ids to run instead of TESTS (a quick check)")
     args = ap.parse_args(argv)
     chosen = [int(i) for i in args.only.split(",")] if args.only else list(range(1, len(MUTANTS) + 1))
     if args.list:
@@ -135,7 +176,8 @@ def main(argv=None):
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         repo = copy_repo(Path(tmp))
-        ok, why, secs = run_tests(repo, first_failure=False)
+        tests = args.tests.split(",") if args.tests else TESTS
+        ok, why, secs = run_tests(repo, first_failure=False, tests=tests)
         print(f" 0  no fault planted: {'the tests pass' if ok else 'FAILED ' + why} ({secs:.0f}s)", flush=True)
         if not ok:
             return 1
@@ -149,7 +191,7 @@ def main(argv=None):
                 continue
             (repo / path).write_text(original.replace(old, new))
             try:
-                ok, why, secs = run_tests(repo, first_failure=True)
+                ok, why, secs = run_tests(repo, first_failure=True, tests=tests)
             finally:
                 (repo / path).write_text(original)
             print(f"{i:2d}  {name}: {'SURVIVED' if ok else 'caught by ' + why} ({secs:.0f}s)", flush=True)
