@@ -45,10 +45,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-import fed
 import lora
 from data import encode_prompt, pad_left
-from fed import Client, LocalTrain, Update, train_adapter
+from fed import Client, Federation, LocalTrain, Update, in_process, run_rounds, train_adapter
 
 
 @dataclass(frozen=True)
@@ -58,6 +57,10 @@ class Method:
     phase: str | None     # None: the base model, no adapter
     weighting: str        # one of WEIGHTINGS
     shared: bool = False  # one model for every client (no local adapter): evaluated once
+
+    def __post_init__(self):
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {self.weighting!r}; choose from {', '.join(WEIGHTINGS)}")
 
 
 # How a method weighs its adapters at inference: "none" (the base model); "global" or "local" alone;
@@ -230,17 +233,17 @@ def phase_result(name: str, global_adapter: dict, clients: list, trained: dict) 
 
 
 def run_phase(name: str, phase: Phase, *, seed: int, weighting: str = "count", federation=None, train_round=None,
-              on_round_end=None, progress: bool = False) -> "fed.Federation":
+              on_round_end=None, progress: bool = False) -> Federation:
     """Phase `name` end to end: its rounds of fed.run_rounds, each chosen client taking phase.step in this
     process (or reached by train_round elsewhere: over Flower), FedAvg with `weighting`. A fresh start
     seeds the phase's dropout draws; federation: the state of a resumed phase, its RNG already restored
     (runs.py). on_round_end(federation) after every round (runs.py: the checkpoint). Returns the
     federation; phase_result says what it leaves for evaluation."""
     if federation is None:
-        federation = fed.Federation(phase.start, len(phase.clients))
+        federation = Federation(phase.start, len(phase.clients))
         torch.manual_seed(seed * 7919 + PHASES[name])  # dropout, per phase
-    reach = train_round or fed.in_process(phase.clients, phase.step, progress)
-    return fed.run_rounds(federation, phase.rounds, reach, phase.fraction, seed, weighting, desc=name,
+    reach = train_round or in_process(phase.clients, phase.step, progress)
+    return run_rounds(federation, phase.rounds, reach, phase.fraction, seed, weighting, desc=name,
                           on_round_end=on_round_end, progress=progress)
 
 

@@ -30,7 +30,6 @@ from tqdm import tqdm
 import fed
 import lora
 import feddpa
-from feddpa import METHODS, PHASES, phase_result
 from hf import atomic_write, first_line, write_safetensors
 
 OUTPUTS = ("results.json", "checkpoint.pt", "config.json", "adapters")
@@ -155,7 +154,7 @@ def check_state(state, model, n_clients: int, path: str):
 
     entry(state, ("init", "trained", "results", "current"), "the checkpoint")
     adapter("initial adapter", state["init"])
-    need(isinstance(state["trained"], dict) and set(state["trained"]) <= set(PHASES), "unknown phase")
+    need(isinstance(state["trained"], dict) and set(state["trained"]) <= set(feddpa.PHASES), "unknown phase")
     for phase, t in state["trained"].items():
         entry(t, ("global", "locals", "history", "seconds"), phase)
         adapter(f"{phase} global adapter", t["global"], optional=True)
@@ -164,7 +163,7 @@ def check_state(state, model, n_clients: int, path: str):
             adapter(f"{phase} client {i} local adapter", local, optional=True)
         history(phase, t["history"])
         need(number(t["seconds"]), f"{phase}: seconds")
-    need(isinstance(state["results"], dict) and set(state["results"]) <= set(METHODS), "unknown method")
+    need(isinstance(state["results"], dict) and set(state["results"]) <= set(feddpa.METHODS), "unknown method")
     for method, r in state["results"].items():
         entry(r, ("P", "TTP", "exact", "per_client", "eval_seconds"), method)
         need(all(number(x) for x in (r["P"], r["TTP"], r["eval_seconds"])), f"{method}: scores")
@@ -174,7 +173,7 @@ def check_state(state, model, n_clients: int, path: str):
     cur = state["current"]
     if cur is not None:
         entry(cur, ("phase", "global", "round", "history", "clients", "rng"), "the phase in progress")
-        need(cur["phase"] in PHASES and isinstance(cur["round"], int), "the phase in progress")
+        need(cur["phase"] in feddpa.PHASES and isinstance(cur["round"], int), "the phase in progress")
         adapter(f"{cur['phase']} global adapter", cur["global"], optional=True)
         clients(cur["phase"], cur["clients"], cur["phase"])
         history(cur["phase"], cur["history"])
@@ -253,7 +252,7 @@ def print_table(results: dict, tasks: list, client_tasks: list, verbose: bool):
         lam = r.get("lambda")
         diag = f"   {lam['own']:5.2f}/{lam['other']:<5.2f} {lam['auroc']:5.2f}" if lam and lam["clients"] else ""
         print(f"{name:<22}{r['P']:7.1f}{r['TTP']:7.1f}{r['exact']['P']:7.1f}{r['exact']['TTP']:8.1f}{diag}")
-    if any(METHODS[m].weighting == "oracle" for m in results):
+    if any(feddpa.METHODS[m].weighting == "oracle" for m in results):
         print("-oracle rows: a bound, not a method: the training mix on the client's own task, the global adapter "
               "alone on the others (they read the test instance's task)")
     for method, r in results.items():
@@ -307,7 +306,7 @@ def run_phase(name: str, phase, state: dict, save, *, seed: int, weighting: str,
     hist = federation.history
     print(f"{name:>12}: {phase.rounds} round(s), loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}, "
           f"{sum(h['bytes_up'] + h['bytes_down'] for h in hist) / 1e6:.2f} MB sent, {sum(h['seconds'] for h in hist):.1f}s")
-    result = phase_result(name, federation.global_adapter, phase.clients, state["trained"])
+    result = feddpa.phase_result(name, federation.global_adapter, phase.clients, state["trained"])
     state["trained"][name] = {**result, "history": hist, "seconds": sum(h["seconds"] for h in hist)}
     state["current"] = None
     save(state)
