@@ -18,15 +18,11 @@ import lora
 from model import PRESETS, Llama, ModelConfig
 
 ROOT = Path(__file__).resolve().parent
-# The real data and model, where this machine has them: FEDDPA_FLAN and FEDDPA_FLAN2 (python -m
-# extras.fetch DIR [--set 2] makes them) and
-# FEDDPA_SMOLLM2 (python tools/get_smollm2.py makes it); by default the copies beside this checkout.
+# The real data and model, where this machine has them: FEDDPA_FLAN (python -m extras.fetch DIR makes
+# it) and FEDDPA_SMOLLM2 (python tools/get_smollm2.py makes it); by default the copies beside this checkout.
 FLAN = Path(os.environ.get("FEDDPA_FLAN", ROOT.parent / "shared" / "data" / "feddpa-flan1"))
 needs_flan = pytest.mark.skipif(not FLAN.is_dir(), reason=f"FLAN data set 1 is not at {FLAN}: "
-                                "python fetch.py DIR, then FEDDPA_FLAN=DIR")
-FLAN2 = Path(os.environ.get("FEDDPA_FLAN2", ROOT.parent / "shared" / "data" / "feddpa-flan2"))
-needs_flan2 = pytest.mark.skipif(not FLAN2.is_dir(), reason=f"FLAN data set 2 is not at {FLAN2}: "
-                                 "python -m extras.fetch DIR --set 2, then FEDDPA_FLAN2=DIR")
+                                "python -m extras.fetch DIR, then FEDDPA_FLAN=DIR")
 CATEGORIES = ["coreference", "entailment", "linguistic_acceptability", "paraphrase",
               "question_classification", "structure_to_text", "text_formatting", "word_disambiguation"]
 

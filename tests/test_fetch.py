@@ -13,7 +13,7 @@ import pytest
 
 import data
 from extras import fetch
-from conftest import FLAN, FLAN2, ROOT, needs_flan, needs_flan2
+from conftest import FLAN, ROOT, needs_flan
 
 SET2_CATEGORIES = ["common_sense", "entailment", "open_domain_qa", "paraphrase", "reading_comprehension",
                    "sentiment", "summarization", "text_formatting"]
@@ -21,12 +21,9 @@ SET2_CATEGORIES = ["common_sense", "entailment", "open_domain_qa", "paraphrase",
 
 @pytest.fixture
 def served(tmp_path):
-    """(base URL, the served folder of set 1): the release's layout, data/dataset1/... and
-    data/dataset2/... (those this machine has), on 127.0.0.1."""
+    """(base URL, the served folder of set 1): the release's layout, data/dataset1/..., on 127.0.0.1."""
     root = tmp_path / "www"
-    for n, local in ((1, FLAN), (2, FLAN2)):
-        if local.is_dir():
-            shutil.copytree(local, root / "data" / f"dataset{n}")
+    shutil.copytree(FLAN, root / "data" / "dataset1")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     handler.log_message = lambda *a, **k: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -45,33 +42,6 @@ def test_fetch_downloads_and_checks_every_file(served, tmp_path, capsys):
         assert (tmp_path / "flan" / name).read_bytes() == (FLAN / name).read_bytes()
     assert [len(c) for c in data.load_federated(tmp_path / "flan").clients] == [300] * 8
     assert capsys.readouterr().out.count("\n") == 1
-
-
-@needs_flan2
-def test_fetch_set_2_downloads_and_checks_every_file(served, tmp_path, capsys):
-    """Data set 2 (hellaswag, qnli, arc_easy, paws_wiki, bool_q, sentiment140, gigaword, word_segment)."""
-    url, _ = served
-    assert fetch.main([str(tmp_path / "flan2"), "--set", "2", "--base-url", url]) == 0
-    assert len(fetch.SETS[2][1]) == 9
-    for name in fetch.SETS[2][1]:
-        assert (tmp_path / "flan2" / name).read_bytes() == (FLAN2 / name).read_bytes()
-    fd = data.load_federated(tmp_path / "flan2")
-    assert [len(c) for c in fd.clients] == [300] * 8 and sorted(fd.client_tasks) == SET2_CATEGORIES
-    assert {task: len(recs) for task, recs in fd.tests.items()} == dict.fromkeys(SET2_CATEGORIES, 200)
-    out = capsys.readouterr().out
-    assert out.count("\n") == 1 and "FLAN data set 2" in out
-
-
-@needs_flan2
-def test_a_damaged_file_of_set_2_is_one_line_and_nothing_is_written(served, tmp_path):
-    url, root = served
-    path = root.parent / "dataset2" / "flan_test_200_selected_nstrict_1.jsonl"
-    path.write_bytes(path.read_bytes()[:-1])  # truncated by one byte
-    r = subprocess.run([sys.executable, "-m", "extras.fetch", str(tmp_path / "flan2"), "--set", "2", "--base-url", url],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
-    assert "dataset2/flan_test_200_selected_nstrict_1.jsonl: sha256" in r.stderr and "nothing written" in r.stderr
-    assert list(tmp_path.iterdir()) == [root.parent.parent]
 
 
 @needs_flan
@@ -97,9 +67,10 @@ def test_an_unreachable_server_or_a_used_folder_is_one_line(tmp_path, capsys):
 
 
 def test_fetch_set_2_over_http_on_a_release_made_here(tmp_path, monkeypatch, capsys):
-    """Where the machine has no copy of data set 2 (CI): the same download, checks and layout on a small
-    release in data set 2's file names written here, its pins those files' sha256; one byte changed is
-    refused with nothing written."""
+    """Data set 2, of which neither CI nor the shared folder holds a copy: the same download, checks and
+    layout on a small release in data set 2's file names written here, its pins those files' sha256
+    (the real pins were computed from the release commit's blobs); one byte changed is refused with
+    nothing written."""
     www = tmp_path / "www" / fetch.SETS[2][0]
     pins = {}
     for name in fetch.SETS[2][1]:

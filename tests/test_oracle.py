@@ -31,6 +31,12 @@ import lora
 
 ROUNDS, STEPS, BATCH, MICRO, LR, CLIP = 3, 2, 4, 2, 2e-3, 0.05  # CLIP small enough to act here
 TARGETS, R, ALPHA, A_MIX, SEED, K = ["q_proj", "v_proj", "down_proj"], 4, 8, 0.5, 0, 3
+# Both sides in float64. AdamW divides each gradient by its running magnitude, so in float32 a rounding
+# difference in a near-zero gradient (one CPU kind's BLAS summation order against another's) becomes a
+# sizeable step: the CI machine saw 2.8e-5 where this AMD EPYC saw < 1e-5. In float64 the adapters
+# agree to < 5e-7 here, with 1 or 2 threads alike; what is left is transformers computing RoPE's cos
+# and sin in float32 even for a float64 model (the logits differ by ~1e-7), not summation order.
+DTYPE = torch.float64
 
 
 class Oracle:
@@ -42,7 +48,7 @@ class Oracle:
         from peft.tuners.lora import LoraLayer
         from transformers import LlamaForCausalLM
         config = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS)
-        self.model = get_peft_model(LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32), config,
+        self.model = get_peft_model(LlamaForCausalLM.from_pretrained(model_dir, dtype=DTYPE), config,
                                     adapter_name="global")
         self.model.add_adapter("local", config)
         self.weights, self.training = {"global": 1.0}, None
@@ -66,7 +72,7 @@ class Oracle:
 
     def load(self, name, state):
         own = self.params(name)
-        assert set(own) == set(state)
+        assert set(own) == set(state) and all(p.dtype == DTYPE for p in own.values())
         with torch.no_grad():
             for k, p in own.items():
                 p.copy_(state[k])
@@ -182,7 +188,7 @@ def oracle_run(model_dir, datasets, init, fresh, pad_id) -> dict:
 
 @pytest.fixture(scope="module")
 def setting(tiny_dir):
-    model = hf.from_pretrained(str(tiny_dir))
+    model = hf.from_pretrained(str(tiny_dir), dtype=DTYPE)
     tok = hf.load_tokenizer(str(tiny_dir), model.config)
     lora.inject(model, TARGETS, r=R, lora_alpha=ALPHA, dropout=0.0, seed=SEED)
     world = builtin.benchmark(seed=0, n_train=10, n_test=3)
@@ -509,7 +515,7 @@ def test_every_setting_equals_the_oracle(setting, tiny_dir, name):
     evaluation mode and equals the oracle's, which has no dropout."""
     s = SETTINGS[name]
     _, tok, world, datasets = setting
-    model = hf.from_pretrained(str(tiny_dir))
+    model = hf.from_pretrained(str(tiny_dir), dtype=DTYPE)
     lora.inject(model, TARGETS, r=R, lora_alpha=ALPHA, dropout=s.dropout, seed=SEED)
     model.eval()
     init = lora.get_adapter(model, "global")
