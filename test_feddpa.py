@@ -182,9 +182,9 @@ def test_every_method_end_to_end_on_a_tiny_run(tiny_dir, tmp_path, capsys, dtype
 
 
 def test_partial_participation(tiny_dir, tmp_path, capsys):
-    """--fraction 1/3 of 3 clients for 3 rounds: Local is sampled as FedIT is; a local adapter stays on its
-    client through the rounds it sits out; a client that never trained one is scored with the global
-    adapter alone (its dynamic and fixed rows agree, with no lambda), and the table says so."""
+    """--fraction 1/3 of 3 clients for 3 rounds: Local is sampled as FedIT is; a client that never trained
+    a local adapter has no lambda and no local adapter file, and the table says so (that it is scored
+    with the global adapter alone: the test below)."""
     write_three_clients(tmp_path / "data", n_train=20, n_test=4)
     out = tmp_path / "out"
     train.main(["--data", str(tmp_path / "data"), "--model", str(tiny_dir), "--rounds", "3", "--local-steps", "1",
@@ -198,10 +198,48 @@ def test_partial_participation(tiny_dir, tmp_path, capsys):
     assert no_local and res["methods"]["feddpa-t"]["no_local"] == res["methods"]["feddpa-t-fixed"]["no_local"] == no_local
     for i in no_local:
         dynamic, fixed = res["methods"]["feddpa-t"]["per_client"][i], res["methods"]["feddpa-t-fixed"]["per_client"][i]
-        assert dynamic == fixed and not any("lambda" in s for s in dynamic.values())
+        assert not any("lambda" in s for s in dynamic.values()) and not any("lambda" in s for s in fixed.values())
         assert not (out / "adapters" / "feddpa-t" / f"client{i}_local.safetensors").exists()
     printed = capsys.readouterr().out
     assert "feddpa-t+" in printed and f"client(s) {', '.join(map(str, no_local))} were never sampled" in printed
+
+
+def test_a_client_that_never_trained_a_local_adapter_is_scored_with_the_global_adapter_alone(tiny):
+    """Every FedDPA-T row, with client 1 never sampled after round 0 (no local adapter): its answers are
+    those of the global adapter alone, not the base model's, not a mix with the local adapter the client
+    before it left on the model. The test outputs are the global adapter's answers, so its scores say
+    which model answered."""
+    m, tok, world = tiny
+    g = torch.Generator().manual_seed(3)
+    init = lora.get_adapter(m, "global")
+
+    def random_adapter():
+        return {k: v + (0.5 * torch.randn(v.shape, generator=g) if "lora_B" in k else 0) for k, v in init.items()}
+    glob, stale = random_adapter(), random_adapter()
+    trained = {"feddpa-t": {"global": glob, "locals": [stale, None, random_adapter()]}}
+    tasks = list(world.tests)[:3]
+    dec = evaluation.Decode(max_new_tokens=5, batch_size=8)
+    lora.load_adapter(m, "global", glob)
+    lora.load_adapter(m, "local", stale)
+    records = [r for t in tasks for r in world.tests[t][:3]]
+
+    def answers(weights):
+        return evaluation.answer(m, tok, records, dec, "cpu", weights)[0]
+    alone = answers({"global": 1.0})
+    for wrong in ({}, {"local": 1.0}, feddpa.mix(0.5)):  # the check has teeth: each gives other answers
+        assert answers(wrong) != alone, wrong
+    it = iter(alone)
+    tests = {t: [{**r, "output": next(it)} for r in world.tests[t][:3]] for t in tasks}
+    recipe = feddpa.Recipe(local_weight=0.3, k_refs=3, seed=0)
+    rows = [name for name, method in feddpa.METHODS.items() if method.phase == "feddpa-t" and not method.shared]
+    assert len(rows) >= 4
+    for method in rows:
+        got = evaluation.evaluate_method(method, m, tok, tests, client_data=world.clients[:3], client_tasks=tasks,
+                                         trained=trained, recipe=recipe, dec=dec, device="cpu")
+        assert got["no_local"] == [1], method
+        for task in tasks:
+            assert got["per_client"][1][task]["exact"] == 100.0, (method, task)
+            assert "lambda" not in got["per_client"][1][task], method
 
 
 def test_local_adapters_stay_on_their_clients_through_rounds_they_sit_out(tiny):

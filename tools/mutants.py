@@ -141,6 +141,15 @@ MUTANTS = [  # (fault, file, text, replacement)
      "model.train(was_training)", "model.train(True)"),
     ("ROUGE-1 is scored as precision, not F1", "evaluation.py",
      "return 2 * p * r / (p + r) if p + r > 0 else 0.0", "return p"),
+    ("a client without a local adapter is scored with the mix and the last client's local adapter", "evaluation.py",
+     "    if weighting == \"global\" or local_adapter is None:\n        return evaluate(model, tok, tests, dec, device, "
+     "{\"global\": 1.0}, progress=progress)\n    lora.load_adapter(model, \"local\", local_adapter)",
+     "    if weighting == \"global\":\n        return evaluate(model, tok, tests, dec, device, "
+     "{\"global\": 1.0}, progress=progress)\n    if local_adapter is not None:\n"
+     "        lora.load_adapter(model, \"local\", local_adapter)"),
+    ("a client without a local adapter is scored with the base model", "evaluation.py",
+     "if weighting == \"none\" or (local_adapter is None and not global_adapter):",
+     "if weighting == \"none\" or (local_adapter is None and weighting != \"global\"):"),
 ]
 
 
