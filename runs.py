@@ -11,8 +11,10 @@ The state is a plain dict of tensors and containers, so torch.load(..., weights_
     results    {method: {"P", "TTP", "exact", "per_client", "eval_seconds"}} for every evaluated method
     current    None, or the phase in progress: its global adapter, rounds done, history, each client's
                (local adapter, data-order generator state), and every RNG state
-run_phase runs one training phase (feddpa.run_phase) and writes that state after every round. A porter
-can skip this file: it holds no part of the method, only its checkpoint and resume hooks.
+run_phase runs one training phase (feddpa.run_phase) and writes that state after every round; run_seeds
+repeats a run per seed and summarises: mean ± std of every score, and paired bootstrap intervals for
+the differences the paper's claims rest on. A porter can skip this file: it holds no part of the
+method, only its checkpoint and resume hooks and the summaries.
 """
 import glob
 import io
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import evaluation
 import fed
 import lora
 import feddpa
@@ -316,6 +319,14 @@ def run_phase(name: str, phase, state: dict, save, *, seed: int, weighting: str,
 # Several seeds: mean and standard deviation of every method's scores
 
 METRICS = ("P", "TTP", "P_exact", "TTP_exact")
+# The differences the paper's claims rest on: the dual adapter against FedIT on TTP and against Local on
+# P (FedDPA-T with the paper's lambda and with the calibrated weight, FedDPA-F), and the paper's lambda
+# against the fixed mix and the calibrated weight.
+COMPARISONS = [("feddpa-t", "fedit", "TTP"), ("feddpa-t", "local", "P"),
+               ("feddpa-t-calibrated", "fedit", "TTP"), ("feddpa-t-calibrated", "local", "P"),
+               ("feddpa-f", "fedit", "TTP"), ("feddpa-f", "local", "P"),
+               ("feddpa-t", "feddpa-t-fixed", "P"), ("feddpa-t", "feddpa-t-fixed", "TTP"),
+               ("feddpa-t", "feddpa-t-calibrated", "P"), ("feddpa-t", "feddpa-t-calibrated", "TTP")]
 
 
 def mean_std(xs: list) -> tuple:
@@ -349,11 +360,36 @@ def write_seed_summary(out: str, config: dict, per_seed: dict):
         summary[method] = {k: mean_std([r[k] for r in rows]) for k in METRICS}
         if all(r.get("lambda") for r in rows):
             summary[method].update({f"lambda_{k}": mean_std([r["lambda"][k] for r in rows]) for k in ("own", "other", "auroc")})
-    res = {"config": config, "seeds": list(per_seed), "summary": summary, "per_seed": per_seed}
+    intervals = paired_differences(list(per_seed.values()))
+    res = {"config": config, "seeds": list(per_seed), "summary": summary, "differences": intervals,
+           "per_seed": per_seed}
     atomic_write(os.path.join(out, "results.json"), [json.dumps(res, indent=1).encode()])
     print(f"\nmean ± std over seeds {', '.join(map(str, per_seed))} (ROUGE-1 F1 / exact match, %)")
     print(f"{'method':<22}{'P':>13}{'TTP':>13}{'P(EM)':>13}{'TTP(EM)':>13}   {'λ own':>11} {'λ other':>11} {'AUROC':>11}")
     for method, s in summary.items():
         lam = "".join(f" {s[k][0]:5.2f}±{s[k][1]:<4.2f}" for k in ("lambda_own", "lambda_other", "lambda_auroc") if k in s)
         print(f"{method:<22}" + "".join(f"{s[k][0]:7.1f} ±{s[k][1]:4.1f}" for k in METRICS) + ("  " + lam if lam else ""))
+    if intervals:
+        print("\npaired differences (ROUGE-1 points): mean over seeds, 95% bootstrap interval over test instances, "
+              "each seed's difference")
+        for d in intervals:
+            lo, hi = d["ci95"]
+            verdict = "above" if lo > 0 else "below" if hi < 0 else "undecided"
+            print(f"{d['a'] + ' - ' + d['b']:<36}{d['metric']:>4} {d['diff']:+6.1f}  [{lo:+5.1f}, {hi:+5.1f}]  {verdict:<9}  "
+                  + " ".join(f"{x:+.1f}" for x in d["per_seed"]))
     print(f"\nresults: {os.path.join(out, 'results.json')}")
+
+
+def paired_differences(runs: list) -> list:
+    """evaluation.paired_difference for each of COMPARISONS whose two methods every run has (results.json
+    of each seed; runs written before per-instance scores were kept have none)."""
+    out = []
+    for a, b, metric in COMPARISONS:
+        if not all(a in r["methods"] and b in r["methods"] for r in runs):
+            continue
+        rows = [[r["methods"][m]["per_client"] for r in runs] for m in (a, b)]
+        if not all("rouge1_each" in s for row in rows for per_client in row for c in per_client for s in c.values()):
+            continue
+        d = evaluation.paired_difference(*rows, [r["client_tasks"] for r in runs], metric)
+        out.append({"a": a, "b": b, "metric": metric, **d})
+    return out

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data
+import evaluation
 import hf
 import train
 from conftest import MALFORMED, ROOT, safetensors_bytes, small_fed, tree_bytes
@@ -345,12 +346,63 @@ def test_seeds_run_each_seed_in_its_folder_and_summarise_mean_and_std(tiny_run, 
         p = [r["methods"][method]["P"] for r in per_seed]
         mean, std = res["summary"][method]["P"]
         assert mean == pytest.approx(sum(p) / 2) and std == pytest.approx(abs(p[0] - p[1]) / 2 ** 0.5)
-    assert "lambda_auroc" in res["summary"]["feddpa-t"] and "mean ± std over seeds 0, 3" in capsys.readouterr().out
+    assert "lambda_auroc" in res["summary"]["feddpa-t"]
+    printed = capsys.readouterr().out
+    assert "mean ± std over seeds 0, 3" in printed and "paired differences" in printed
+    (d,) = res["differences"]  # of COMPARISONS, only FedDPA-T against FedIT was run
+    assert (d["a"], d["b"], d["metric"]) == ("feddpa-t", "fedit", "TTP")
+    want = [r["methods"]["feddpa-t"]["TTP"] - r["methods"]["fedit"]["TTP"] for r in per_seed]
+    assert d["per_seed"] == pytest.approx(want) and d["diff"] == pytest.approx(sum(want) / 2)
+    assert d["ci95"][0] <= d["diff"] <= d["ci95"][1]
     (out / "seed3" / "results.json").unlink()  # as if stopped before its end: --resume finishes it
     train.main(["--resume", str(out)])
     assert json.loads((out / "results.json").read_text())["summary"] == res["summary"]
     code, err = main_error([*args[:-2], "--out", str(tmp_path / "x"), "--seeds", "0,a"], capsys)
     assert code == 2 and "--seeds '0,a': comma-separated non-negative integers" in err
+
+
+def scores(*tasks_each):
+    """per_client scores as evaluate_method writes them, from each client's {task: per-instance ROUGE-1}."""
+    return [{t: {"rouge1": sum(xs) / len(xs), "rouge1_each": list(xs)} for t, xs in c.items()} for c in tasks_each]
+
+
+def test_paired_difference_on_hand_computed_cases():
+    """evaluation.paired_difference against cases whose answer is known without it."""
+    pd = evaluation.paired_difference
+    # 1. A = B + 5 on every instance, B's instances spread from 0 to 100: paired, every replicate is +5
+    b = scores({"x": [0, 100, 20, 80], "y": [50, 0, 100, 10]}, {"x": [90, 10, 0, 40], "y": [0, 0, 100, 100]})
+    a = [{t: {"rouge1_each": [v + 5 for v in s["rouge1_each"]]} for t, s in c.items()} for c in b]
+    for metric in ("P", "TTP"):
+        assert pd([a], [b], [["x", "y"]], metric) == {"diff": 5.0, "ci95": [5.0, 5.0], "per_seed": [5.0]}
+    # 2. the clients answered the same instances: +d_i for client 0 and -d_i for client 1 on each instance i
+    #    cancel in every replicate only if one draw serves both clients
+    b = scores({"x": [0, 0, 0]}, {"x": [50, 50, 50]})
+    a = scores({"x": [30, 0, 90]}, {"x": [20, 50, -40]})
+    assert pd([a], [b], [["x", "x"]], "P") == {"diff": 0.0, "ci95": [0.0, 0.0], "per_seed": [0.0]}
+    # 3. one client, differences 0 and 10: a replicate's mean is 0, 5 or 10 with probability 1/4, 1/2, 1/4,
+    #    so the 2.5th and 97.5th percentiles are 0 and 10 and about half the replicates are 5
+    a, b = scores({"x": [10, 30]}), scores({"x": [10, 20]})
+    assert pd([a], [b], [["x"]], "P", n_boot=4000) == {"diff": 5.0, "ci95": [0.0, 10.0], "per_seed": [5.0]}
+    #    differences 0, 3, 9: of the 27 equally likely draws one has mean 0 and one mean 9 (3.7% each, more
+    #    than 2.5% and less than 5%: 148 +- 12 of 4000), so the 95% interval is exactly [0, 9]
+    a, b = scores({"x": [0, 3, 9]}), scores({"x": [0, 0, 0]})
+    assert pd([a], [b], [["x"]], "P", n_boot=4000) == {"diff": 4.0, "ci95": [0.0, 9.0], "per_seed": [4.0]}
+    #    differences 0, 4, 8, 12: P(mean <= 1) = 5/256 = 1.95% (390 +- 20 of 20000, under 2.5%), P(mean <= 2)
+    #    = 15/256 = 5.9%: the interval is exactly [2, 10], not the 1st and 99th percentiles' [1, 11]
+    a, b = scores({"x": [0, 4, 8, 12]}), scores({"x": [0, 0, 0, 0]})
+    assert pd([a], [b], [["x"]], "P", n_boot=20000) == {"diff": 6.0, "ci95": [2.0, 10.0], "per_seed": [6.0]}
+    # 4. seeds are combined by averaging: constant differences 2 and 6 give 4, every replicate too
+    runs = [(scores({"x": [v + 2] * 3}), scores({"x": [v] * 3})) for v in (10, 70)]
+    runs[1] = (scores({"x": [76] * 3}), runs[1][1])
+    got = pd([r[0] for r in runs], [r[1] for r in runs], [["x"], ["x"]], "TTP")
+    assert got == {"diff": 4.0, "ci95": [4.0, 4.0], "per_seed": [2.0, 6.0]}
+    # 5. TTP weighs every task alike for each client: tasks x (+10) and y (0) give +5 whatever their sizes
+    a = scores({"x": [20], "y": [0, 0, 0, 0, 0]})
+    b = scores({"x": [10], "y": [0, 0, 0, 0, 0]})
+    assert pd([a], [b], [["y"]], "TTP") == {"diff": 5.0, "ci95": [5.0, 5.0], "per_seed": [5.0]}
+    assert pd([a], [b], [["y"]], "P")["diff"] == 0.0
+    with pytest.raises(ValueError, match="P or TTP"):
+        pd([a], [b], [["y"]], "ROUGE")
 
 
 def test_diverging_run_stops_naming_client_and_round(tiny_run, tmp_path, capsys):
