@@ -160,9 +160,11 @@ def evaluate_method(method: str, model, tok, tests: dict, *, client_data: list, 
                     recipe: Recipe, dec: Decode, device, progress=None) -> dict:
     """Every client's scores with `method` (evaluate_client), P and TTP (summarize).
 
-    client_data: each client's training records; trained: as for feddpa.setup_phase; progress: a tqdm
-    bar advanced by answers_needed() in all. Models that every client shares (base, FedIT,
-    Centralized) are evaluated once."""
+    client_data: each client's training records; client_tasks: each client's own task, or None for test
+    sets of tasks no client trained on (the paper's unseen tasks: no P, and the -oracle rows answer
+    every task with the global adapter alone); trained: as for feddpa.setup_phase; progress: a tqdm bar
+    advanced by answers_needed() in all. Models that every client shares (base, FedIT, Centralized)
+    are evaluated once."""
     t0 = time.time()
     m = METHODS[method]
     phase = trained.get(m.phase, {"global": {}, "locals": [None] * len(client_data)})
@@ -172,28 +174,31 @@ def evaluate_method(method: str, model, tok, tests: dict, *, client_data: list, 
                                  global_adapter=phase["global"], local_adapter=None, **common)
         per_client = [scores] * len(client_data)
     else:
-        per_client = [evaluate_client(method, model, tok, tests, records=records, client_id=i, own_task=client_tasks[i],
+        per_client = [evaluate_client(method, model, tok, tests, records=records, client_id=i,
+                                      own_task=client_tasks[i] if client_tasks else "",
                                       global_adapter=phase["global"], local_adapter=phase["locals"][i], **common)
                       for i, records in enumerate(client_data)]
     no_local = [] if m.shared else [i for i, local in enumerate(phase["locals"]) if local is None]
     return summarize(per_client, client_tasks, no_local, time.time() - t0)
 
 
-def summarize(per_client: list, client_tasks: list, no_local: list, seconds: float) -> dict:
-    """A method's result from its clients' scores: P and TTP (ROUGE-1 and exact match), the clients that
-    never trained a local adapter ("no_local"), and the lambda diagnostics of a dynamic row."""
+def summarize(per_client: list, client_tasks: list | None, no_local: list, seconds: float) -> dict:
+    """A method's result from its clients' scores: P and TTP (ROUGE-1 and exact match; P None on unseen
+    tasks, client_tasks None), the clients that never trained a local adapter ("no_local"), and the
+    lambda diagnostics of a dynamic row."""
     result = {**p_and_ttp(per_client, client_tasks), "per_client": per_client, "no_local": no_local,
               "exact": p_and_ttp(per_client, client_tasks, "exact"), "eval_seconds": seconds}
-    if any("lambdas" in s for scores in per_client for s in scores.values()):
+    if client_tasks and any("lambdas" in s for scores in per_client for s in scores.values()):
         result["lambda"] = lambda_diagnostics(per_client, client_tasks)
     return result
 
 
-def p_and_ttp(per_client: list, client_tasks: list, metric: str = "rouge1") -> dict:
-    """P: each client's score on its own task; TTP: its mean over all tasks; both averaged over clients."""
-    p = [scores[task][metric] for scores, task in zip(per_client, client_tasks)]
+def p_and_ttp(per_client: list, client_tasks: list | None, metric: str = "rouge1") -> dict:
+    """P: each client's score on its own task (None without client_tasks); TTP: its mean over all tasks;
+    both averaged over clients."""
+    p = [scores[task][metric] for scores, task in zip(per_client, client_tasks)] if client_tasks else None
     ttp = [sum(s[metric] for s in scores.values()) / len(scores) for scores in per_client]
-    return {"P": sum(p) / len(p), "TTP": sum(ttp) / len(ttp)}
+    return {"P": sum(p) / len(p) if p else None, "TTP": sum(ttp) / len(ttp)}
 
 
 def auroc(pos: list, neg: list) -> float:

@@ -9,6 +9,7 @@ The state is a plain dict of tensors and containers, so torch.load(..., weights_
     init       the initial adapter every phase starts from
     trained    {phase: {"global", "locals", "history", "seconds"}} for every finished phase
     results    {method: {"P", "TTP", "exact", "per_client", "eval_seconds"}} for every evaluated method
+    unseen     the same on --test-data's tasks (P None), for every method evaluated there
     current    None, or the phase in progress: its global adapter, rounds done, history, each client's
                (local adapter, data-order generator state), and every RNG state
 run_phase runs one training phase (feddpa.run_phase) and writes that state after every round; run_seeds
@@ -173,6 +174,12 @@ def check_state(state, model, n_clients: int, path: str):
         need(all(number(entry(r["exact"], ("P", "TTP"), method)[k]) for k in ("P", "TTP")), f"{method}: exact match")
         need(isinstance(r["per_client"], list) and len(r["per_client"]) == n_clients, f"{method}: per-client scores")
         need(isinstance(r.get("no_local", []), list), f"{method}: clients without a local adapter")
+    unseen = state.get("unseen", {})
+    need(isinstance(unseen, dict) and set(unseen) <= set(feddpa.METHODS), "unknown method on unseen tasks")
+    for method, r in unseen.items():
+        entry(r, ("TTP", "exact", "per_client", "eval_seconds"), f"{method} on unseen tasks")
+        need(number(r["TTP"]) and number(entry(r["exact"], ("TTP",), method)["TTP"]), f"{method}: unseen scores")
+        need(isinstance(r["per_client"], list) and len(r["per_client"]) == n_clients, f"{method}: unseen per-client scores")
     cur = state["current"]
     if cur is not None:
         entry(cur, ("phase", "global", "round", "history", "clients", "rng"), "the phase in progress")
@@ -235,6 +242,9 @@ def write_results(out: str, config: dict, state: dict, client_tasks: list, secon
                                   "per_client": r["per_client"],
                                   "budget": {"phases": phases, "steps_per_client": per_client[0],
                                              "examples_per_client": per_client[1]}}
+    if state.get("unseen"):
+        res["unseen"] = {method: {"TTP": r["TTP"], "TTP_exact": r["exact"]["TTP"], "eval_seconds": r["eval_seconds"],
+                                  "per_client": r["per_client"]} for method, r in state["unseen"].items()}
     atomic_write(os.path.join(out, "results.json"), [json.dumps(res, indent=1).encode()])
     return res
 
@@ -245,6 +255,12 @@ def print_times(seconds: dict):
     parts += [f"train {p} {s:.0f}s" for p, s in seconds["training"].items()]
     parts += [f"eval {m} {s:.0f}s" for m, s in seconds["evaluation"].items()]
     print(f"time: {', '.join(parts)}; total {seconds['total']:.0f}s")
+
+
+def print_unseen(results: dict, test_data: str, tasks: list):
+    print(f"\nunseen tasks ({test_data}: {', '.join(tasks)}): TTP, each client's mean over them")
+    for method, r in results.items():
+        print(f"{method:<22}{r['TTP']:7.1f}{r['exact']['TTP']:8.1f}")
 
 
 def print_table(results: dict, tasks: list, client_tasks: list, verbose: bool):
@@ -363,31 +379,45 @@ def write_seed_summary(out: str, config: dict, per_seed: dict):
     intervals = paired_differences(list(per_seed.values()))
     res = {"config": config, "seeds": list(per_seed), "summary": summary, "differences": intervals,
            "per_seed": per_seed}
+    if all("unseen" in r for r in per_seed.values()):  # --test-data: TTP on the unseen tasks
+        res["summary_unseen"] = {m: {k: mean_std([r["unseen"][m][k] for r in per_seed.values()])
+                                     for k in ("TTP", "TTP_exact")} for m in next(iter(per_seed.values()))["unseen"]}
+        res["differences_unseen"] = paired_differences(list(per_seed.values()), "unseen")
     atomic_write(os.path.join(out, "results.json"), [json.dumps(res, indent=1).encode()])
     print(f"\nmean ± std over seeds {', '.join(map(str, per_seed))} (ROUGE-1 F1 / exact match, %)")
     print(f"{'method':<22}{'P':>13}{'TTP':>13}{'P(EM)':>13}{'TTP(EM)':>13}   {'λ own':>11} {'λ other':>11} {'AUROC':>11}")
     for method, s in summary.items():
         lam = "".join(f" {s[k][0]:5.2f}±{s[k][1]:<4.2f}" for k in ("lambda_own", "lambda_other", "lambda_auroc") if k in s)
         print(f"{method:<22}" + "".join(f"{s[k][0]:7.1f} ±{s[k][1]:4.1f}" for k in METRICS) + ("  " + lam if lam else ""))
+    if "summary_unseen" in res:
+        print(f"\nunseen tasks ({config.get('test_data')}): TTP mean ± std over seeds")
+        for method, s in res["summary_unseen"].items():
+            print(f"{method:<22}" + "".join(f"{s[k][0]:7.1f} ±{s[k][1]:4.1f}" for k in ("TTP", "TTP_exact")))
+    print_differences(intervals, "")
+    print_differences(res.get("differences_unseen", []), " on unseen tasks")
+    print(f"\nresults: {os.path.join(out, 'results.json')}")
+
+
+def print_differences(intervals: list, where: str):
     if intervals:
-        print("\npaired differences (ROUGE-1 points): mean over seeds, 95% bootstrap interval over test instances, "
-              "each seed's difference")
+        print(f"\npaired differences{where} (ROUGE-1 points): mean over seeds, 95% bootstrap interval over test "
+              "instances, each seed's difference")
         for d in intervals:
             lo, hi = d["ci95"]
             verdict = "above" if lo > 0 else "below" if hi < 0 else "undecided"
             print(f"{d['a'] + ' - ' + d['b']:<36}{d['metric']:>4} {d['diff']:+6.1f}  [{lo:+5.1f}, {hi:+5.1f}]  {verdict:<9}  "
                   + " ".join(f"{x:+.1f}" for x in d["per_seed"]))
-    print(f"\nresults: {os.path.join(out, 'results.json')}")
 
 
-def paired_differences(runs: list) -> list:
+def paired_differences(runs: list, key: str = "methods") -> list:
     """evaluation.paired_difference for each of COMPARISONS whose two methods every run has (results.json
-    of each seed; runs written before per-instance scores were kept have none)."""
+    of each seed; runs written before per-instance scores were kept have none). key "unseen": on the
+    unseen tasks, TTP only (no client's own task is among them)."""
     out = []
     for a, b, metric in COMPARISONS:
-        if not all(a in r["methods"] and b in r["methods"] for r in runs):
+        if not all(a in r[key] and b in r[key] for r in runs) or (key == "unseen" and metric == "P"):
             continue
-        rows = [[r["methods"][m]["per_client"] for r in runs] for m in (a, b)]
+        rows = [[r[key][m]["per_client"] for r in runs] for m in (a, b)]
         if not all("rouge1_each" in s for row in rows for per_client in row for c in per_client for s in c.values()):
             continue
         d = evaluation.paired_difference(*rows, [r["client_tasks"] for r in runs], metric)

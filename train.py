@@ -65,6 +65,8 @@ class Config:
     lambda_to: str = opt("local", "adapter that gets lambda: 'local' (the paper's text) or 'global' (official code)")
     finetune_rounds: float = opt(1.0, "FedDPA-F: local fine-tuning after FedIT, in rounds of local training (the paper: 1)")
     test_per_task: int = opt(30, "test instances per task (0 = all)")
+    test_data: str = opt("", "a second federated folder whose test sets every method also answers: tasks no "
+                         "client trained on (the paper's unseen tasks), reported as TTP")
     max_new_tokens: int = opt(24, "generation length (the paper: 80)")
     num_beams: int = opt(1, "beam search width (the paper: 4)")
     eval_batch_size: int = opt(64, "prompts per generation batch")
@@ -247,10 +249,12 @@ def run(cfg: Config, args):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     fd = load_data(cfg.data, cfg.seed, cfg.clients, cfg.dirichlet_alpha, cfg.min_client_size, cfg.test_per_task)
+    unseen = load_data(cfg.test_data, cfg.seed, 0, 0.5, 1, cfg.test_per_task).tests if cfg.test_data else {}
     t0 = time.time()
     model_dir, tok = base_and_tokenizer(cfg, device, not args.quiet)
     encoded = data.encode_clients(fd.clients, tok, cfg.cutoff, cfg.max_dropped)
-    data.check_lengths(cfg.model, tok, hf.config_from_hf(os.path.join(model_dir, "config.json")).context, fd.tests,
+    every_test = {**fd.tests, **{f"{cfg.test_data}: {t}": recs for t, recs in unseen.items()}}
+    data.check_lengths(cfg.model, tok, hf.config_from_hf(os.path.join(model_dir, "config.json")).context, every_test,
                        encoded, cfg.cutoff, cfg.max_new_tokens)
     model = load_model(cfg, model_dir, device)
     pretrain_seconds = time.time() - t0
@@ -260,7 +264,7 @@ def run(cfg: Config, args):
         runs.save_state(cfg.out, s)
     if state is None:
         init = hf.read_peft(cfg.init_adapter, lora.adapter_tensors(model, "global")) if cfg.init_adapter else lora.get_adapter(model, "global")
-        state = {"init": init, "trained": {}, "results": {}, "current": None,
+        state = {"init": init, "trained": {}, "results": {}, "unseen": {}, "current": None,
                  "pretrain_seconds": pretrain_seconds}
         runs.start(cfg.out, asdict(cfg), state)
     else:
@@ -276,7 +280,9 @@ def run(cfg: Config, args):
     needed = {p for m in methods for p in feddpa.phases_of(m)}
     todo_phases = [p for p in feddpa.PHASES if p in needed and p not in state["trained"]]
     todo_methods = [m for m in methods if m not in state["results"]]
+    todo_unseen = [m for m in methods if unseen and m not in state.setdefault("unseen", {})]
     answers = sum(evaluation.answers_needed(m, fd.tests, len(fd.clients)) for m in todo_methods)
+    answers += sum(evaluation.answers_needed(m, unseen, len(fd.clients)) for m in todo_unseen)
     print("work ahead: " + "; ".join(f"{p} {feddpa.schedule(p, rec, len(fd.clients))}" for p in todo_phases)
           + f"{'; ' if todo_phases else ''}{answers:,} answers of up to {cfg.max_new_tokens} tokens for {len(todo_methods)} methods")
 
@@ -285,16 +291,21 @@ def run(cfg: Config, args):
                                    trained=state["trained"])
         runs.run_phase(name, phase, state, save, seed=cfg.seed, weighting=cfg.weighting, out=cfg.out, progress=progress)
     dec = evaluation.Decode(cfg.max_new_tokens, cfg.num_beams, cfg.eval_batch_size, cfg.cutoff)
-    for method in todo_methods:
-        bar = tqdm(total=evaluation.answers_needed(method, fd.tests, len(fd.clients)), desc=f"evaluating {method}",
-                   unit="answer", leave=False, disable=not progress)
-        with bar, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            state["results"][method] = evaluation.evaluate_method(
-                method, model, tok, fd.tests, client_data=fd.clients, client_tasks=fd.client_tasks,
-                trained=state["trained"], recipe=rec, dec=dec, device=device, progress=bar)
-        save(state)
+    # each method on the data set's own tests, then (--test-data) on the unseen tasks' tests
+    for key, tests, client_tasks, todo in (("results", fd.tests, fd.client_tasks, todo_methods),
+                                           ("unseen", unseen, None, todo_unseen)):
+        for method in todo:
+            bar = tqdm(total=evaluation.answers_needed(method, tests, len(fd.clients)), unit="answer", leave=False,
+                       desc=f"evaluating {method}{' on unseen tasks' if key == 'unseen' else ''}", disable=not progress)
+            with bar, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                state[key][method] = evaluation.evaluate_method(
+                    method, model, tok, tests, client_data=fd.clients, client_tasks=client_tasks,
+                    trained=state["trained"], recipe=rec, dec=dec, device=device, progress=bar)
+            save(state)
     res = runs.write_results(cfg.out, asdict(cfg), state, fd.client_tasks, time.time() - t_start)
     runs.print_table(state["results"], list(fd.tests), fd.client_tasks, args.verbose)
+    if unseen:
+        runs.print_unseen(state["unseen"], cfg.test_data, list(unseen))
     runs.print_times(res["seconds"])
     print(f"\nresults: {os.path.join(cfg.out, 'results.json')}  ({time.time() - t_start:.0f}s)")
 

@@ -68,6 +68,8 @@ def settings(train_args: str) -> tuple:
                         f"run the base model, Local and Centralized with train.py")
     if cfg.seeds:
         raise UserError("--seeds: start one Flower run per seed")
+    if cfg.test_data:
+        raise UserError("--test-data: a Flower run scores each client on its own data's tests only")
     return cfg, args
 
 

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import builtin
 import data
 import evaluation
 import hf
+import lora
 import train
 from conftest import MALFORMED, ROOT, safetensors_bytes, small_fed, tree_bytes
 
@@ -359,6 +361,48 @@ def test_seeds_run_each_seed_in_its_folder_and_summarise_mean_and_std(tiny_run, 
     assert json.loads((out / "results.json").read_text())["summary"] == res["summary"]
     code, err = main_error([*args[:-2], "--out", str(tmp_path / "x"), "--seeds", "0,a"], capsys)
     assert code == 2 and "--seeds '0,a': comma-separated non-negative integers" in err
+
+
+def test_test_data_scores_every_method_on_the_unseen_tasks(tiny_run, tmp_path, capsys):
+    """--test-data: every method also answers another folder's test sets, tasks no client trained on,
+    with the adapters it was evaluated with (checked by answering them again from the saved adapters),
+    reported as TTP; over seeds, mean ± std and the paired differences on TTP only."""
+    world = builtin.benchmark(seed=0, n_train=20, n_test=5)
+    unseen_tasks = world.client_tasks[3:6]
+    other = tmp_path / "other"
+    data.write_federated(data.federated_data("other", world.clients[3:6],
+                                             [r for t in unseen_tasks for r in world.tests[t]]), other)
+    out = tmp_path / "seeds"
+    train.main([*tiny_run[2], "--rounds", "1", "--methods", "fedit,local,feddpa-t", "--test-data", str(other),
+                "--seeds", "0,1", "--out", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    per_seed = [json.loads((out / f"seed{s}" / "results.json").read_text()) for s in (0, 1)]
+    r = per_seed[0]
+    assert not set(unseen_tasks) & set(r["client_tasks"]) and set(r["unseen"]) == {"fedit", "local", "feddpa-t"}
+    model = hf.from_pretrained(str(tiny_run[0]))
+    tok = hf.load_tokenizer(str(tiny_run[0]), model.config)
+    lora.inject(model, lora.TARGETS, r=8, lora_alpha=16)  # train.py's defaults
+    model.eval()
+    tests = {t: world.tests[t][:2] for t in sorted(unseen_tasks)}
+    dec = evaluation.Decode(max_new_tokens=4, batch_size=64, cutoff=128)
+    for method, client, slot, file in (("fedit", 0, "global", "fedit/global"), ("local", 1, "local", "local/client1_local")):
+        lora.load_adapter(model, slot, hf.read_safetensors(str(out / "seed0" / "adapters" / f"{file}.safetensors")))
+        scored = r["unseen"][method]["per_client"][client]
+        assert list(scored) == list(tests), method
+        for task, recs in tests.items():
+            answers, _ = evaluation.answer(model, tok, recs, dec, "cpu", {slot: 1.0})
+            assert scored[task]["rouge1_each"] == pytest.approx(evaluation.score(answers, [x["output"] for x in recs])["rouge1_each"])
+    for method, row in r["unseen"].items():
+        assert row["TTP"] == pytest.approx(sum(sum(s["rouge1"] for s in c.values()) / len(c) for c in row["per_client"]) / 3)
+        mean, _ = res["summary_unseen"][method]["TTP"]
+        assert mean == pytest.approx((per_seed[0]["unseen"][method]["TTP"] + per_seed[1]["unseen"][method]["TTP"]) / 2)
+    (d,) = res["differences_unseen"]  # FedDPA-T against FedIT on TTP: no P on tasks no client owns
+    assert (d["a"], d["b"], d["metric"]) == ("feddpa-t", "fedit", "TTP")
+    assert d["per_seed"] == pytest.approx([x["unseen"]["feddpa-t"]["TTP"] - x["unseen"]["fedit"]["TTP"] for x in per_seed])
+    assert "unseen tasks" in capsys.readouterr().out
+    code, err = main_error([*tiny_run[2], "--test-data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "nowhere: no such dataset folder" in err
+    assert not (tmp_path / "x").exists()
 
 
 def scores(*tasks_each):
