@@ -61,9 +61,9 @@ def score(preds, refs) -> dict:
     """Mean scores in percent, as the paper reports them, and each instance's ROUGE-1 (percent), from
     which paired_difference resamples."""
     n = max(len(refs), 1)
-    out = {name: 100 * sum(fn(p, r) for p, r in zip(preds, refs)) / n
-           for name, fn in (("rouge1", rouge1), ("rougeL", rouge_l), ("exact", exact_match))}
-    return {**out, "rouge1_each": [100 * rouge1(p, r) for p, r in zip(preds, refs)]}
+    each = {name: [fn(p, r) for p, r in zip(preds, refs)]
+            for name, fn in (("rouge1", rouge1), ("rougeL", rouge_l), ("exact", exact_match))}
+    return {**{name: 100 * sum(xs) / n for name, xs in each.items()}, "rouge1_each": [100 * x for x in each["rouge1"]]}
 
 
 # ----------------------------------------------------------------------------------------------

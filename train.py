@@ -249,10 +249,12 @@ def run(cfg: Config, args):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     fd = load_data(cfg.data, cfg.seed, cfg.clients, cfg.dirichlet_alpha, cfg.min_client_size, cfg.test_per_task)
-    unseen = load_data(cfg.test_data, cfg.seed, 0, 0.5, 1, cfg.test_per_task).tests if cfg.test_data else {}
+    unseen = (load_data(cfg.test_data, cfg.seed, 0, cfg.dirichlet_alpha, cfg.min_client_size, cfg.test_per_task).tests
+              if cfg.test_data else {})  # only its tests: clients 0, as released
     t0 = time.time()
     model_dir, tok = base_and_tokenizer(cfg, device, not args.quiet)
     encoded = data.encode_clients(fd.clients, tok, cfg.cutoff, cfg.max_dropped)
+    # keys kept apart: the two data sets may name a task alike
     every_test = {**fd.tests, **{f"{cfg.test_data}: {t}": recs for t, recs in unseen.items()}}
     data.check_lengths(cfg.model, tok, hf.config_from_hf(os.path.join(model_dir, "config.json")).context, every_test,
                        encoded, cfg.cutoff, cfg.max_new_tokens)
@@ -279,8 +281,9 @@ def run(cfg: Config, args):
         print(f"note: {note}")
     needed = {p for m in methods for p in feddpa.phases_of(m)}
     todo_phases = [p for p in feddpa.PHASES if p in needed and p not in state["trained"]]
+    state.setdefault("unseen", {})  # a checkpoint written before --test-data existed has none
     todo_methods = [m for m in methods if m not in state["results"]]
-    todo_unseen = [m for m in methods if unseen and m not in state.setdefault("unseen", {})]
+    todo_unseen = [m for m in methods if unseen and m not in state["unseen"]]
     answers = sum(evaluation.answers_needed(m, fd.tests, len(fd.clients)) for m in todo_methods)
     answers += sum(evaluation.answers_needed(m, unseen, len(fd.clients)) for m in todo_unseen)
     print("work ahead: " + "; ".join(f"{p} {feddpa.schedule(p, rec, len(fd.clients))}" for p in todo_phases)
