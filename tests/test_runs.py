@@ -17,6 +17,7 @@ import data
 import evaluation
 import hf
 import lora
+import runs
 import train
 from conftest import MALFORMED, ROOT, safetensors_bytes, small_fed, tree_bytes
 
@@ -447,6 +448,22 @@ def test_paired_difference_on_hand_computed_cases():
     assert pd([a], [b], [["y"]], "P")["diff"] == 0.0
     with pytest.raises(ValueError, match="P or TTP"):
         pd([a], [b], [["y"]], "ROUGE")
+
+
+def test_seed_summary_takes_a_minus_b_on_each_comparison_s_own_metric():
+    """runs.paired_differences on results whose differences are not 0 (a tiny random model's are): FedDPA-T
+    minus FedIT on TTP, FedDPA-T minus Local on P, and on the unseen tasks TTP only. Clients 0 and 1 own
+    tasks x and y; one instance per task, so every interval is its point."""
+    def result(**per_method):
+        return {"client_tasks": ["x", "y"], "methods": {m: {"per_client": scores(*c)} for m, c in per_method.items()}}
+    one = result(**{"feddpa-t": ({"x": [60], "y": [20]}, {"x": [10], "y": [50]}),  # TTP 35, P 55
+                    "fedit": ({"x": [40], "y": [40]}, {"x": [40], "y": [40]}),       # TTP 40, P 40
+                    "local": ({"x": [30], "y": [0]}, {"x": [0], "y": [35]})})        # TTP 16.25, P 32.5
+    got = {(d["a"], d["b"], d["metric"]): (d["diff"], d["ci95"]) for d in runs.paired_differences([one])}
+    assert got == {("feddpa-t", "fedit", "TTP"): (-5.0, [-5.0, -5.0]), ("feddpa-t", "local", "P"): (22.5, [22.5, 22.5])}
+    one["unseen"] = one.pop("methods")
+    got = {(d["a"], d["b"], d["metric"]): d["diff"] for d in runs.paired_differences([one], "unseen")}
+    assert got == {("feddpa-t", "fedit", "TTP"): -5.0}
 
 
 def test_diverging_run_stops_naming_client_and_round(tiny_run, tmp_path, capsys):
