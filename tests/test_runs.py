@@ -365,9 +365,10 @@ def test_seeds_run_each_seed_in_its_folder_and_summarise_mean_and_std(tiny_run, 
 
 
 def test_test_data_scores_every_method_on_the_unseen_tasks(tiny_run, tmp_path, capsys):
-    """--test-data: every method also answers another folder's test sets, tasks no client trained on,
-    with the adapters it was evaluated with (checked by answering them again from the saved adapters),
-    reported as TTP; over seeds, mean ± std and the paired differences on TTP only."""
+    """--test-data: every method also answers another folder's test sets, tasks no client trained on
+    (their tasks and per-instance scores checked by answering them again from the saved adapters; which
+    adapters a method uses is evaluate_method's, held to the oracle in test_oracle.py), reported as TTP;
+    over seeds, mean ± std and the paired differences on TTP only."""
     world = builtin.benchmark(seed=0, n_train=20, n_test=5)
     unseen_tasks = world.client_tasks[3:6]
     other = tmp_path / "other"
