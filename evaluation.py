@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import lora
-from feddpa import METHODS, Recipe, calibrated, mix, paper_weight, prompt_batches
+from feddpa import METHODS, STARTS_FROM, Recipe, calibrated, mix, paper_weight, prompt_batches
 from generate import generate
 
 
@@ -105,48 +105,110 @@ def answer(model, tok, records, dec: Decode, device, weights: dict | None = None
 
 
 def evaluate(model, tok, tests: dict, dec: Decode, device, weights=None, dynamic=None, progress=None) -> dict:
-    """Scores of one model (its adapters already loaded) on every task's test set."""
-    result = {}
-    for task, records in tests.items():
-        preds, lams = answer(model, tok, records, dec, device, weights, dynamic, progress)
-        result[task] = score(preds, [r["output"] for r in records])
+    """Scores of one model (its adapters already loaded) on every task's test set. All tasks' instances
+    are answered together, in batches of similar prompt length, so that a batch is full even where a
+    task's test set is smaller than it."""
+    records = [r for recs in tests.values() for r in recs]
+    preds, lams = answer(model, tok, records, dec, device, weights, dynamic, progress)
+    result, start = {}, 0
+    for task, recs in tests.items():
+        end = start + len(recs)
+        result[task] = score(preds[start:end], [r["output"] for r in recs])
         if dynamic is not None:
-            result[task]["lambda"] = sum(lams) / max(len(lams), 1)
-            result[task]["lambdas"] = lams
+            result[task]["lambda"] = sum(lams[start:end]) / max(len(recs), 1)
+            result[task]["lambdas"] = lams[start:end]
+        start = end
     return result
 
 
-def answers_needed(method: str, tests: dict, n_clients: int) -> int:
-    """How many answers evaluate_method generates: every test instance, once per client unless the
-    method's model is shared by all."""
-    return sum(map(len, tests.values())) * (1 if METHODS[method].shared else n_clients)
+# Rows that give the same answers generate them once. An answer set is a model (its adapters and a fixed
+# mix) answering every test instance; answer_key names it by where its adapters come from, so that
+# FedDPA-F's global adapter alone is FedIT's row, and an -oracle row is its -fixed row on the client's
+# own task and its global adapter alone on the others. The dynamic rows' mixes are the client's own,
+# per instance: never shared.
+
+def global_source(method: str) -> str | None:
+    """The training phase whose global adapter `method` loads (FedDPA-F's is FedIT's)."""
+    phase = METHODS[method].phase
+    return STARTS_FROM.get(phase, phase)
+
+
+def answer_key(method: str, client_id: int, has_local: bool, weighting: str | None = None) -> tuple:
+    """The answer set of `method` for one client, with `weighting` in place of the method's own (the
+    -oracle rows' parts). has_local: whether the client trained a local adapter (without one it is
+    scored with the global adapter alone; Local: the base model)."""
+    m, g = METHODS[method], global_source(method)
+    weighting = weighting or m.weighting
+    if weighting == "none" or (m.phase == "local" and not has_local):
+        return ("base",)
+    if weighting == "global" or not has_local:
+        return ("global", g)
+    if weighting in ("local", "fixed"):
+        return (weighting, g, m.phase, client_id)
+    return (weighting, method, client_id)  # the dynamic rows
+
+
+def answer_keys(method: str, n_clients: int, has_local, own_tasks: bool = True) -> list:
+    """Every answer set `method` needs, in the order evaluate_method generates them. has_local(phase,
+    client) -> bool; own_tasks False: test sets no client trained on (the -oracle rows then use the
+    global adapter alone)."""
+    m = METHODS[method]
+    if m.shared:
+        return [answer_key(method, 0, False)]
+    keys = []
+    for i in range(n_clients):
+        mine = has_local(m.phase, i)
+        parts = (("fixed", "global") if own_tasks else ("global",)) if m.weighting == "oracle" else (None,)
+        keys += [answer_key(method, i, mine, w) for w in parts]
+    return list(dict.fromkeys(keys))
+
+
+def answers_needed(methods: list, tests: dict, n_clients: int, has_local=lambda phase, i: True, known=(),
+                   own_tasks: bool = True) -> dict:
+    """How many answers evaluating `methods` in turn generates, per method: each answer set not yet
+    generated (not in `known`, nor made by a method before it) answers every test instance once."""
+    seen, n, counts = set(known), sum(map(len, tests.values())), {}
+    for method in methods:
+        new = [k for k in answer_keys(method, n_clients, has_local, own_tasks) if k not in seen]
+        seen.update(new)
+        counts[method] = n * len(new)
+    return counts
 
 
 def evaluate_client(method: str, model, tok, tests: dict, *, records: list, client_id: int, own_task: str,
                     global_adapter: dict, local_adapter: dict | None, recipe: Recipe, dec: Decode, device,
-                    progress=None) -> dict:
+                    progress=None, answered: dict | None = None) -> dict:
     """One client's scores on every task with the adapters and mix of `method` (feddpa.METHODS).
 
     records: the client's training records (the dynamic weight's references); global_adapter: the
     adapter of the method's phase ({} for the base model and Local); local_adapter: the client's own,
     None where it never trained one (it is then scored with the global adapter alone; Local: the base
-    model)."""
+    model); own_task: "" for test sets no client trained on. answered: the answer sets already scored
+    on these tests ({answer_key: scores}), read and filled in, so that no answer set is generated twice."""
+    answered = {} if answered is None else answered
+    has_local = local_adapter is not None
     weighting = METHODS[method].weighting
-    if weighting == "none" or (local_adapter is None and not global_adapter):
-        return evaluate(model, tok, tests, dec, device, {}, progress=progress)
-    if global_adapter:  # Local has none
-        lora.load_adapter(model, "global", global_adapter)
-    if weighting == "global" or local_adapter is None:
-        return evaluate(model, tok, tests, dec, device, {"global": 1.0}, progress=progress)
-    lora.load_adapter(model, "local", local_adapter)
-    if weighting == "local":
-        return evaluate(model, tok, tests, dec, device, {"local": 1.0}, progress=progress)
-    if weighting == "fixed":
-        return evaluate(model, tok, tests, dec, device, mix(recipe.local_weight), progress=progress)
+
+    def scored(weighting):
+        """The scores of one fixed-mix answer set, generated only if not answered before."""
+        key = answer_key(method, client_id, has_local, weighting)
+        if key not in answered:
+            if key[0] != "base" and global_adapter:  # Local has none
+                lora.load_adapter(model, "global", global_adapter)
+            if key[0] in ("local", "fixed"):
+                lora.load_adapter(model, "local", local_adapter)
+            weights = {"base": {}, "global": {"global": 1.0}, "local": {"local": 1.0},
+                       "fixed": mix(recipe.local_weight)}[key[0]]
+            answered[key] = evaluate(model, tok, tests, dec, device, weights, progress=progress)
+        return answered[key]
+
+    if weighting in ("none", "global", "local", "fixed") or not has_local:
+        return scored(weighting)
     if weighting == "oracle":  # a bound: it reads the test instance's task
-        return {task: evaluate(model, tok, {task: recs}, dec, device,
-                               mix(recipe.local_weight) if task == own_task else {"global": 1.0}, progress=progress)[task]
-                for task, recs in tests.items()}
+        own, other = (scored("fixed") if own_task else None), scored("global")
+        return {task: dict((own if task == own_task else other)[task]) for task in tests}
+    lora.load_adapter(model, "global", global_adapter)
+    lora.load_adapter(model, "local", local_adapter)
     if progress is not None:
         progress.set_postfix_str(f"client {client_id}: encoding its references")
     weigh = calibrated if weighting == "calibrated" else paper_weight
@@ -157,18 +219,19 @@ def evaluate_client(method: str, model, tok, tests: dict, *, records: list, clie
 
 
 def evaluate_method(method: str, model, tok, tests: dict, *, client_data: list, client_tasks: list, trained: dict,
-                    recipe: Recipe, dec: Decode, device, progress=None) -> dict:
+                    recipe: Recipe, dec: Decode, device, progress=None, answered: dict | None = None) -> dict:
     """Every client's scores with `method` (evaluate_client), P and TTP (summarize).
 
     client_data: each client's training records; client_tasks: each client's own task, or None for test
     sets of tasks no client trained on (the paper's unseen tasks: no P, and the -oracle rows answer
     every task with the global adapter alone); trained: as for feddpa.setup_phase; progress: a tqdm bar
-    advanced by answers_needed() in all. Models that every client shares (base, FedIT, Centralized)
-    are evaluated once."""
+    advanced by answers_needed() in all; answered: as for evaluate_client, shared by the methods
+    evaluated on the same tests. Models that every client shares (base, FedIT, Centralized) are
+    evaluated once."""
     t0 = time.time()
     m = METHODS[method]
     phase = trained.get(m.phase, {"global": {}, "locals": [None] * len(client_data)})
-    common = dict(recipe=recipe, dec=dec, device=device, progress=progress)
+    common = dict(recipe=recipe, dec=dec, device=device, progress=progress, answered={} if answered is None else answered)
     if m.shared:
         scores = evaluate_client(method, model, tok, tests, records=[], client_id=0, own_task="",
                                  global_adapter=phase["global"], local_adapter=None, **common)

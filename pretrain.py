@@ -41,7 +41,10 @@ def token_rows(tok, texts: list, T: int = 128) -> torch.Tensor:
     return stream[:len(stream) // T * T].view(-1, T)
 
 
-def pretrain(model: Llama, rows: torch.Tensor, steps: int, seed: int = 0, bf16: bool = False, batch: int = 32,
+BATCH = 16  # rows of 128 tokens per step: on a 2-core CPU, 200 steps of 16 reach a lower loss than 100 of 32 in less time
+
+
+def pretrain(model: Llama, rows: torch.Tensor, steps: int, seed: int = 0, bf16: bool = False, batch: int = BATCH,
              lr: float = 3e-3, progress: bool = False) -> list:
     """Train every weight of model on random rows (N, T) of token_rows: AdamW, warmup then cosine decay,
     gradient clipping at 1.0. Returns (seconds, loss) per step."""
@@ -71,7 +74,7 @@ def cache_dir(cache: str, seed: int, steps: int, bf16: bool = False) -> str:
     """Where base_model keeps the base: named by a hash of its settings and of every text it is made
     from (the corpus, the tokenizer's texts), so that a changed world is a new base, never a stale one."""
     texts = hashlib.sha256("\0".join(tokenizer_texts(seed)).encode()).hexdigest()
-    key = json.dumps([asdict(PRESETS["base"]), seed, steps, texts] + (["bfloat16"] if bf16 else []))
+    key = json.dumps([asdict(PRESETS["base"]), seed, steps, BATCH, texts] + (["bfloat16"] if bf16 else []))
     return os.path.join(os.path.expanduser(cache), f"base-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
 
 

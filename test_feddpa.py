@@ -242,6 +242,69 @@ def test_a_client_that_never_trained_a_local_adapter_is_scored_with_the_global_a
             assert "lambda" not in got["per_client"][1][task], method
 
 
+def test_no_answer_is_generated_twice_and_shared_answers_are_the_rows_own(tiny, monkeypatch):
+    """Every method evaluated in the table's order, sharing what was answered: no test instance is
+    answered twice by the same adapters with the same fixed mix (FedDPA-F's global adapter alone is
+    FedIT's; an -oracle row's parts are its -fixed row and its global adapter alone), the count the
+    progress bars are given is what is generated, and every row's scores equal those it gets evaluated
+    alone, with nothing shared. FedDPA-F's global adapter is a copy of FedIT's (as a resumed run loads
+    it), so the sharing cannot rest on the tensors' identity."""
+    m, tok, world = tiny
+    g = torch.Generator().manual_seed(5)
+    init = lora.get_adapter(m, "global")
+
+    def random_adapter():
+        return {k: v + (0.5 * torch.randn(v.shape, generator=g) if "lora_B" in k else 0) for k, v in init.items()}
+    fedit = random_adapter()
+    trained = {"fedit": {"global": fedit, "locals": [None] * 3},
+               "feddpa-f": {"global": {k: v.clone() for k, v in fedit.items()}, "locals": [random_adapter() for _ in range(3)]},
+               "feddpa-t": {"global": random_adapter(), "locals": [random_adapter(), None, random_adapter()]},
+               "local": {"global": {}, "locals": [random_adapter(), random_adapter(), None]},
+               "centralized": {"global": random_adapter(), "locals": [None]}}
+    tasks = list(world.tests)[:3]
+    recipe = feddpa.Recipe(local_weight=0.3, k_refs=3, calibration_refs=4, seed=0)
+    dec = evaluation.Decode(max_new_tokens=4, batch_size=8)
+    # the test outputs are client 0's FedDPA-F answers with the fixed mix, so that scores tell models apart
+    lora.load_adapter(m, "global", fedit)
+    lora.load_adapter(m, "local", trained["feddpa-f"]["locals"][0])
+    records = [r for t in tasks for r in world.tests[t][:2]]
+    it = iter(evaluation.answer(m, tok, records, dec, "cpu", feddpa.mix(0.3))[0])
+    tests = {t: [{**r, "output": next(it)} for r in world.tests[t][:2]] for t in tasks}
+
+    def run(answered_of):
+        return {method: evaluation.evaluate_method(method, m, tok, tests, client_data=world.clients[:3],
+                                                   client_tasks=tasks, trained=trained, recipe=recipe, dec=dec,
+                                                   device="cpu", answered=answered_of(method))
+                for method in feddpa.METHODS}
+    alone = run(lambda method: None)
+    fixed = alone["feddpa-f-fixed"]["per_client"]
+    assert fixed[0] != fixed[1] and fixed[1] != fixed[2]  # the check has teeth: each client's model answers its own
+
+    real, generated, calls = evaluation.answer, [], []
+
+    def fingerprint(slot):
+        return hash(tuple(v.numpy().tobytes() for _, v in sorted(lora.adapter_tensors(m, slot).items())))
+
+    def spy(model, tok_, records, dec_, device, weights=None, dynamic=None, progress=None):
+        if dynamic is None:  # which adapters, and how much of each, answer which instance
+            model_ = tuple(sorted((slot, fingerprint(slot), float(w)) for slot, w in (weights or {}).items() if w))
+            generated.extend((model_, json.dumps(r, sort_keys=True)) for r in records)
+        else:  # a dynamic mix is the client's own: each call its own
+            calls.append(dynamic)
+            generated.extend(("dynamic", len(calls), i) for i in range(len(records)))
+        return real(model, tok_, records, dec_, device, weights, dynamic, progress)
+    monkeypatch.setattr(evaluation, "answer", spy)
+    answered = {}
+    shared = run(lambda method: answered)
+    assert len(generated) == len(set(generated)), "an answer generated twice"
+    has_local = lambda phase, i: trained[phase]["locals"][i] is not None  # noqa: E731
+    assert len(generated) == sum(evaluation.answers_needed(list(feddpa.METHODS), tests, 3, has_local).values())
+    assert len(generated) < 3 * len(feddpa.METHODS) * sum(map(len, tests.values()))  # something was shared
+    strip = lambda r: {k: v for k, v in r.items() if k != "eval_seconds"}  # noqa: E731
+    for method in feddpa.METHODS:
+        assert strip(shared[method]) == strip(alone[method]), method
+
+
 def test_local_adapters_stay_on_their_clients_through_rounds_they_sit_out(tiny):
     m, tok, world = tiny
     train = fed.LocalTrain(lr=1e-2, max_steps=1, batch_size=4, micro_batch_size=4)

@@ -40,12 +40,12 @@ class Config:
     data: str = opt("builtin", "'builtin' benchmark or a directory in the paper's federated format")
     model: str = opt("builtin", "'builtin' tiny base (pretrained here, cached), an HF Llama folder, or a hub id")
     methods: str = opt(",".join(feddpa.METHODS), "comma-separated methods to run")
-    rounds: int = opt(30, "communication rounds R (the paper: 20)")
+    rounds: int = opt(12, "communication rounds R (the paper: 20)")
     local_epochs: float = opt(1.0, "epochs over a client's data per round (when --local-steps is 0)")
     local_steps: int = opt(3, "optimizer steps per client per round; 0 = use --local-epochs")
     batch_size: int = opt(4, "examples per optimizer step (the paper: 64)")
     micro_batch_size: int = opt(4, "examples per forward pass (gradient accumulation)")
-    lr: float = opt(3e-3, "AdamW learning rate (the paper: 3e-4, for a 7B model; the tiny base needs more)")
+    lr: float = opt(5e-3, "AdamW learning rate (the paper: 3e-4, for a 7B model; the tiny base needs more)")
     max_grad_norm: float = opt(1.0, "clip each step's gradient to this global norm, as the official Trainer (0 = off)")
     lora_r: int = opt(8, "LoRA rank")
     lora_alpha: float = opt(16.0, "LoRA alpha (scaling lora_alpha / r)")
@@ -64,7 +64,7 @@ class Config:
     pool: str = opt("last", "instance representation: 'last' prompt token or 'mean'")
     lambda_to: str = opt("local", "adapter that gets lambda: 'local' (the paper's text) or 'global' (official code)")
     finetune_rounds: float = opt(1.0, "FedDPA-F: local fine-tuning after FedIT, in rounds of local training (the paper: 1)")
-    test_per_task: int = opt(30, "test instances per task (0 = all)")
+    test_per_task: int = opt(15, "test instances per task (0 = all)")
     test_data: str = opt("", "a second federated folder whose test sets every method also answers: tasks no "
                          "client trained on (the paper's unseen tasks), reported as TTP")
     max_new_tokens: int = opt(24, "generation length (the paper: 80)")
@@ -284,8 +284,8 @@ def run(cfg: Config, args):
     state.setdefault("unseen", {})  # a checkpoint written before --test-data existed has none
     todo_methods = [m for m in methods if m not in state["results"]]
     todo_unseen = [m for m in methods if unseen and m not in state["unseen"]]
-    answers = sum(evaluation.answers_needed(m, fd.tests, len(fd.clients)) for m in todo_methods)
-    answers += sum(evaluation.answers_needed(m, unseen, len(fd.clients)) for m in todo_unseen)
+    answers = (sum(evaluation.answers_needed(todo_methods, fd.tests, len(fd.clients)).values())
+               + sum(evaluation.answers_needed(todo_unseen, unseen, len(fd.clients), own_tasks=False).values()))
     print("work ahead: " + "; ".join(f"{p} {feddpa.schedule(p, rec, len(fd.clients))}" for p in todo_phases)
           + f"{'; ' if todo_phases else ''}{answers:,} answers of up to {cfg.max_new_tokens} tokens for {len(todo_methods)} methods")
 
@@ -294,16 +294,21 @@ def run(cfg: Config, args):
                                    trained=state["trained"])
         runs.run_phase(name, phase, state, save, seed=cfg.seed, weighting=cfg.weighting, out=cfg.out, progress=progress)
     dec = evaluation.Decode(cfg.max_new_tokens, cfg.num_beams, cfg.eval_batch_size, cfg.cutoff)
-    # each method on the data set's own tests, then (--test-data) on the unseen tasks' tests
+    def has_local(phase, i):
+        return state["trained"][phase]["locals"][i] is not None
+    # each method on the data set's own tests, then (--test-data) on the unseen tasks' tests; the answer
+    # sets a method shares with one before it are generated once (evaluation.answer_key)
     for key, tests, client_tasks, todo in (("results", fd.tests, fd.client_tasks, todo_methods),
                                            ("unseen", unseen, None, todo_unseen)):
+        answered = {}
         for method in todo:
-            bar = tqdm(total=evaluation.answers_needed(method, tests, len(fd.clients)), unit="answer", leave=False,
+            n = evaluation.answers_needed([method], tests, len(fd.clients), has_local, answered, client_tasks is not None)
+            bar = tqdm(total=n[method], unit="answer", leave=False,
                        desc=f"evaluating {method}{' on unseen tasks' if key == 'unseen' else ''}", disable=not progress)
             with bar, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 state[key][method] = evaluation.evaluate_method(
                     method, model, tok, tests, client_data=fd.clients, client_tasks=client_tasks,
-                    trained=state["trained"], recipe=rec, dec=dec, device=device, progress=bar)
+                    trained=state["trained"], recipe=rec, dec=dec, device=device, progress=bar, answered=answered)
             save(state)
     res = runs.write_results(cfg.out, asdict(cfg), state, fd.client_tasks, time.time() - t_start)
     runs.print_table(state["results"], list(fd.tests), fd.client_tasks, args.verbose)

@@ -224,7 +224,7 @@ def print_row(name: str, row: dict):
 # Pretraining the built-in base, and the default run end to end
 
 def bench_pretrain(tok, steps: int, peak: float, warmup: int = 2):
-    """pretrain.pretrain, the loop that trains the built-in base: batch 32 x 128, AdamW + clipping."""
+    """pretrain.pretrain, the loop that trains the built-in base: batch pretrain.BATCH x 128, AdamW + clipping."""
     torch.manual_seed(0)
     log = pretrain.pretrain(Llama(PRESETS["base"]), pretrain.token_rows(tok, builtin.corpus(0)), warmup + steps)
     return rates(PRESETS["base"], [(secs, 32 * 128, 32 * 127, loss) for secs, loss in log[warmup:]], peak, per_weight=6)
@@ -356,7 +356,7 @@ def main(argv=None):
         print("\n3. the built-in base and the default run")
     if "pretrain" in only:
         tps, gflops, pct = bench_pretrain(tok, args.steps, peak32)
-        print(f"   pretraining step (batch 32 x 128, all weights, AdamW + clipping): {tps:.0f} tok/s, "
+        print(f"   pretraining step (batch {pretrain.BATCH} x 128, all weights, AdamW + clipping): {tps:.0f} tok/s, "
               f"{gflops:.1f} GFLOP/s ({pct:.1f}% of float32 peak)")
     if args.e2e:
         secs, child = bench_e2e()

@@ -191,7 +191,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     phases = {feddpa.METHODS[m].phase for m in methods}
     globals_ = {p: from_record(msg.content[f"global.{p}"]) for p in phases}
     last = {p: node.last_state(p, 10 ** 9) for p in phases}  # each phase's final files
-    scores, no_local, seconds = {}, [], {}
+    scores, no_local, seconds, answered = {}, [], {}, {}  # answered: each answer set generated once
     for method in methods:
         t0 = time.time()
         phase = feddpa.METHODS[method].phase
@@ -199,7 +199,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         with torch.autocast(node.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
             scores[method] = evaluation.evaluate_client(
                 method, model, tok, node.fd.tests, records=node.records, client_id=node.id, own_task=node.task,
-                global_adapter=globals_[phase], local_adapter=local, recipe=rec, dec=dec, device=node.device)
+                global_adapter=globals_[phase], local_adapter=local, recipe=rec, dec=dec, device=node.device,
+                answered=answered)
         if local is None and not feddpa.METHODS[method].shared:
             no_local.append(method)
         seconds[method] = time.time() - t0

@@ -58,8 +58,8 @@ MUTANTS = [  # (fault, file, text, replacement)
     ("evaluation loads client 0's local adapter for every client", "evaluation.py",
      "local_adapter=phase[\"locals\"][i], **common)", "local_adapter=phase[\"locals\"][0], **common)"),
     ("the -fixed rows use the global adapter alone", "evaluation.py",
-     "evaluate(model, tok, tests, dec, device, mix(recipe.local_weight), progress=progress)",
-     "evaluate(model, tok, tests, dec, device, {\"global\": 1.0}, progress=progress)"),
+     '"fixed": mix(recipe.local_weight)}[key[0]]',
+     '"fixed": {"global": 1.0}}[key[0]]'),
     ("FedDPA-F starts from the initial adapter instead of FedIT's result", "feddpa.py",
      "scaled(train, recipe.finetune_rounds), trained[\"fedit\"][\"global\"])",
      "scaled(train, recipe.finetune_rounds), init)"),
@@ -90,14 +90,13 @@ MUTANTS = [  # (fault, file, text, replacement)
      "local_step(model, pad_id, train, init), recipe.rounds, recipe.fraction, {})",
      "local_step(model, pad_id, train, init), recipe.rounds, 1.0, {})"),
     ("a client that never trained a local adapter is scored with the initial one mixed in", "evaluation.py",
-     "    if weighting == \"global\" or local_adapter is None:\n        return evaluate(model, tok, tests, dec, device, {\"global\": 1.0}, progress=progress)\n"
-     "    lora.load_adapter(model, \"local\", local_adapter)",
-     "    if weighting == \"global\":\n        return evaluate(model, tok, tests, dec, device, {\"global\": 1.0}, progress=progress)\n"
-     "    if local_adapter is not None:\n        lora.load_adapter(model, \"local\", local_adapter)"),
+     '    has_local = local_adapter is not None\n',
+     '    has_local = True\n    local_adapter = local_adapter if local_adapter is not None else __import__("feddpa").fresh_local(model, recipe.seed, client_id)\n'),
     ("the response is encoded alone, not in the joint encoding", "data.py",
      "    if ids[:len(prompt)] != prompt:\n", "    if True:\n"),
     ("the oracle bound gives the training mix on every task", "evaluation.py",
-     "mix(recipe.local_weight) if task == own_task else {\"global\": 1.0}", "mix(recipe.local_weight)"),
+     'own, other = (scored("fixed") if own_task else None), scored("global")',
+     'own = other = scored("fixed")'),
     ("the calibrated weight is not centred on the generic instructions", "feddpa.py",
      "represent(model, ids, mask, self.pool).to(self.centre.dtype) - self.centre, dim=-1)",
      "represent(model, ids, mask, self.pool).to(self.centre.dtype), dim=-1)"),
@@ -142,14 +141,17 @@ MUTANTS = [  # (fault, file, text, replacement)
     ("ROUGE-1 is scored as precision, not F1", "evaluation.py",
      "return 2 * p * r / (p + r) if p + r > 0 else 0.0", "return p"),
     ("a client without a local adapter is scored with the mix and the last client's local adapter", "evaluation.py",
-     "    if weighting == \"global\" or local_adapter is None:\n        return evaluate(model, tok, tests, dec, device, "
-     "{\"global\": 1.0}, progress=progress)\n    lora.load_adapter(model, \"local\", local_adapter)",
-     "    if weighting == \"global\":\n        return evaluate(model, tok, tests, dec, device, "
-     "{\"global\": 1.0}, progress=progress)\n    if local_adapter is not None:\n"
-     "        lora.load_adapter(model, \"local\", local_adapter)"),
+     '    has_local = local_adapter is not None\n',
+     '    has_local = True\n    local_adapter = local_adapter if local_adapter is not None else lora.get_adapter(model, "local")\n'),
     ("a client without a local adapter is scored with the base model", "evaluation.py",
-     "if weighting == \"none\" or (local_adapter is None and not global_adapter):",
-     "if weighting == \"none\" or (local_adapter is None and weighting != \"global\"):"),
+     'if weighting == "none" or (m.phase == "local" and not has_local):',
+     'if weighting == "none" or not has_local:'),
+    ("FedDPA-F's global adapter alone is not recognised as FedIT's: its answers are generated again", "evaluation.py",
+     'return STARTS_FROM.get(phase, phase)',
+     'return phase'),
+    ("an answer set is shared by every client of a phase", "evaluation.py",
+     'return (weighting, g, m.phase, client_id)',
+     'return (weighting, g, m.phase)'),
 ]
 
 
