@@ -227,7 +227,8 @@ def bench_pretrain(tok, steps: int, peak: float, warmup: int = 2):
     """pretrain.pretrain, the loop that trains the built-in base: batch pretrain.BATCH x 128, AdamW + clipping."""
     torch.manual_seed(0)
     log = pretrain.pretrain(Llama(PRESETS["base"]), pretrain.token_rows(tok, builtin.corpus(0)), warmup + steps)
-    return rates(PRESETS["base"], [(secs, 32 * 128, 32 * 127, loss) for secs, loss in log[warmup:]], peak, per_weight=6)
+    return rates(PRESETS["base"], [(secs, pretrain.BATCH * 128, pretrain.BATCH * 127, loss) for secs, loss in log[warmup:]],
+                 peak, per_weight=6)
 
 
 def bench_e2e() -> tuple:
