@@ -3,13 +3,15 @@
 FedDPA is evaluated by generating answers (the paper: 4 beams, 80 new tokens). Prompts are
 left-padded (data.pad_left), so every sequence's next token goes in the same cache slot, and
 positions count real tokens only (model.Llama.hidden), so a padded prompt decodes as it would alone.
-Per-example LoRA weights (lora.py) follow the rows: beams are laid out example-major.
+Per-example LoRA weights (lora.py) follow the rows: beams are laid out example-major, and beam search
+encodes each prompt once (lora.rows), then copies its cache to its beams.
 
 Not here: the model (model.py), which adapters are mixed and how (feddpa.py).
 """
 import torch
 import torch.nn.functional as F
 
+import lora
 from model import Llama, ModelConfig
 
 
@@ -67,10 +69,13 @@ def beam_search(model: Llama, input_ids, attention_mask, max_new_tokens, eos_id,
     B, T = input_ids.shape
     dev = input_ids.device
     eos = set(eos_id.tolist())
-    ids = input_ids.repeat_interleave(k, dim=0)                              # (B*k, T)
-    mask = attention_mask.long().repeat_interleave(k, dim=0)
-    cache = KVCache(model.config, B * k, T + max_new_tokens, model.lm_head.weight.dtype, dev)
-    logits = model.lm_head(model.hidden(ids, mask, cache)[:, -1]).float()      # (B*k, vocab)
+    # the k beams of a prompt start identical: encode each prompt once, then copy its cache k times
+    cache = KVCache(model.config, B, T + max_new_tokens, model.lm_head.weight.dtype, dev)
+    with lora.rows(model, torch.arange(0, B * k, k, device=dev)):          # each example's first beam
+        logits = model.lm_head(model.hidden(input_ids, attention_mask.long(), cache)[:, -1]).float()  # (B, vocab)
+    first = torch.arange(B, device=dev).repeat_interleave(k)                 # (B*k,) beam -> its prompt
+    cache.reorder(first)
+    logits, mask = logits.index_select(0, first), attention_mask.long().index_select(0, first)
     V = logits.shape[-1]
     scores = torch.full((B, k), -1e9, device=dev)
     scores[:, 0] = 0.0                      # all k beams start identical: count only the first

@@ -184,6 +184,22 @@ def mixed(model: nn.Module, weights: dict):
 
 
 @contextmanager
+def rows(model: nn.Module, index):
+    """Forward passes inside the block run on rows `index` of the batch that the mix in place was set
+    for: every per-example weight is cut to those rows (beam search encodes each prompt once, not once
+    per beam). The mix in place comes back when the block ends."""
+    layers = [layer for _, layer in lora_layers(model)]
+    before = [layer.weights for layer in layers]
+    for layer, w in zip(layers, before):
+        layer.weights = {n: v.index_select(0, index) if torch.is_tensor(v) else v for n, v in w.items()}
+    try:
+        yield model
+    finally:
+        for layer, w in zip(layers, before):
+            layer.weights = w
+
+
+@contextmanager
 def training(model: nn.Module, name: str):
     """Inside the block adapter `name` (only it) trains, in training mode (dropout on); after it, the
     model is back in the mode it had and no adapter trains."""

@@ -1,9 +1,9 @@
-"""Throughput benchmark: LoRA training (ours vs transformers + peft), FedDPA inference, pretraining.
+"""Throughput benchmark: LoRA training and generation (ours vs transformers + peft), FedDPA inference, pretraining.
 
-    python bench.py                              # every scenario (several minutes on 2 cores)
-    python bench.py --only a,infer --steps 3     # some of them: a b c d infer pretrain
-    python bench.py --e2e                        # also time the default `python train.py` (minutes)
-    python bench.py --only a --profile           # plus a torch.profiler table of our training step
+    python -m extras.bench                           # every scenario (several minutes on 2 cores)
+    python -m extras.bench --only a,infer --steps 3  # some: a b c d (31M / built-in), smol gen (SmolLM2), infer pretrain
+    python -m extras.bench --e2e                     # also time the default `python train.py` (minutes)
+    python -m extras.bench --only a --profile        # plus a torch.profiler table of our training step
 
 Everything but --e2e runs in this one process on the CPU, with torch's default thread count.
 Timings are only as quiet as the machine: take numbers worth quoting with nothing else running.
@@ -47,7 +47,7 @@ except ImportError:
 MID = ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=1376, vocab_size=16000,
                         max_seq_len=512)
 QV = ("q_proj", "v_proj")  # the paper's targets
-SCENARIOS = ("a", "b", "c", "d", "infer", "gen", "pretrain")
+SCENARIOS = ("a", "b", "c", "d", "infer", "gen", "smol", "pretrain")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,10 +183,11 @@ def rates(cfg, steps, peak: float, per_weight: int = 4) -> tuple:
     return tokens / secs, gflops, 100 * gflops / peak
 
 
-def compare(cfg, d: str, targets, batches, steps: int, peak: float, bf16: bool = False) -> dict:
+def compare(cfg, d: str, targets, batches, steps: int, peak: float, bf16: bool = False, profile: bool = False) -> dict:
     """One row: ours and transformers + peft, each fresh from d, taking turns step by step on the same
     batches, so that a slow spell of a shared machine hits both. With bf16, transformers + peft in
-    float32 takes its turn too (row["hf32"]): target c compares against it."""
+    float32 takes its turn too (row["hf32"]): target c compares against it. profile: then one more
+    step of each under the profiler (row["share"], bench_infer.kernel_share)."""
     runs = {"ours": (False, bf16)}  # name: (transformers + peft?, bf16?)
     if HAVE_HF:
         runs["hf"] = (True, bf16)
@@ -209,6 +210,8 @@ def compare(cfg, d: str, targets, batches, steps: int, peak: float, bf16: bool =
         row[name] = rates(cfg, timed[name], peak)
     if HAVE_HF:  # the ratio of step times, step by step, is steadier than the ratio of the best steps
         row["median"] = sorted(h[0] / o[0] for o, h in zip(timed["ours"], timed["hf"]))[steps // 2]
+    if profile and HAVE_HF:
+        row["share"] = {name: bench_infer.kernel_share(lambda: steps_of[name](batches[0])) for name in ("ours", "hf")}
     return row
 
 
@@ -293,6 +296,72 @@ def flan_rows(args, only, peak32, peak16, tmp):
         profile(d, packed)
 
 
+def dtypes(choice: str, peak32: float) -> list:
+    """The (dtype, matmul peak) pairs of scenarios gen and smol. auto: bfloat16 only where it is fast here:
+    without bfloat16 instructions (AVX-512 BF16, AMX) torch multiplies bfloat16 matrices tens of times
+    slower than float32."""
+    names = ["float32", "bfloat16"] if choice == "auto" else choice.split(",")
+    if set(names) - {"float32", "bfloat16"}:
+        raise SystemExit(f"--dtypes {choice!r}: float32, bfloat16 or both, comma-separated")
+    peak16 = matmul_peak(torch.bfloat16, n=512, reps=3) if "bfloat16" in names else 0.0
+    if choice == "auto" and peak16 < peak32 / 2:
+        print(f"\n(bfloat16 left out of gen and smol: this CPU multiplies bfloat16 matrices at {peak16:.1f} GFLOP/s "
+              f"(512^3), float32 at {peak32:.1f}; --dtypes float32,bfloat16 runs it anyway)")
+        names.remove("bfloat16")
+    return [(getattr(torch, name), peak32 if name == "float32" else peak16) for name in names]
+
+
+def smollm2_rows(args, only, kinds: list):
+    """Scenarios on SmolLM2-135M-Instruct: the LoRA training step on FLAN batches of 8 (smol) and
+    generation on FLAN test prompts (gen), against transformers (+ peft), in each dtype of `kinds`, with
+    each side's share of time in matrix-product and attention kernels (bench_infer.kernel_share)."""
+    if not (os.path.isdir(args.flan) and os.path.isdir(args.smollm2)):
+        print("\n(gen and smol skipped: they need --flan data and --smollm2 model directories)")
+        return
+    fd = data.load_federated(args.flan)
+    cfg = hf.config_from_hf(os.path.join(args.smollm2, "config.json"))
+    tok = hf.load_tokenizer(args.smollm2, cfg)
+    if "smol" in only and HAVE_HF:
+        records = [r for client in fd.clients for r in client]
+        batches = example_batches(tok, records, args.steps + 2)
+        shape = f"8x{sum(b[0].shape[1] for b in batches) / len(batches):.0f}"
+        print(f"\n1b. LoRA training step, SmolLM2-135M-Instruct ({describe(cfg)}), q_proj and v_proj, FLAN {shape}")
+        for dtype, peak in kinds:
+            bf16 = dtype == torch.bfloat16
+            row = compare(cfg, args.smollm2, QV, batches, args.steps, peak, bf16=bf16, profile=True)
+            print_row(f"s {'bf16 base' if bf16 else 'fp32'}, SmolLM2, FLAN {shape}", row)
+            print_share("s", row["share"])
+    if "gen" in only and HAVE_HF:
+        tests = [r for rs in zip(*fd.tests.values()) for r in rs]  # the tasks in turn
+        print(f"\n2b. generation, SmolLM2-135M-Instruct, {args.gen_batch} FLAN test prompts left-padded, "
+              f"{args.gen_tokens} new tokens, the faster of 2 runs each; memory read here: "
+              f"{bench_infer.read_bandwidth():.1f} GB/s")
+        from transformers import AutoModelForCausalLM
+        fp32_rows = {}
+        for dtype, _ in kinds:
+            ours = hf.from_pretrained(args.smollm2, dtype=dtype).eval()
+            theirs = AutoModelForCausalLM.from_pretrained(args.smollm2, dtype=dtype).eval()
+            for beams in (1, 4):
+                g = bench_infer.bench_generation(ours, theirs, tok, tests, beams, args.gen_tokens, args.gen_batch,
+                                                 reference=fp32_rows.get(beams))
+                fp32_rows.setdefault(beams, g["rows"])
+                same = "identical" if g["same"] else "NOT identical"
+                ref = "" if g["equal_to_reference"] is None else f", {g['equal_to_reference']}/{args.gen_batch} rows as in float32"
+                print(f"   {str(dtype).split('.')[1]:>8} {beams} beam(s): ours {g['ours']:6.2f}s, transformers "
+                      f"{g['hf']:6.2f}s: ours {g['hf'] / g['ours']:.2f}x; {g['tokens']} tokens, {same}{ref}")
+                print(f"      ours: prefill {g['prefill']:.2f}s, then {1e3 * g['step']:.0f} ms a decoding step "
+                      f"(reads {g['weight_bytes'] / 1e6:.0f} MB of weights: {g['weight_bytes'] / g['step'] / 1e9:.1f} GB/s)")
+                print_share("      ", g["share"])
+
+
+def print_share(prefix: str, share: dict):
+    """Each side's seconds and kernel seconds, and the bound they set: transformers' time over the
+    smaller kernel time is the most that any implementation calling these kernels can gain."""
+    (t_o, k_o), (t_h, k_h) = share["ours"], share["hf"]
+    print(f"{prefix}  profiled: ours {t_o:.2f}s, {100 * k_o / t_o:.0f}% in matmul/attention kernels; transformers "
+          f"{t_h:.2f}s, {100 * k_h / t_h:.0f}%: with these kernels at most {t_h / min(k_o, k_h):.2f}x", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=8, help="timed steps per scenario, after 2 warmup steps (default 8)")
@@ -301,7 +370,11 @@ def main(argv=None):
     ap.add_argument("--flan", default=os.environ.get("FEDDPA_FLAN", "data/feddpa-flan1"),
                     help="FLAN data set 1 (python fetch.py DIR; default $FEDDPA_FLAN or data/feddpa-flan1)")
     ap.add_argument("--smollm2", default=os.environ.get("FEDDPA_SMOLLM2", os.path.expanduser("~/.cache/feddpa/smollm2-135m-instruct")),
-                    help="scenario gen: an HF folder of SmolLM2-135M-Instruct (python tools/get_smollm2.py)")
+                    help="scenarios gen and smol: an HF folder of SmolLM2-135M-Instruct (python tools/get_smollm2.py)")
+    ap.add_argument("--dtypes", default="auto", help="gen and smol: float32,bfloat16 or one of them; auto (default): "
+                    "bfloat16 too where this CPU multiplies bfloat16 matrices at least half as fast as float32")
+    ap.add_argument("--gen-batch", type=int, default=16, help="gen: prompts per batch (default 16; evaluation uses 64)")
+    ap.add_argument("--gen-tokens", type=int, default=32, help="gen: new tokens (default 32)")
     ap.add_argument("--e2e", action="store_true", help="also time `python train.py` end to end (minutes)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's table of our step (scenario a)")
     args = ap.parse_args(argv)
@@ -343,16 +416,8 @@ def main(argv=None):
               f"   batched per-example weights, cached references (ours)   {batched:8.2f} instances/s\n"
               f"   one at a time, references drawn per instance (official) {single:8.2f} instances/s"
               f"   ours {batched / single:.1f}x")
-    if "gen" in only:
-        texts, records = flan_data(args.flan)
-        if records is None or not os.path.isdir(args.smollm2):
-            print("\n(gen skipped: needs --flan data and --smollm2 model directories)")
-        else:
-            print("\n2b. generation, SmolLM2-135M-Instruct, 8 FLAN prompts left-padded, 80 new tokens (best of 2)")
-            for beams in (1, 4):
-                ours, theirs, same, n = bench_infer.bench_generation(args.smollm2, records[::300], beams)
-                print(f"   {beams} beam(s): ours {ours:6.2f}s, transformers {theirs:6.2f}s: ours {theirs / ours:.2f}x; "
-                      f"{n} tokens, {'identical' if same else 'NOT identical'}")
+    if only & {"gen", "smol"}:
+        smollm2_rows(args, only, dtypes(args.dtypes, peak32))
     if "pretrain" in only or args.e2e:
         print("\n3. the built-in base and the default run")
     if "pretrain" in only:

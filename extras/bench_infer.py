@@ -1,6 +1,7 @@
-"""Inference benchmark (bench.py runs it): FedDPA's instance-wise dynamic weighting as evaluation.answer does
-it, per-example weights inside batches with each client's references encoded once, against the official
-code's procedure, one test instance at a time with its references drawn and encoded afresh.
+"""Inference benchmarks (bench.py runs them): FedDPA's instance-wise dynamic weighting as evaluation.answer
+does it, per-example weights inside batches with each client's references encoded once, against the
+official code's procedure, one test instance at a time with its references drawn and encoded afresh;
+and our generate against transformers' on a real checkpoint, with where each one's time goes.
 """
 import random
 import time
@@ -59,23 +60,60 @@ def until_eos(row, eos: int) -> list:
     return row[:row.index(eos) + 1] if eos in row else row
 
 
-def bench_generation(model_dir: str, records: list, num_beams: int, max_new_tokens: int = 80, batch: int = 8):
-    """Our generate against transformers' generate on the same left-padded batch of prompts, taking
-    turns, the faster of two runs each: (ours seconds, transformers seconds, tokens identical?, new tokens)."""
-    from transformers import AutoModelForCausalLM
-    ours = hf.from_pretrained(model_dir).eval()
-    tok = hf.load_tokenizer(model_dir, ours.config)
-    theirs = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
+
+
+def kernel_share(fn) -> tuple:
+    """(seconds, of them in matrix products and attention kernels) of fn() under torch.profiler, by the
+    kernels' self CPU time. Two implementations that do the same products spend the same time in
+    them, so total / kernel seconds bounds how much faster any implementation can be with these kernels;
+    the profiler's own cost per operation inflates the rest, so the bound errs on the generous side."""
+    with torch.profiler.profile() as prof:
+        t0 = time.perf_counter()
+        fn()
+        secs = time.perf_counter() - t0
+    kernels = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in KERNELS) / 1e6
+    return secs, kernels
+
+
+def read_bandwidth(n_bytes: int = 1 << 30, reps: int = 5) -> float:
+    """GB/s at which this machine reads memory: the best of `reps` sums over an n_bytes float32 tensor."""
+    x = torch.ones(n_bytes // 4)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return n_bytes / best / 1e9
+
+
+def bench_generation(ours, theirs, tok, records: list, num_beams: int, max_new_tokens: int = 32, batch: int = 16,
+                     reference=None) -> dict:
+    """Our generate (model `ours`) against transformers' (`theirs`, the same checkpoint in the same dtype)
+    on the same left-padded batch of prompts, taking turns, the faster of two runs each. Returns seconds
+    (ours, hf), whether the new tokens are identical, how many there are, our prefill's seconds and a
+    decoding step's (from a run of one new token), the weights' bytes, each side's kernel share
+    (kernel_share), our rows, and, given `reference` (rows from another run, e.g. float32), how many
+    rows equal it."""
     ids, mask = data.pad_left([data.encode_prompt(tok, r) for r in records[:batch]], tok.pad_id)
-    best = {"ours": float("inf"), "hf": float("inf")}
-    for _ in range(2):
-        t0 = time.perf_counter()
-        a = generate(ours, ids, mask, max_new_tokens, tok.eos_id, tok.pad_id, num_beams)
-        best["ours"] = min(best["ours"], time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            b = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                num_beams=num_beams, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)[:, ids.shape[1]:]
-        best["hf"] = min(best["hf"], time.perf_counter() - t0)
-    same = [until_eos(x, tok.eos_id) for x in a] == [until_eos(y, tok.eos_id) for y in b]
-    return best["ours"], best["hf"], same, sum(len(until_eos(x, tok.eos_id)) for x in a)
+    runs = {"ours": lambda n=max_new_tokens: generate(ours, ids, mask, n, tok.eos_id, tok.pad_id, num_beams),
+            "hf": lambda: theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                          do_sample=False, num_beams=num_beams, eos_token_id=tok.eos_id,
+                                          pad_token_id=tok.pad_id)[:, ids.shape[1]:]}
+    best, rows = {"ours": float("inf"), "hf": float("inf"), "prefill": float("inf")}, {}
+    with torch.no_grad():
+        for _ in range(2):
+            for name, run in runs.items():
+                t0 = time.perf_counter()
+                rows[name] = [until_eos(x, tok.eos_id) for x in run()]
+                best[name] = min(best[name], time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            runs["ours"](1)
+            best["prefill"] = min(best["prefill"], time.perf_counter() - t0)
+        share = {name: kernel_share(run) for name, run in runs.items()}
+    steps = max(len(r) for r in rows["ours"])
+    weights = sum(p.numel() * p.element_size() for p in ours.parameters())  # a tied matrix counts once
+    return {"ours": best["ours"], "hf": best["hf"], "same": rows["ours"] == rows["hf"], "rows": rows["ours"],
+            "tokens": sum(map(len, rows["ours"])), "prefill": best["prefill"],
+            "step": (best["ours"] - best["prefill"]) / max(steps - 1, 1), "weight_bytes": weights, "share": share,
+            "equal_to_reference": None if reference is None else sum(a == b for a, b in zip(rows["ours"], reference))}

@@ -1,5 +1,8 @@
-"""bench.py: a smoke run of the benchmark."""
+"""bench.py: smoke runs of the benchmark."""
 import re
+
+from conftest import FLAN, needs_flan, smollm2_dir
+
 
 def test_benchmark_runs_and_compares_like_with_like(capsys):
     """bench.py on its smallest scenarios, one timed step: both implementations get a row with their
@@ -13,3 +16,22 @@ def test_benchmark_runs_and_compares_like_with_like(capsys):
         assert re.search(r"\|\s*\d+\.\d+x\s+\d+\.\d+x", row), row
         assert float(row.rsplit("x", 1)[1].split()[0]) < 1e-4, row   # |dloss0|
     assert "pretraining step" in out
+
+
+@needs_flan
+def test_smollm2_scenarios_give_each_ratio_and_the_bound_its_profile_sets(capsys):
+    """bench.py's SmolLM2 scenarios, shrunk (one timed step, 4 prompts, 6 new tokens): the training step
+    and greedy and 4-beam generation each get their ratio to transformers (+ peft) from the one run, the
+    same loss and the same tokens as theirs, and the bound that each side's kernel time sets."""
+    from extras import bench
+    bench.main(["--only", "smol,gen", "--steps", "1", "--gen-batch", "4", "--gen-tokens", "6", "--dtypes", "float32",
+                "--flan", str(FLAN), "--smollm2", smollm2_dir()])
+    out = capsys.readouterr().out
+    train = [line for line in out.splitlines() if line.startswith("s fp32, SmolLM2")]
+    assert len(train) == 1 and re.search(r"\|\s*\d+\.\d+x\s+\d+\.\d+x", train[0]), out
+    assert float(train[0].rsplit("x", 1)[1].split()[0]) < 1e-4, train[0]   # |dloss0|
+    for beams in (1, 4):
+        gen = [line for line in out.splitlines() if f"float32 {beams} beam(s)" in line]
+        assert len(gen) == 1 and re.search(r"ours \d+\.\d+x; \d+ tokens, identical", gen[0]), out
+    assert len(re.findall(r"with these kernels at most \d+\.\d+x", out)) == 3, out
+    assert re.search(r"a decoding step \(reads \d+ MB of weights: \d+\.\d+ GB/s\)", out), out

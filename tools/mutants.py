@@ -152,6 +152,9 @@ MUTANTS = [  # (fault, file, text, replacement)
     ("an answer set is shared by every client of a phase", "evaluation.py",
      'return (weighting, g, m.phase, client_id)',
      'return (weighting, g, m.phase)'),
+    ("beam search encodes the prompts with the first examples' mixes, not each example's own", "generate.py",
+     "with lora.rows(model, torch.arange(0, B * k, k, device=dev)):",
+     "with lora.rows(model, torch.arange(B, device=dev)):"),
 ]
 
 
