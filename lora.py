@@ -169,13 +169,13 @@ def set_trainable(model: nn.Module, name):
 
 
 @contextmanager
-def mixed(model: nn.Module, weights: dict):
-    """Forward passes inside the block use the mix {adapter: float or (batch,) tensor}; adapters not
-    named get weight 0. The mix that was there before comes back when the block ends, however it ends."""
+def _swapped(model: nn.Module, new_weights):
+    """Every LoRA layer's mix replaced by new_weights(layer) inside the block, and back after it,
+    however it ends."""
     layers = [layer for _, layer in lora_layers(model)]
     before = [layer.weights for layer in layers]
     for layer in layers:
-        layer.weights = {n: weights.get(n, 0.0) for n in layer.lora_A}
+        layer.weights = new_weights(layer)
     try:
         yield model
     finally:
@@ -183,20 +183,18 @@ def mixed(model: nn.Module, weights: dict):
             layer.weights = w
 
 
-@contextmanager
+def mixed(model: nn.Module, weights: dict):
+    """Forward passes inside the block use the mix {adapter: float or (batch,) tensor}; adapters not
+    named get weight 0. The mix that was there before comes back when the block ends, however it ends."""
+    return _swapped(model, lambda layer: {n: weights.get(n, 0.0) for n in layer.lora_A})
+
+
 def rows(model: nn.Module, index):
     """Forward passes inside the block run on rows `index` of the batch that the mix in place was set
     for: every per-example weight is cut to those rows (beam search encodes each prompt once, not once
     per beam). The mix in place comes back when the block ends."""
-    layers = [layer for _, layer in lora_layers(model)]
-    before = [layer.weights for layer in layers]
-    for layer, w in zip(layers, before):
-        layer.weights = {n: v.index_select(0, index) if torch.is_tensor(v) else v for n, v in w.items()}
-    try:
-        yield model
-    finally:
-        for layer, w in zip(layers, before):
-            layer.weights = w
+    return _swapped(model, lambda layer: {n: v.index_select(0, index) if torch.is_tensor(v) else v
+                                          for n, v in layer.weights.items()})
 
 
 @contextmanager
