@@ -352,18 +352,39 @@ def mean_std(xs: list) -> tuple:
 
 def run_seeds(out: str, seeds: list, config: dict, run_one):
     """run_one(seed, folder, begun) for each seed in OUT/seed<N> (begun: the folder holds a started run, to
-    resume), then the summary over seeds."""
+    resume), then the summary over seeds. A seed whose folder holds its results.json has finished and is
+    read, not run again: a study can be carried between machines as its config.json and each finished
+    seed's results.json alone (no checkpoints, no adapters)."""
     os.makedirs(out, exist_ok=True)
     atomic_write(os.path.join(out, "config.json"), [json.dumps(config, indent=1).encode()])
     per_seed = {}
     for seed in seeds:
         folder = os.path.join(out, f"seed{seed}")
+        path = os.path.join(folder, "results.json")
+        finished = os.path.isfile(path)
         begun = os.path.isfile(os.path.join(folder, "config.json"))
-        print(f"\n=== seed {seed}: {folder}{' (resumed)' if begun else ''}")
-        run_one(seed, folder, begun)
-        with open(os.path.join(folder, "results.json")) as f:
-            per_seed[seed] = json.load(f)
+        print(f"\n=== seed {seed}: {folder}{' (finished)' if finished else ' (resumed)' if begun else ''}")
+        if not finished:
+            run_one(seed, folder, begun)
+        per_seed[seed] = read_seed(path, {**config, "seed": seed, "seeds": ""})
     write_seed_summary(out, config, per_seed)
+
+
+SEED_FREE = ("out", "device")  # a seed's settings that may differ from its study's: where and on what it ran
+
+
+def read_seed(path: str, want: dict) -> dict:
+    """One seed's results.json, refused (one line) unless it was run with this study's settings."""
+    try:
+        with open(path) as f:
+            res = json.load(f)
+        got = res["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a finished seed's results ({first_line(e)})") from None
+    for key in sorted(set(want) | set(got)):
+        if key not in SEED_FREE and got.get(key) != want.get(key):
+            raise UserError(f"{path}: a seed of another study: its {key} is {got.get(key)!r}, this study's {want.get(key)!r}")
+    return res
 
 
 def write_seed_summary(out: str, config: dict, per_seed: dict):

@@ -360,6 +360,21 @@ def test_seeds_run_each_seed_in_its_folder_and_summarise_mean_and_std(tiny_run, 
     (out / "seed3" / "results.json").unlink()  # as if stopped before its end: --resume finishes it
     train.main(["--resume", str(out)])
     assert json.loads((out / "results.json").read_text())["summary"] == res["summary"]
+    # carried elsewhere as config.json and each seed's results.json alone: the finished seeds are read, not rerun
+    carried = tmp_path / "carried"
+    for f in ("config.json", "seed0/results.json", "seed3/results.json"):
+        (carried / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out / f, carried / f)
+    capsys.readouterr()
+    train.main(["--resume", str(carried)])
+    assert json.loads((carried / "results.json").read_text())["summary"] == res["summary"]
+    assert "seed 3: " + str(carried / "seed3") + " (finished)" in capsys.readouterr().out
+    assert sorted(p.name for p in (carried / "seed3").iterdir()) == ["results.json"]
+    seed3 = json.loads((carried / "seed3" / "results.json").read_text())
+    seed3["config"]["lr"] *= 2  # a seed of another study is refused, naming the file and the setting
+    (carried / "seed3" / "results.json").write_text(json.dumps(seed3))
+    code, err = main_error(["--resume", str(carried)], capsys)
+    assert code == 2 and err.count("\n") == 1 and str(carried / "seed3" / "results.json") in err and "its lr is" in err
     code, err = main_error([*args[:-2], "--out", str(tmp_path / "x"), "--seeds", "0,a"], capsys)
     assert code == 2 and "--seeds '0,a': comma-separated non-negative integers" in err
 
