@@ -379,6 +379,21 @@ def test_seeds_run_each_seed_in_its_folder_and_summarise_mean_and_std(tiny_run, 
     assert code == 2 and "--seeds '0,a': comma-separated non-negative integers" in err
 
 
+def test_the_carried_smollm2_study_gives_the_table_and_intervals_in_the_docs(tmp_path, capsys):
+    """docs/study/flan1-smollm2 holds every seed's results.json of the SmolLM2 study on FLAN set 1; its
+    summary, recomputed from them by the documented command (finished seeds are read, none is run: no
+    model or data needed), prints the rows and paired intervals that docs/real-models.md shows, line for line."""
+    study = tmp_path / "flan1"
+    shutil.copytree(ROOT / "docs" / "study" / "flan1-smollm2", study)
+    train.main(["--resume", str(study)])
+    printed = capsys.readouterr().out
+    doc = {line.rstrip() for line in (ROOT / "docs" / "real-models.md").read_text().splitlines()}
+    config = json.loads((study / "config.json").read_text())
+    rows = [line.rstrip() for line in printed.splitlines() if line.startswith(("base ", "local ", "fedit ", "feddpa-"))]
+    assert len(rows) == len(config["methods"].split(",")) + 8  # every method's row, every comparison that ran
+    assert [row for row in rows if row not in doc] == []
+
+
 def test_test_data_scores_every_method_on_the_unseen_tasks(tiny_run, tmp_path, capsys):
     """--test-data: every method also answers another folder's test sets, tasks no client trained on
     (their tasks and per-instance scores checked by answering them again from the saved adapters; which
