@@ -28,6 +28,7 @@ import os, signal, sys
 import torch
 import model, runs, train
 torch.set_num_threads(1)  # the same arithmetic in every process
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as a terminal gives it, even if started with SIGINT ignored (nohup ... &)
 how, n = sys.argv[1], int(sys.argv[2])
 count = 0
 
