@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import lora
-from feddpa import METHODS, STARTS_FROM, Recipe, calibrated, mix, paper_weight, prompt_batches
+from feddpa import METHODS, STARTS_FROM, Recipe, calibrated, mix, paper_weight, prompt_batches, represent
 from generate import generate
 
 
@@ -78,17 +78,25 @@ class Decode:
 
 
 @torch.no_grad()
-def answer(model, tok, records, dec: Decode, device, weights: dict | None = None, dynamic=None, progress=None):
+def answer(model, tok, records, dec: Decode, device, weights: dict | None = None, dynamic=None, progress=None,
+           reps: dict | None = None):
     """Answers to records, in order, and the lambda used for each (None without a dynamic weight).
 
     weights: a fixed mix {adapter: weight}; or dynamic: a feddpa.Dynamic or feddpa.Calibrated weight,
     lambda per instance, applied per example inside each batch, never one instance at a time. progress:
-    a tqdm bar to advance by each batch's answers."""
+    a tqdm bar to advance by each batch's answers. reps: the instances' representations r(x) by batch,
+    read and filled in: a client's two dynamic weights (the paper's and the calibrated one) weigh the
+    same r(x), from the same local adapter, so it is computed once (the caller scopes it to one local
+    adapter, these records and dec)."""
     out, lams = [None] * len(records), [None] * len(records)
+    reps = {} if reps is None else reps
     for idx, ids, mask in prompt_batches(tok, records, dec.batch_size, dec.cutoff):
         ids, mask = ids.to(device), mask.to(device)
         if dynamic is not None:
-            lam = dynamic.lam(model, ids, mask)                                   # (B,)
+            key = (dynamic.pool, tuple(idx))
+            if key not in reps:
+                reps[key] = represent(model, ids, mask, dynamic.pool)             # (B, dim)
+            lam = dynamic.lam(reps[key])                                          # (B,)
             batch_weights = mix(lam.repeat_interleave(dec.num_beams), dynamic.to)  # beams: example-major
             for i, v in zip(idx, lam.tolist()):
                 lams[i] = v
@@ -104,12 +112,13 @@ def answer(model, tok, records, dec: Decode, device, weights: dict | None = None
     return out, lams
 
 
-def evaluate(model, tok, tests: dict, dec: Decode, device, weights=None, dynamic=None, progress=None) -> dict:
+def evaluate(model, tok, tests: dict, dec: Decode, device, weights=None, dynamic=None, progress=None,
+             reps: dict | None = None) -> dict:
     """Scores of one model (its adapters already loaded) on every task's test set. All tasks' instances
     are answered together, in batches of similar prompt length, so that a batch is full even where a
-    task's test set is smaller than it."""
+    task's test set is smaller than it. reps: as for answer()."""
     records = [r for recs in tests.values() for r in recs]
-    preds, lams = answer(model, tok, records, dec, device, weights, dynamic, progress)
+    preds, lams = answer(model, tok, records, dec, device, weights, dynamic, progress, reps)
     result, start = {}, 0
     for task, recs in tests.items():
         end = start + len(recs)
@@ -184,7 +193,9 @@ def evaluate_client(method: str, model, tok, tests: dict, *, records: list, clie
     adapter of the method's phase ({} for the base model and Local); local_adapter: the client's own,
     None where it never trained one (it is then scored with the global adapter alone; Local: the base
     model); own_task: "" for test sets no client trained on. answered: the answer sets already scored
-    on these tests ({answer_key: scores}), read and filled in, so that no answer set is generated twice."""
+    on these tests ({answer_key: scores}), read and filled in, so that no answer set is generated twice;
+    it also keeps the test instances' representations under ("represented", phase, client), which a
+    client's dynamic rows share (answer())."""
     answered = {} if answered is None else answered
     has_local = local_adapter is not None
     weighting = METHODS[method].weighting
@@ -215,7 +226,8 @@ def evaluate_client(method: str, model, tok, tests: dict, *, records: list, clie
     weight = weigh(model, tok, records, recipe, client_id, device, dec.cutoff)
     if progress is not None:
         progress.set_postfix_str(f"client {client_id}")
-    return evaluate(model, tok, tests, dec, device, dynamic=weight, progress=progress)
+    reps = answered.setdefault(("represented", METHODS[method].phase, client_id), {})
+    return evaluate(model, tok, tests, dec, device, dynamic=weight, progress=progress, reps=reps)
 
 
 def evaluate_method(method: str, model, tok, tests: dict, *, client_data: list, client_tasks: list, trained: dict,

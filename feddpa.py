@@ -310,8 +310,9 @@ class Dynamic:
     pool: str
     to: str                    # the adapter that gets lambda
 
-    def lam(self, model, ids, mask):
-        return dynamic_lambda(represent(model, ids, mask, self.pool), self.ref_reps, self.scale)  # (B,)
+    def lam(self, r):
+        """lambda per instance, (B,), from the instances' representations r (B, dim) = represent(...)."""
+        return dynamic_lambda(r, self.ref_reps, self.scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,8 +353,9 @@ class Calibrated:
     pool: str
     to: str
 
-    def lam(self, model, ids, mask):
-        c = F.normalize(represent(model, ids, mask, self.pool).to(self.centre.dtype) - self.centre, dim=-1)
+    def lam(self, r):
+        """lambda per instance, (B,), from the instances' representations r (B, dim) = represent(...)."""
+        c = F.normalize(r.to(self.centre.dtype) - self.centre, dim=-1)
         unit = ((top_k_similarity(c, self.refs, self.k) - self.lo) / (self.mid - self.lo)).clamp(0.0, 1.0)
         return (self.scale * unit).clamp(max=1.0)  # (B,); as the paper's, never above 1
 

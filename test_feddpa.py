@@ -247,8 +247,9 @@ def test_no_answer_is_generated_twice_and_shared_answers_are_the_rows_own(tiny, 
     answered twice by the same adapters with the same fixed mix (FedDPA-F's global adapter alone is
     FedIT's; an -oracle row's parts are its -fixed row and its global adapter alone), the count the
     progress bars are given is what is generated, and every row's scores equal those it gets evaluated
-    alone, with nothing shared. FedDPA-F's global adapter is a copy of FedIT's (as a resumed run loads
-    it), so the sharing cannot rest on the tensors' identity."""
+    alone, with nothing shared; and no test instance's representation r(x) is computed twice for one
+    local adapter (a client's paper's and calibrated weights share it). FedDPA-F's global adapter is a
+    copy of FedIT's (as a resumed run loads it), so the sharing cannot rest on the tensors' identity."""
     m, tok, world = tiny
     g = torch.Generator().manual_seed(5)
     init = lora.get_adapter(m, "global")
@@ -285,18 +286,28 @@ def test_no_answer_is_generated_twice_and_shared_answers_are_the_rows_own(tiny, 
     def fingerprint(slot):
         return hash(tuple(v.numpy().tobytes() for _, v in sorted(lora.adapter_tensors(m, slot).items())))
 
-    def spy(model, tok_, records, dec_, device, weights=None, dynamic=None, progress=None):
+    def spy(model, tok_, records, dec_, device, weights=None, dynamic=None, progress=None, reps=None):
         if dynamic is None:  # which adapters, and how much of each, answer which instance
             model_ = tuple(sorted((slot, fingerprint(slot), float(w)) for slot, w in (weights or {}).items() if w))
             generated.extend((model_, json.dumps(r, sort_keys=True)) for r in records)
         else:  # a dynamic mix is the client's own: each call its own
             calls.append(dynamic)
             generated.extend(("dynamic", len(calls), i) for i in range(len(records)))
-        return real(model, tok_, records, dec_, device, weights, dynamic, progress)
+        return real(model, tok_, records, dec_, device, weights, dynamic, progress, reps)
+    real_represent, represented = evaluation.represent, []
+
+    def spy_represent(model, ids, mask, pool):  # a test instance's r(x): which local adapter, which prompt
+        represented.extend((fingerprint("local"), pool, row[m_.bool()].numpy().tobytes()) for row, m_ in zip(ids, mask))
+        return real_represent(model, ids, mask, pool)
     monkeypatch.setattr(evaluation, "answer", spy)
+    monkeypatch.setattr(evaluation, "represent", spy_represent)
     answered = {}
     shared = run(lambda method: answered)
     assert len(generated) == len(set(generated)), "an answer generated twice"
+    # the paper's and the calibrated weight of a client weigh one r(x) of each instance: computed once
+    # per local adapter (FedDPA-T's and FedDPA-F's), for each of the clients that trained one
+    n_dynamic = sum(trained[p]["locals"][i] is not None for p in ("feddpa-t", "feddpa-f") for i in range(3))
+    assert len(represented) == len(set(represented)) == n_dynamic * sum(map(len, tests.values())), "an r(x) computed twice"
     has_local = lambda phase, i: trained[phase]["locals"][i] is not None  # noqa: E731
     assert len(generated) == sum(evaluation.answers_needed(list(feddpa.METHODS), tests, 3, has_local).values())
     assert len(generated) < 3 * len(feddpa.METHODS) * sum(map(len, tests.values()))  # something was shared
