@@ -87,7 +87,7 @@ def answer(model, tok, records, dec: Decode, device, weights: dict | None = None
     a tqdm bar to advance by each batch's answers. reps: the instances' representations r(x) by batch,
     read and filled in: a client's two dynamic weights (the paper's and the calibrated one) weigh the
     same r(x), from the same local adapter, so it is computed once (the caller scopes it to one local
-    adapter, these records and dec)."""
+    adapter, these records, dec's batch size and cutoff, and one model state: device, dtype, autocast)."""
     out, lams = [None] * len(records), [None] * len(records)
     reps = {} if reps is None else reps
     for idx, ids, mask in prompt_batches(tok, records, dec.batch_size, dec.cutoff):

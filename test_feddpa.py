@@ -264,7 +264,7 @@ def test_no_answer_is_generated_twice_and_shared_answers_are_the_rows_own(tiny, 
                "centralized": {"global": random_adapter(), "locals": [None]}}
     tasks = list(world.tests)[:3]
     recipe = feddpa.Recipe(local_weight=0.3, k_refs=3, calibration_refs=4, seed=0)
-    dec = evaluation.Decode(max_new_tokens=4, batch_size=8)
+    dec = evaluation.Decode(max_new_tokens=4, batch_size=4)  # 6 instances: two batches, the r(x) cache keyed by both
     # the test outputs are client 0's FedDPA-F answers with the fixed mix, so that scores tell models apart
     lora.load_adapter(m, "global", fedit)
     lora.load_adapter(m, "local", trained["feddpa-f"]["locals"][0])

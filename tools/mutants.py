@@ -155,6 +155,8 @@ MUTANTS = [  # (fault, file, text, replacement)
      "    reps = {} if reps is None else reps\n", "    reps = {}\n"),
     ("the test instances' representations are shared by every client of a phase", "evaluation.py",
      '("represented", METHODS[method].phase, client_id)', '("represented", METHODS[method].phase)'),
+    ("a batch's r(x) is read for every later batch of the same instances", "evaluation.py",
+     "key = (dynamic.pool, tuple(idx))", "key = (dynamic.pool,)"),
     ("beam search encodes the prompts with the first examples' mixes, not each example's own", "generate.py",
      "with lora.rows(model, torch.arange(0, B * k, k, device=dev)):",
      "with lora.rows(model, torch.arange(B, device=dev)):"),
