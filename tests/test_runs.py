@@ -380,12 +380,13 @@ def test_seeds_run_each_seed_in_its_folder_and_summarise_mean_and_std(tiny_run, 
     assert code == 2 and "--seeds '0,a': comma-separated non-negative integers" in err
 
 
-def test_the_carried_smollm2_study_gives_the_table_and_intervals_in_the_docs(tmp_path, capsys):
-    """docs/study/flan1-smollm2 holds every seed's results.json of the SmolLM2 study on FLAN set 1; its
+@pytest.mark.parametrize("name", ["flan1-smollm2", "flan2-smollm2"])
+def test_the_carried_smollm2_study_gives_the_table_and_intervals_in_the_docs(name, tmp_path, capsys):
+    """docs/study/<name> holds every seed's results.json of a SmolLM2 study (FLAN set 1, set 2); its
     summary, recomputed from them by the documented command (finished seeds are read, none is run: no
     model or data needed), prints the rows and paired intervals that docs/real-models.md shows, line for line."""
-    study = tmp_path / "flan1"
-    shutil.copytree(ROOT / "docs" / "study" / "flan1-smollm2", study)
+    study = tmp_path / name
+    shutil.copytree(ROOT / "docs" / "study" / name, study)
     train.main(["--resume", str(study)])
     printed = capsys.readouterr().out
     doc = {line.rstrip() for line in (ROOT / "docs" / "real-models.md").read_text().splitlines()}
