@@ -47,7 +47,8 @@ def generate(model: Llama, input_ids, attention_mask, max_new_tokens: int, eos_i
     B, T = input_ids.shape
     cache = KVCache(model.config, B, T + max_new_tokens, model.lm_head.weight.dtype, input_ids.device)
     mask = attention_mask.long()
-    logits = model.lm_head(model.hidden(input_ids, mask, cache)[:, -1])        # (B, vocab)
+    # float32 logits, as transformers takes them (bfloat16's argmax kernel is several times slower on CPU)
+    logits = model.lm_head(model.hidden(input_ids, mask, cache)[:, -1]).float()  # (B, vocab)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     out = []
     for step in range(max_new_tokens):
@@ -57,7 +58,7 @@ def generate(model: Llama, input_ids, attention_mask, max_new_tokens: int, eos_i
         if done.all() or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits = model.lm_head(model.hidden(nxt[:, None], mask, cache)[:, -1])
+        logits = model.lm_head(model.hidden(nxt[:, None], mask, cache)[:, -1]).float()
     return torch.stack(out, dim=1)
 
 @torch.no_grad()
