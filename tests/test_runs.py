@@ -380,11 +380,12 @@ def test_seeds_run_each_seed_in_its_folder_and_summarise_mean_and_std(tiny_run, 
     assert code == 2 and "--seeds '0,a': comma-separated non-negative integers" in err
 
 
-@pytest.mark.parametrize("name", ["flan1-smollm2", "flan2-smollm2"])
+@pytest.mark.parametrize("name", ["flan1-smollm2", "flan2-smollm2", "flan1-to-flan2-smollm2"])
 def test_the_carried_smollm2_study_gives_the_table_and_intervals_in_the_docs(name, tmp_path, capsys):
-    """docs/study/<name> holds every seed's results.json of a SmolLM2 study (FLAN set 1, set 2); its
-    summary, recomputed from them by the documented command (finished seeds are read, none is run: no
-    model or data needed), prints the rows and paired intervals that docs/real-models.md shows, line for line."""
+    """docs/study/<name> holds every seed's results.json of a SmolLM2 study (FLAN set 1, set 2, set 1 with
+    set 2's tasks unseen); its summary, recomputed from them by the documented command (finished seeds are
+    read, none is run: no model or data needed), prints the rows and paired intervals that
+    docs/real-models.md shows, line for line (on unseen tasks too, where the study has them)."""
     study = tmp_path / name
     shutil.copytree(ROOT / "docs" / "study" / name, study)
     train.main(["--resume", str(study)])
@@ -392,8 +393,11 @@ def test_the_carried_smollm2_study_gives_the_table_and_intervals_in_the_docs(nam
     doc = {line.rstrip() for line in (ROOT / "docs" / "real-models.md").read_text().splitlines()}
     methods = json.loads((study / "config.json").read_text())["methods"].split(",")
     compared = [c for c in runs.COMPARISONS if c[0] in methods and c[1] in methods]
+    expected = len(methods) + len(compared)  # every method's row, every comparison whose methods ran
+    if json.loads((study / "config.json").read_text())["test_data"]:  # and again on the unseen tasks, TTP only
+        expected += len(methods) + len([c for c in compared if c[2] == "TTP"])
     rows = [line.rstrip() for line in printed.splitlines() if line.startswith(("base ", "local ", "fedit ", "feddpa-"))]
-    assert len(rows) == len(methods) + len(compared)  # every method's row, every comparison whose methods ran
+    assert len(rows) == expected
     assert [row for row in rows if row not in doc] == []
 
 
