@@ -35,6 +35,12 @@ class KVCache:
         self.k = [k.index_select(0, index) for k in self.k]
         self.v = [v.index_select(0, index) for v in self.v]
 
+def next_logits(model: Llama, ids, mask, cache):
+    """The next token's logits after ids (B, T), (B, vocab), in float32 as transformers takes them
+    (on CPU, bfloat16's argmax over the vocabulary is several times slower)."""
+    return model.lm_head(model.hidden(ids, mask, cache)[:, -1]).float()
+
+
 @torch.no_grad()
 def generate(model: Llama, input_ids, attention_mask, max_new_tokens: int, eos_id, pad_id: int,
              num_beams: int = 1):
@@ -47,8 +53,7 @@ def generate(model: Llama, input_ids, attention_mask, max_new_tokens: int, eos_i
     B, T = input_ids.shape
     cache = KVCache(model.config, B, T + max_new_tokens, model.lm_head.weight.dtype, input_ids.device)
     mask = attention_mask.long()
-    # float32 logits, as transformers takes them (bfloat16's argmax kernel is several times slower on CPU)
-    logits = model.lm_head(model.hidden(input_ids, mask, cache)[:, -1]).float()  # (B, vocab)
+    logits = next_logits(model, input_ids, mask, cache)                       # (B, vocab)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     out = []
     for step in range(max_new_tokens):
@@ -58,7 +63,7 @@ def generate(model: Llama, input_ids, attention_mask, max_new_tokens: int, eos_i
         if done.all() or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits = model.lm_head(model.hidden(nxt[:, None], mask, cache)[:, -1]).float()
+        logits = next_logits(model, nxt[:, None], mask, cache)
     return torch.stack(out, dim=1)
 
 @torch.no_grad()
@@ -73,7 +78,7 @@ def beam_search(model: Llama, input_ids, attention_mask, max_new_tokens, eos_id,
     # the k beams of a prompt start identical: encode each prompt once, then copy its cache k times
     cache = KVCache(model.config, B, T + max_new_tokens, model.lm_head.weight.dtype, dev)
     with lora.rows(model, torch.arange(0, B * k, k, device=dev)):          # each example's first beam
-        logits = model.lm_head(model.hidden(input_ids, attention_mask.long(), cache)[:, -1]).float()  # (B, vocab)
+        logits = next_logits(model, input_ids, attention_mask.long(), cache)  # (B, vocab)
     first = torch.arange(B, device=dev).repeat_interleave(k)                 # (B*k,) beam -> its prompt
     cache.reorder(first)
     logits, mask = logits.index_select(0, first), attention_mask.long().index_select(0, first)
@@ -118,7 +123,7 @@ def beam_search(model: Llama, input_ids, attention_mask, max_new_tokens, eos_id,
         flat = (new_beam + torch.arange(B, device=dev)[:, None] * k).view(-1)  # (B*k,) rows to keep
         cache.reorder(flat)
         mask = torch.cat([mask.index_select(0, flat), torch.ones_like(mask[:, :1])], dim=1)
-        logits = model.lm_head(model.hidden(new_tok.view(-1, 1), mask, cache)[:, -1]).float()
+        logits = next_logits(model, new_tok.view(-1, 1), mask, cache)
     best = []
     for b in range(B):
         hyps = list(finished[b])

@@ -182,8 +182,8 @@ class Attention(nn.Module):
         gqa = self.n_kv != self.n_heads
         if gqa and T == 1 and ctx.cache is not None:
             # a decoding step: the n_heads / n_kv query heads that share a kv head become that many queries
-            # of it, (B, nkv, group, hd), one plain attention (as transformers does). The same numbers;
-            # on CPU the kernel runs one query per head slowly, in bfloat16 about five times slower.
+            # of it, (B, nkv, group, hd), one plain attention (as transformers does): the same attention, up
+            # to rounding; on CPU the kernel runs one query per head slowly, in bfloat16 five times slower.
             y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.hd), k, v, attn_mask=ctx.mask)
             y = y.reshape(B, self.n_heads, 1, self.hd)                         # (B, nh, 1, hd)
         else:

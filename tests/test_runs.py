@@ -391,10 +391,11 @@ def test_the_carried_smollm2_study_gives_the_table_and_intervals_in_the_docs(nam
     train.main(["--resume", str(study)])
     printed = capsys.readouterr().out
     doc = {line.rstrip() for line in (ROOT / "docs" / "real-models.md").read_text().splitlines()}
-    methods = json.loads((study / "config.json").read_text())["methods"].split(",")
+    config = json.loads((study / "config.json").read_text())
+    methods = config["methods"].split(",")
     compared = [c for c in runs.COMPARISONS if c[0] in methods and c[1] in methods]
     expected = len(methods) + len(compared)  # every method's row, every comparison whose methods ran
-    if json.loads((study / "config.json").read_text())["test_data"]:  # and again on the unseen tasks, TTP only
+    if config["test_data"]:  # and again on the unseen tasks, TTP only
         expected += len(methods) + len([c for c in compared if c[2] == "TTP"])
     rows = [line.rstrip() for line in printed.splitlines() if line.startswith(("base ", "local ", "fedit ", "feddpa-"))]
     assert len(rows) == expected
