@@ -60,7 +60,7 @@ def until_eos(row, eos: int) -> list:
     return row[:row.index(eos) + 1] if eos in row else row
 
 
-KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
+KERNELS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
 
 
 def kernel_share(fn) -> tuple:

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import hf
 import model
 from conftest import hf_tiny, left_padded, smollm2_dir, until_eos
-from generate import generate
+import lora
+from generate import generate, packed_linears
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_logits_and_greedy_match_transformers(tmp_path, tie):
@@ -38,6 +39,32 @@ def test_beam_search_matches_transformers(tmp_path, seed):
                        eos_token_id=2, pad_token_id=0)[:, ids.shape[1]:]
     got = generate(ours, ids, mask, 12, eos_id=2, pad_id=0, num_beams=4)
     assert [until_eos(r) for r in got] == [until_eos(r) for r in want]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linears_give_the_plain_products_and_leave_nothing_behind(dtype):
+    """generate.packed_linears: inside the block, on CPU, each projection and lm_head multiplies through
+    oneDNN with its reordered weight (the same logits as the plain model, with a LoRA mix on top, up to
+    rounding); after it, however it ends, the model is the plain one; with gradients on, nothing changes."""
+    m = model.Llama(model.PRESETS["tiny"]).to(dtype)
+    lora.inject(m, targets=("q_proj", "v_proj"), dtype=torch.float32).eval()
+    for _, layer in lora.lora_layers(m):
+        torch.nn.init.normal_(layer.lora_B["local"].weight, std=0.1)
+    ids, mask = left_padded(1024)
+    linears = [mod for name, mod in m.named_modules() if type(mod) is torch.nn.Linear and ".lora_" not in name]
+    with torch.no_grad(), lora.mixed(m, {"local": torch.tensor([0.2, 1.0, 0.5])}):
+        plain, _ = m(ids, mask)
+        with packed_linears(m, rows=len(ids)):
+            usable = dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            assert all(("forward" in mod.__dict__) == usable for mod in linears)  # CPU with oneDNN: packed
+            packed, _ = m(ids, mask)
+        with pytest.raises(RuntimeError), packed_linears(m, rows=len(ids)):
+            raise RuntimeError("a failure inside the block")
+    assert not any("forward" in mod.__dict__ for mod in linears)
+    tol = 1e-4 if dtype == torch.float32 else 0.05 * plain.abs().max().item()
+    assert (packed.float() - plain.float())[mask.bool()].abs().max() <= tol
+    with packed_linears(m, rows=len(ids)):  # gradients on: the plain model
+        assert not any("forward" in mod.__dict__ for mod in linears)
 
 
 def test_represent_last_and_mean_ignore_padding():
