@@ -21,7 +21,8 @@ import torch
 
 import lora
 from feddpa import METHODS, STARTS_FROM, Recipe, calibrated, mix, paper_weight, prompt_batches, represent
-from generate import generate, packed_linears
+from generate import generate
+from model import packed_linears
 
 
 # ----------------------------------------------------------------------------------------------

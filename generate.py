@@ -8,15 +8,11 @@ encodes each prompt once (lora.rows), then copies its cache to its beams.
 
 Not here: the model (model.py), which adapters are mixed and how (feddpa.py).
 """
-import os
-from contextlib import contextmanager
-
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from model import Llama, ModelConfig
+from model import Llama, ModelConfig, packed_linears
 
 
 class KVCache:
@@ -38,46 +34,6 @@ class KVCache:
         """Beam search: row i of the cache becomes old row index[i]."""
         self.k = [k.index_select(0, index) for k in self.k]
         self.v = [v.index_select(0, index) for v in self.v]
-
-def _physical_memory() -> int:
-    """Bytes of memory this machine has (0 where the OS does not say)."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
-@contextmanager
-def packed_linears(model: nn.Module, rows: int):
-    """Inside the block, on CPU, the model's projections and lm_head (not LoRA's own matrices) multiply
-    through oneDNN, each weight reordered once into a blocked layout for products of about `rows` rows
-    (as torch.compile does on CPU; torch.ops.mkldnn). Why: on this project's AMD EPYC machines the
-    default BLAS runs float32 products slowly, those of a decoding step's few rows 2-6x slower than
-    oneDNN (docs/speed.md). The same products, up to rounding. Inference only: the weights must not
-    change inside the block. It does nothing off CPU, with gradients on, for dtypes other than float32
-    and bfloat16 (bfloat16 where the CPU has its instructions), inside a block already packed, or where
-    the reordered copy would take more than a quarter of the machine's memory.
-    Optional to port: without it, the block is the plain model."""
-    layers = [m for name, m in model.named_modules() if type(m) is nn.Linear and ".lora_" not in name]
-    w = layers[0].weight if layers else None
-    usable = (w is not None and w.device.type == "cpu" and not torch.is_grad_enabled()
-              and torch.backends.mkldnn.is_available()
-              and (w.dtype == torch.float32
-                   or (w.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
-              and not any("forward" in m.__dict__ for m in layers)
-              and 4 * sum(m.weight.numel() * m.weight.element_size() for m in layers) < _physical_memory())
-    if not usable:
-        yield model
-        return
-    for m in layers:
-        packed = torch.ops.mkldnn._reorder_linear_weight(m.weight, rows)
-        m.forward = lambda x, w=packed, b=m.bias: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-    try:
-        yield model
-    finally:
-        for m in layers:
-            del m.forward
-
 
 def next_logits(model: Llama, ids, mask, cache):
     """The next token's logits after ids (B, T), (B, vocab), in float32 as transformers takes them

@@ -11,6 +11,8 @@ for training batches where the real tokens sit); the chunked cross-entropy; the 
 training loss, its hidden states and FedDPA's instance representation.
 """
 import math
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -273,6 +275,77 @@ def linear_cross_entropy(h, weight, targets, rows: int = 0):
     2^22 logits, 16 MB, per chunk). Gradients are formed only where autograd is recording."""
     rows = rows or max(1, 2 ** 22 // weight.shape[0])
     return LinearCrossEntropy.apply(h, weight, targets, rows, torch.is_grad_enabled())
+
+
+# ----------------------------------------------------------------------------------------------
+# The products through oneDNN (optional to port)
+
+def _physical_memory() -> int:
+    """Bytes of memory this machine has (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+class PackedLinear(torch.autograd.Function):
+    """x @ W.T + b with W frozen, W.T and W each reordered once for oneDNN: forward multiplies by the
+    one, backward (the input's gradient; a frozen W needs none of its own) by the other."""
+
+    @staticmethod
+    def forward(fn, x, w, w_t, b):                 # x: (..., in); w: W (out, in) packed; w_t: W.T packed
+        fn.w_t = w_t
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+    @staticmethod
+    def backward(fn, g):                           # g: (..., out) -> (..., in)
+        return torch.ops.mkldnn._linear_pointwise(g, fn.w_t, None, "none", [], ""), None, None, None
+
+
+@contextmanager
+def packed_linears(model: nn.Module, rows: int):
+    """Inside the block, on CPU, the model's frozen projections and lm_head (not LoRA's own matrices)
+    multiply through oneDNN, each weight reordered once into a blocked layout for products of about
+    `rows` rows (as torch.compile does on CPU; torch.ops.mkldnn), in inference and in training (where
+    W.T is reordered too, for the input's gradient). Why: on this project's AMD EPYC machines the
+    default BLAS runs float32 products 2-3x slower than oneDNN, those of a decoding step's few rows up to
+    6x (docs/speed.md). The same products, up to rounding. The weights must not change inside the block.
+    A weight that trains, a call under autocast or in another dtype runs the plain way; the block does
+    nothing off CPU, for dtypes other than float32 and bfloat16 (bfloat16 where the CPU has its
+    instructions), inside a block already packed, or where the reordered copies would take more than a
+    quarter of the machine's memory. Optional to port: without it, the block is the plain model."""
+    layers = [m for name, m in model.named_modules()   # under no_grad every weight is a constant
+              if type(m) is nn.Linear and ".lora_" not in name and not (torch.is_grad_enabled() and m.weight.requires_grad)]
+    copies = 2 if torch.is_grad_enabled() else 1     # training also needs W.T
+    w = layers[0].weight if layers else None
+    usable = (w is not None and w.device.type == "cpu" and torch.backends.mkldnn.is_available()
+              and (w.dtype == torch.float32
+                   or (w.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+              and not any("forward" in m.__dict__ for m in layers)
+              and 4 * copies * sum(m.weight.numel() * m.weight.element_size() for m in layers) < _physical_memory())
+    if not usable:
+        yield model
+        return
+    for m in layers:
+        m.forward = _packed_forward(m, rows, copies == 2)
+    try:
+        yield model
+    finally:
+        for m in layers:
+            del m.forward
+
+
+def _packed_forward(m: nn.Linear, rows: int, train: bool):
+    w = torch.ops.mkldnn._reorder_linear_weight(m.weight, rows)
+    w_t = torch.ops.mkldnn._reorder_linear_weight(m.weight.t().contiguous(), rows) if train else None
+
+    def forward(x):
+        if x.dtype != m.weight.dtype or torch.is_autocast_enabled(x.device.type):
+            return F.linear(x, m.weight, m.bias)
+        if w_t is not None and torch.is_grad_enabled() and x.requires_grad:
+            return PackedLinear.apply(x, w, w_t, m.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, w, m.bias, "none", [], "")
+    return forward
 
 
 # ----------------------------------------------------------------------------------------------

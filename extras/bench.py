@@ -11,6 +11,7 @@ Timings are only as quiet as the machine: take numbers worth quoting with nothin
 What is counted (tok/s, median, |dloss0|, FLOPs, %peak): see the README's Speed section.
 """
 import argparse
+import contextlib
 import os
 import platform
 import resource
@@ -28,7 +29,7 @@ import data
 import hf
 import lora
 import pretrain
-from model import IGNORE_INDEX, PRESETS, Llama, ModelConfig
+from model import IGNORE_INDEX, PRESETS, Llama, ModelConfig, packed_linears
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 try:
@@ -62,15 +63,29 @@ def machine() -> str:
 
 
 def matmul_peak(dtype, n: int = 2048, reps: int = 10) -> float:
-    """GFLOP/s of the best of `reps` n^3 matmuls."""
+    """GFLOP/s of the best of `reps` n^3 matmuls, the faster of torch.mm (the default BLAS) and oneDNN
+    with a reordered weight (model.packed_linears: on AMD EPYC the default BLAS runs float32 at about
+    half of what oneDNN reaches)."""
+    return max(matmul_rates(dtype, n, reps).values())
+
+
+def matmul_rates(dtype, n: int = 2048, reps: int = 10) -> dict:
+    """{"torch.mm": GFLOP/s, "oneDNN": GFLOP/s} of the best of `reps` n^3 products each."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
+    runs = {"torch.mm": lambda: torch.mm(a, b)}
+    if torch.backends.mkldnn.is_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), n)  # a @ b as F.linear(a, b.T)
+        runs["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    out = {}
+    for name, run in runs.items():
+        run()
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - t0)
+        out[name] = 2 * n ** 3 / best / 1e9
+    return out
 
 
 def step_flops(cfg: ModelConfig, tokens: int, labelled: int, per_weight: int = 4) -> int:
@@ -170,10 +185,12 @@ def stepper(m, is_hf: bool, bf16: bool = False, lr: float = 3e-3):
 
 
 def train(m, is_hf: bool, batches, steps: int, warmup: int = 2, bf16: bool = False) -> list:
-    """AdamW steps over batches (cycled); the (seconds, tokens, labelled, loss) of the last `steps`."""
+    """AdamW steps over batches (cycled); the (seconds, tokens, labelled, loss) of the last `steps`.
+    Ours runs as fed.train_adapter runs it, its frozen products through oneDNN (model.packed_linears)."""
     step = stepper(m, is_hf, bf16)
     torch.manual_seed(1)  # the same LoRA dropout masks for every run
-    return [step(batches[i % len(batches)]) for i in range(warmup + steps)][warmup:]
+    with contextlib.nullcontext() if is_hf else packed_linears(m, rows=512):
+        return [step(batches[i % len(batches)]) for i in range(warmup + steps)][warmup:]
 
 
 def rates(cfg, steps, peak: float, per_weight: int = 4) -> tuple:
@@ -194,6 +211,11 @@ def compare(cfg, d: str, targets, batches, steps: int, peak: float, bf16: bool =
         if bf16:
             runs["hf32"] = (True, False)
     models = {name: build(d, targets, is_hf=is_hf, bf16=half) for name, (is_hf, half) in runs.items()}
+    with packed_linears(models["ours"], rows=512):  # as fed.train_adapter runs it
+        return compare_built(cfg, models, runs, batches, steps, peak, profile)
+
+
+def compare_built(cfg, models: dict, runs: dict, batches, steps: int, peak: float, profile: bool) -> dict:
     row = {}
     with torch.no_grad():
         for name, (is_hf, half) in runs.items():
@@ -386,8 +408,10 @@ def main(argv=None):
         print(f"warning: load average {os.getloadavg()[0]:.2f}: if other processes are running, the numbers below are noisy")
     # bfloat16's peak only where a bfloat16 scenario needs it: a CPU without bfloat16 instructions (AVX2
     # only) runs a 2048^3 bfloat16 matmul in about a minute and a half
-    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16) if "c" in only else float("nan")
-    print(f"matmul peak (2048^3, best of 10): float32 {peak32:.1f} GFLOP/s"
+    rates32 = matmul_rates(torch.float32)
+    peak32, peak16 = max(rates32.values()), matmul_peak(torch.bfloat16) if "c" in only else float("nan")
+    print(f"matmul peak (2048^3, best of 10): float32 {peak32:.1f} GFLOP/s ("
+          + ", ".join(f"{k} {v:.1f}" for k, v in rates32.items()) + ")"
           + (f", bfloat16 {peak16:.1f} GFLOP/s" if "c" in only else ""))
     if not HAVE_HF:
         print("transformers / peft are not installed: their column is skipped")

@@ -43,28 +43,44 @@ def test_beam_search_matches_transformers(tmp_path, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_linears_give_the_plain_products_and_leave_nothing_behind(dtype):
-    """generate.packed_linears: inside the block, on CPU, each projection and lm_head multiplies through
-    oneDNN with its reordered weight (the same logits as the plain model, with a LoRA mix on top, up to
-    rounding); after it, however it ends, the model is the plain one; with gradients on, nothing changes."""
+    """model.packed_linears: inside the block, on CPU, each frozen projection and lm_head multiplies
+    through oneDNN with its reordered weight: the same logits as the plain model with a LoRA mix on top,
+    and in training the same loss and LoRA gradients, up to rounding; a weight that trains stays plain;
+    after the block, however it ends, the model is the plain one."""
     m = model.Llama(model.PRESETS["tiny"]).to(dtype)
     lora.inject(m, targets=("q_proj", "v_proj"), dtype=torch.float32).eval()
     for _, layer in lora.lora_layers(m):
         torch.nn.init.normal_(layer.lora_B["local"].weight, std=0.1)
     ids, mask = left_padded(1024)
+    labels = ids.masked_fill(mask == 0, model.IGNORE_INDEX)
     linears = [mod for name, mod in m.named_modules() if type(mod) is torch.nn.Linear and ".lora_" not in name]
-    with torch.no_grad(), lora.mixed(m, {"local": torch.tensor([0.2, 1.0, 0.5])}):
-        plain, _ = m(ids, mask)
+    usable = dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    tol = 1e-4 if dtype == torch.float32 else 0.05
+
+    def run():  # logits without gradients; loss and the local adapter's gradients with them
+        with torch.no_grad():
+            logits, _ = m(ids, mask)
+        loss = m(ids, mask, labels)[1]
+        grads = torch.autograd.grad(loss, [p for n, p in m.named_parameters() if ".local" in n])
+        return logits.float(), loss.float(), grads
+
+    with lora.mixed(m, {"local": 0.7}):  # (training packs a batch's real tokens: one weight for all)
+        lora.set_trainable(m, "local")
+        plain = run()
         with packed_linears(m, rows=len(ids)):
-            usable = dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
             assert all(("forward" in mod.__dict__) == usable for mod in linears)  # CPU with oneDNN: packed
-            packed, _ = m(ids, mask)
+            packed = run()
         with pytest.raises(RuntimeError), packed_linears(m, rows=len(ids)):
             raise RuntimeError("a failure inside the block")
-    assert not any("forward" in mod.__dict__ for mod in linears)
-    tol = 1e-4 if dtype == torch.float32 else 0.05 * plain.abs().max().item()
-    assert (packed.float() - plain.float())[mask.bool()].abs().max() <= tol
-    with packed_linears(m, rows=len(ids)):  # gradients on: the plain model
         assert not any("forward" in mod.__dict__ for mod in linears)
+        m.lm_head.weight.requires_grad_(True)  # a weight that trains (tied: the embedding) is not packed
+        with packed_linears(m, rows=len(ids)):
+            assert "forward" not in m.lm_head.__dict__
+    scale = plain[0].abs().max()
+    assert (packed[0] - plain[0])[mask.bool()].abs().max() <= tol * scale
+    assert (packed[1] - plain[1]).abs() <= tol * plain[1].abs()
+    for a, b in zip(packed[2], plain[2]):
+        assert (a - b).abs().max() <= tol * b.abs().max()
 
 
 def test_represent_last_and_mean_ignore_padding():
