@@ -7,8 +7,9 @@ checkpoints load key by key.
 
 Top to bottom: config and presets; RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP,
 each block taking (x, ctx) where ctx carries what attention needs (rotary tables, mask, KV cache, and
-for training batches where the real tokens sit); the chunked cross-entropy; the model with its
-training loss, its hidden states and FedDPA's instance representation.
+for training batches where the real tokens sit); the chunked cross-entropy; the frozen weights'
+products through oneDNN on CPU (packed_linears, scoped by its callers); the model with its training
+loss, its hidden states and FedDPA's instance representation.
 """
 import math
 import os
