@@ -42,7 +42,7 @@ def test_beam_search_matches_transformers(tmp_path, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_linears_give_the_plain_products_and_leave_nothing_behind(dtype):
+def test_packed_linears_give_the_plain_products_and_leave_nothing_behind(dtype, monkeypatch):
     """model.packed_linears: inside the block, on CPU, each frozen projection and lm_head multiplies
     through oneDNN with its reordered weight: the same logits as the plain model with a LoRA mix on top,
     and in training the same loss and LoRA gradients, up to rounding; a weight that trains stays plain;
@@ -66,6 +66,10 @@ def test_packed_linears_give_the_plain_products_and_leave_nothing_behind(dtype):
 
     with lora.mixed(m, {"local": 0.7}):  # (training packs a batch's real tokens: one weight for all)
         lora.set_trainable(m, "local")
+        q = m.model.layers[0].self_attn.q_proj.base_layer
+        with packed_linears(m, rows=len(ids)):  # in training a weight this small stays plain
+            assert q.weight.numel() < model.TRAIN_PACK_MIN and "forward" not in q.__dict__
+        monkeypatch.setattr(model, "TRAIN_PACK_MIN", 0)  # from here every frozen weight is packed
         plain = run()
         with packed_linears(m, rows=len(ids)):
             assert all(("forward" in mod.__dict__) == usable for mod in linears)  # CPU with oneDNN: packed
