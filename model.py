@@ -325,13 +325,12 @@ def packed_linears(model: nn.Module, rows: int):
     layers = [m for name, m in model.named_modules()
               if type(m) is nn.Linear and ".lora_" not in name
               and not (train and (m.weight.requires_grad or m.weight.numel() < TRAIN_PACK_MIN))]
-    copies = 2 if train else 1
     w = layers[0].weight if layers else None
     usable = (w is not None and w.device.type == "cpu" and torch.backends.mkldnn.is_available()
               and (w.dtype == torch.float32
                    or (w.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
               and not any("forward" in m.__dict__ for m in layers)
-              and 4 * copies * sum(m.weight.numel() * m.weight.element_size() for m in layers) < _physical_memory())
+              and 4 * (1 + train) * sum(m.weight.numel() * m.weight.element_size() for m in layers) < _physical_memory())
     if not usable:
         yield model
         return
