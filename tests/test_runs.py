@@ -380,10 +380,10 @@ def test_seeds_run_each_seed_in_its_folder_and_summarise_mean_and_std(tiny_run, 
     assert code == 2 and "--seeds '0,a': comma-separated non-negative integers" in err
 
 
-@pytest.mark.parametrize("name", ["flan1-smollm2", "flan2-smollm2", "flan1-to-flan2-smollm2"])
+@pytest.mark.parametrize("name", ["flan1-smollm2", "flan2-smollm2", "flan1-to-flan2-smollm2", "flan1-smollm2-bf16"])
 def test_the_carried_smollm2_study_gives_the_table_and_intervals_in_the_docs(name, tmp_path, capsys):
     """docs/study/<name> holds every seed's results.json of a SmolLM2 study (FLAN set 1, set 2, set 1 with
-    set 2's tasks unseen); its summary, recomputed from them by the documented command (finished seeds are
+    set 2's tasks unseen, set 1 in bfloat16 with FedDPA-F); its summary, recomputed from them by the documented command (finished seeds are
     read, none is run: no model or data needed), prints the rows and paired intervals that
     docs/real-models.md shows, line for line (on unseen tasks too, where the study has them)."""
     study = tmp_path / name
