@@ -60,7 +60,9 @@ def until_eos(row, eos: int) -> list:
     return row[:row.index(eos) + 1] if eos in row else row
 
 
-KERNELS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
+# the products and attention both sides call; attention's backward is its own kernel (training)
+KERNELS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "aten::bmm", "aten::baddbmm",
+           "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
 def kernel_share(fn) -> tuple:
