@@ -309,7 +309,7 @@ class PackedLinear(torch.autograd.Function):
 @contextmanager
 def packed_linears(model: nn.Module, rows: int):
     """Inside the block, on CPU, the model's frozen projections and lm_head (not LoRA's own matrices)
-    multiply through oneDNN, each weight reordered once into a blocked layout for products of about
+    multiply through oneDNN, each weight reordered once (at its first such product) into a blocked layout for products of about
     `rows` rows (as torch.compile does on CPU; torch.ops.mkldnn), in inference and in training (where
     W.T is reordered too, for the input's gradient). Why: on this project's AMD EPYC machines the
     default BLAS runs float32 products 2-3x slower than oneDNN, those of a decoding step's few rows up to
@@ -344,12 +344,15 @@ def packed_linears(model: nn.Module, rows: int):
 
 
 def _packed_forward(m: nn.Linear, rows: int, train: bool):
-    w = torch.ops.mkldnn._reorder_linear_weight(m.weight, rows)
-    w_t = torch.ops.mkldnn._reorder_linear_weight(m.weight.t().contiguous(), rows) if train else None
+    packed = []  # [W, W.T or None] reordered, at the first call that uses them: under autocast none does
 
     def forward(x):
         if x.dtype != m.weight.dtype or torch.is_autocast_enabled(x.device.type):
             return F.linear(x, m.weight, m.bias)
+        if not packed:
+            packed.extend([torch.ops.mkldnn._reorder_linear_weight(m.weight, rows),
+                           torch.ops.mkldnn._reorder_linear_weight(m.weight.t().contiguous(), rows) if train else None])
+        w, w_t = packed
         if w_t is not None and torch.is_grad_enabled() and x.requires_grad:
             return PackedLinear.apply(x, w, w_t, m.bias)
         return torch.ops.mkldnn._linear_pointwise(x, w, m.bias, "none", [], "")

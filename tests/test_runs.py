@@ -383,9 +383,10 @@ def test_seeds_run_each_seed_in_its_folder_and_summarise_mean_and_std(tiny_run, 
 @pytest.mark.parametrize("name", ["flan1-smollm2", "flan2-smollm2", "flan1-to-flan2-smollm2", "flan1-smollm2-bf16"])
 def test_the_carried_smollm2_study_gives_the_table_and_intervals_in_the_docs(name, tmp_path, capsys):
     """docs/study/<name> holds every seed's results.json of a SmolLM2 study (FLAN set 1, set 2, set 1 with
-    set 2's tasks unseen, set 1 in bfloat16 with FedDPA-F); its summary, recomputed from them by the documented command (finished seeds are
-    read, none is run: no model or data needed), prints the rows and paired intervals that
-    docs/real-models.md shows, line for line (on unseen tasks too, where the study has them)."""
+    set 2's tasks unseen, set 1 in bfloat16 with FedDPA-F); its summary, recomputed from them by the
+    documented command (finished seeds are read, none is run: no model or data needed), prints the rows
+    and paired intervals that docs/real-models.md shows, line for line (on unseen tasks too, where the
+    study has them)."""
     study = tmp_path / name
     shutil.copytree(ROOT / "docs" / "study" / name, study)
     train.main(["--resume", str(study)])
