@@ -22,7 +22,6 @@ import torch
 import lora
 from feddpa import METHODS, STARTS_FROM, Recipe, calibrated, mix, paper_weight, prompt_batches, represent
 from generate import generate
-from model import packed_linears
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,26 +90,25 @@ def answer(model, tok, records, dec: Decode, device, weights: dict | None = None
     adapter, these records, dec's batch size and cutoff, and one model state: device, dtype, autocast)."""
     out, lams = [None] * len(records), [None] * len(records)
     reps = {} if reps is None else reps
-    with packed_linears(model, dec.batch_size * dec.num_beams):  # the weights reordered once for all batches
-        for idx, ids, mask in prompt_batches(tok, records, dec.batch_size, dec.cutoff):
-            ids, mask = ids.to(device), mask.to(device)
-            if dynamic is not None:
-                key = (dynamic.pool, tuple(idx))
-                if key not in reps:
-                    reps[key] = represent(model, ids, mask, dynamic.pool)             # (B, dim)
-                lam = dynamic.lam(reps[key])                                          # (B,)
-                batch_weights = mix(lam.repeat_interleave(dec.num_beams), dynamic.to)  # beams: example-major
-                for i, v in zip(idx, lam.tolist()):
-                    lams[i] = v
-            else:
-                batch_weights = weights or {}
-            with lora.mixed(model, batch_weights):
-                gen = generate(model, ids, mask, dec.max_new_tokens, tok.stop_ids, tok.pad_id, dec.num_beams)
-            for i, row in zip(idx, gen.tolist()):
-                row = row[:next((j for j, t in enumerate(row) if t in tok.stop_ids), len(row))]
-                out[i] = tok.decode(row).strip()
-            if progress is not None:
-                progress.update(len(idx))
+    for idx, ids, mask in prompt_batches(tok, records, dec.batch_size, dec.cutoff):
+        ids, mask = ids.to(device), mask.to(device)
+        if dynamic is not None:
+            key = (dynamic.pool, tuple(idx))
+            if key not in reps:
+                reps[key] = represent(model, ids, mask, dynamic.pool)             # (B, dim)
+            lam = dynamic.lam(reps[key])                                          # (B,)
+            batch_weights = mix(lam.repeat_interleave(dec.num_beams), dynamic.to)  # beams: example-major
+            for i, v in zip(idx, lam.tolist()):
+                lams[i] = v
+        else:
+            batch_weights = weights or {}
+        with lora.mixed(model, batch_weights):
+            gen = generate(model, ids, mask, dec.max_new_tokens, tok.stop_ids, tok.pad_id, dec.num_beams)
+        for i, row in zip(idx, gen.tolist()):
+            row = row[:next((j for j, t in enumerate(row) if t in tok.stop_ids), len(row))]
+            out[i] = tok.decode(row).strip()
+        if progress is not None:
+            progress.update(len(idx))
     return out, lams
 
 

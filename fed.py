@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import lora
 from data import collate
-from model import IGNORE_INDEX, packed_linears
+from model import IGNORE_INDEX
 
 
 @dataclass
@@ -46,10 +46,7 @@ def train_adapter(model, name: str, examples: list, *, train: LocalTrain, weight
 
     Returns {"loss": mean loss, "steps": optimizer steps, "examples": examples seen, "tokens": labelled tokens}."""
     steps = train.max_steps or max(1, math.ceil(train.epochs * len(examples) / train.batch_size))
-    # mix and mode for this block only; the frozen base's products through oneDNN on CPU (a layout hint of
-    # about a micro-batch's real tokens)
-    with lora.mixed(model, weights), lora.training(model, name) as params, \
-            packed_linears(model, rows=64 * train.micro_batch_size):
+    with lora.mixed(model, weights), lora.training(model, name) as params:  # mix and mode for this block only
         # fused: one kernel per step for all the adapter's tensors (transformers' Trainer default too)
         opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)  # linear decay to 0

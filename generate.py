@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import lora
-from model import Llama, ModelConfig, packed_linears
+from model import Llama, ModelConfig
 
 
 class KVCache:
@@ -48,10 +48,9 @@ def generate(model: Llama, input_ids, attention_mask, max_new_tokens: int, eos_i
     eos_id: an id, or a list of ids any of which ends a row (tokenizer.stop_ids; Llama 3 has several).
     Greedy for num_beams=1, else beam search with the semantics of HF `generate(num_beams=k)`."""
     eos_id = torch.tensor(eos_id, device=input_ids.device).view(-1)          # (n_eos,)
-    with packed_linears(model, len(input_ids) * num_beams):
-        if num_beams > 1:
-            return beam_search(model, input_ids, attention_mask, max_new_tokens, eos_id, pad_id, num_beams)
-        return greedy(model, input_ids, attention_mask, max_new_tokens, eos_id, pad_id)
+    if num_beams > 1:
+        return beam_search(model, input_ids, attention_mask, max_new_tokens, eos_id, pad_id, num_beams)
+    return greedy(model, input_ids, attention_mask, max_new_tokens, eos_id, pad_id)
 
 
 @torch.no_grad()

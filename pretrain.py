@@ -5,6 +5,7 @@ corpus (builtin.corpus), cached as an HF directory.
 A porter can skip this file: with a real checkpoint (--model DIR) nothing here runs. bench.py times
 the same loop.
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 import builtin
 import data
+import fast
 import hf
 from model import PRESETS, Llama, ModelConfig
 
@@ -45,9 +47,9 @@ BATCH = 16  # rows of 128 tokens per step: on a 2-core CPU, 200 steps of 16 reac
 
 
 def pretrain(model: Llama, rows: torch.Tensor, steps: int, seed: int = 0, bf16: bool = False, batch: int = BATCH,
-             lr: float = 3e-3, progress: bool = False) -> list:
+             lr: float = 3e-3, progress: bool = False, plain: bool = False) -> list:
     """Train every weight of model on random rows (N, T) of token_rows: AdamW, warmup then cosine decay,
-    gradient clipping at 1.0. Returns (seconds, loss) per step."""
+    gradient clipping at 1.0; plain: without fast.py's forwards. Returns (seconds, loss) per step."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -55,18 +57,19 @@ def pretrain(model: Llama, rows: torch.Tensor, steps: int, seed: int = 0, bf16: 
     device = model.lm_head.weight.device
     log = []
     bar = tqdm(range(steps), desc="pretraining the built-in base", leave=False, disable=not progress)
-    for _ in bar:
-        t0 = time.perf_counter()
-        x = rows[torch.randint(len(rows), (batch,), generator=g)].to(device)  # (batch, T)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(x, labels=x)[1]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        log.append((time.perf_counter() - t0, loss.item()))
-        bar.set_postfix(loss=f"{log[-1][1]:.3f}")
+    with contextlib.nullcontext() if plain else fast.enabled(model, rows=batch * rows.shape[1]):
+        for _ in bar:
+            t0 = time.perf_counter()
+            x = rows[torch.randint(len(rows), (batch,), generator=g)].to(device)  # (batch, T)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = model(x, labels=x)[1]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            log.append((time.perf_counter() - t0, loss.item()))
+            bar.set_postfix(loss=f"{log[-1][1]:.3f}")
     return log
 
 
@@ -78,7 +81,8 @@ def cache_dir(cache: str, seed: int, steps: int, bf16: bool = False) -> str:
     return os.path.join(os.path.expanduser(cache), f"base-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
 
 
-def base_model(cache: str, seed: int, steps: int, device, bf16: bool = False, progress: bool = False) -> str:
+def base_model(cache: str, seed: int, steps: int, device, bf16: bool = False, progress: bool = False,
+               plain: bool = False) -> str:
     """The HF directory of the built-in base, pretrained for `steps` on first use and cached under `cache`."""
     preset = PRESETS["base"]
     d = cache_dir(cache, seed, steps, bf16)
@@ -89,7 +93,7 @@ def base_model(cache: str, seed: int, steps: int, device, bf16: bool = False, pr
     tok = train_tokenizer(os.path.join(tmp, "tokenizer.model"), seed)
     torch.manual_seed(seed)
     model = Llama(ModelConfig(**{**asdict(preset), "bos_id": tok.bos_id, "eos_id": tok.eos_id})).to(device)
-    pretrain(model, token_rows(tok, builtin.corpus(seed)), steps, seed, bf16, progress=progress)
+    pretrain(model, token_rows(tok, builtin.corpus(seed)), steps, seed, bf16, progress=progress, plain=plain)
     hf.save_pretrained(model.cpu(), tmp)
     os.replace(tmp, d) if not os.path.exists(d) else shutil.rmtree(tmp)
     return d

@@ -370,7 +370,7 @@ def run_seeds(out: str, seeds: list, config: dict, run_one):
     write_seed_summary(out, config, per_seed)
 
 
-SEED_FREE = ("out", "device")  # a seed's settings that may differ from its study's: where and on what it ran
+SEED_FREE = ("out", "device", "plain")  # a seed's settings that may differ from its study's: where, on what and how it ran
 
 
 def read_seed(path: str, want: dict) -> dict:

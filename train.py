@@ -9,6 +9,7 @@ methods need (feddpa.setup_phase, checkpointed by runs.run_phase), each method's
 (evaluation.evaluate_method), the table and results.json; run_seeds: the same per seed, mean ± std.
 """
 import argparse
+import contextlib
 import os
 import random
 import sys
@@ -22,6 +23,7 @@ from tqdm import tqdm
 import builtin
 import data
 import evaluation
+import fast
 import fed
 import feddpa
 import hf
@@ -75,6 +77,7 @@ class Config:
     seed: int = opt(0, "seed for everything")
     seeds: str = opt("", "comma-separated seeds, e.g. 0,1,2: the whole comparison once per seed in OUT/seed<N>, then mean ± std")
     device: str = opt("auto", "auto, cpu or cuda")
+    plain: bool = opt(False, "the plain reference alone, without fast.py's faster forwards (the same numbers up to rounding)")
     dtype: str = opt("float32", "float32; bfloat16: the frozen base in bfloat16, autocast, float32 adapters; "
                      "float64: every weight (the built-in base's pretraining too), for runs that agree across CPU kinds")
     out: str = opt("runs/default", "output folder")
@@ -84,12 +87,16 @@ class Config:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}  # --dtype: the base's
 ALIASES = {"lambda_scale": "alpha", "local_weight": "mix"}  # earlier flag and config.json names, still accepted
 ALIASES_BACK = {old: new for new, old in ALIASES.items()}
+RUNTIME = ("device", "plain")  # how a run is computed, not what: a resume may change them
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for f in fields(Config):
         names = ["--" + n.replace("_", "-") for n in (f.name, ALIASES.get(f.name)) if n]
+        if f.type is bool or type(f.default) is bool:
+            ap.add_argument(*names, dest=f.name, action="store_true", help=f.metadata["help"])
+            continue
         ap.add_argument(*names, dest=f.name, type=type(f.default), default=f.default,
                         help=f.metadata["help"] + f" (default: {f.default})")
     ap.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its last complete round")
@@ -105,21 +112,21 @@ def parse_args(argv=None):
 
 def check_flags(cfg: Config, args):
     """Flags that would be ignored are refused, not ignored."""
-    ignored = [name for name in args.given if name != "device"]
+    ignored = [name for name in args.given if name not in RUNTIME]
     if args.resume and ignored:  # the run's own settings win
-        raise UserError(f"--resume takes every setting from {args.resume}/config.json (only --device may change); "
+        raise UserError(f"--resume takes every setting from {args.resume}/config.json (only --device and --plain may change); "
                         f"drop --{ignored[0].replace('_', '-')}")
     if "local_epochs" in args.given and cfg.local_steps:
         raise UserError(f"--local-epochs is used only with --local-steps 0 (now {cfg.local_steps})")
 
 
 def resumed_config(cfg: Config, out: str) -> Config:
-    """The settings of the run in out (only --device may change; the folder may have moved)."""
+    """The settings of the run in out (only --device and --plain may change; the folder may have moved)."""
     saved = runs.read_config(out)
     saved = {ALIASES_BACK.get(k, k): v for k, v in saved.items()}
     path = os.path.join(out, "config.json")
     try:
-        cfg = Config(**{**saved, "device": cfg.device, "out": out})
+        cfg = Config(**{**saved, **{name: getattr(cfg, name) for name in RUNTIME}, "out": out})
     except TypeError as e:
         raise UserError(f"{path}: cannot resume from it ({hf.first_line(e)})") from None
     for f in fields(Config):
@@ -205,11 +212,12 @@ def base_and_tokenizer(cfg: Config, device, progress: bool) -> tuple:
         torch.set_default_dtype(torch.float64)
         try:
             model_dir = pretrain.base_model(os.path.join(cfg.cache, "float64"), cfg.seed, cfg.pretrain_steps, device,
-                                            False, progress)
+                                            False, progress, cfg.plain)
         finally:
             torch.set_default_dtype(default)
     else:
-        model_dir = (pretrain.base_model(cfg.cache, cfg.seed, cfg.pretrain_steps, device, cfg.dtype == "bfloat16", progress)
+        model_dir = (pretrain.base_model(cfg.cache, cfg.seed, cfg.pretrain_steps, device, cfg.dtype == "bfloat16", progress,
+                                         cfg.plain)
                      if cfg.model == "builtin" else hf.resolve(cfg.model))
     return model_dir, hf.load_tokenizer(model_dir, hf.config_from_hf(os.path.join(model_dir, "config.json")))
 
@@ -289,27 +297,31 @@ def run(cfg: Config, args):
     print("work ahead: " + "; ".join(f"{p} {feddpa.schedule(p, rec, len(fd.clients))}" for p in todo_phases)
           + f"{'; ' if todo_phases else ''}{answers:,} answers of up to {cfg.max_new_tokens} tokens for {len(todo_methods)} methods")
 
-    for name in todo_phases:
-        phase = feddpa.setup_phase(name, model, pad_id=tok.pad_id, recipe=rec, datasets=encoded, init=state["init"],
-                                   trained=state["trained"])
-        runs.run_phase(name, phase, state, save, seed=cfg.seed, weighting=cfg.weighting, out=cfg.out, progress=progress)
+    def speed(rows):  # fast.py's forwards, entered once for training and once for evaluation (--plain: never)
+        return contextlib.nullcontext() if cfg.plain else fast.enabled(model, rows)
+    with speed(rows=64 * cfg.micro_batch_size):  # a layout hint: about a micro-batch's real tokens
+        for name in todo_phases:
+            phase = feddpa.setup_phase(name, model, pad_id=tok.pad_id, recipe=rec, datasets=encoded, init=state["init"],
+                                       trained=state["trained"])
+            runs.run_phase(name, phase, state, save, seed=cfg.seed, weighting=cfg.weighting, out=cfg.out, progress=progress)
     dec = evaluation.Decode(cfg.max_new_tokens, cfg.num_beams, cfg.eval_batch_size, cfg.cutoff)
     def has_local(phase, i):
         return state["trained"][phase]["locals"][i] is not None
     # each method on the data set's own tests, then (--test-data) on the unseen tasks' tests; the answer
     # sets a method shares with one before it are generated once (evaluation.answer_key)
-    for key, tests, client_tasks, todo in (("results", fd.tests, fd.client_tasks, todo_methods),
-                                           ("unseen", unseen, None, todo_unseen)):
-        answered = {}
-        for method in todo:
-            n = evaluation.answers_needed([method], tests, len(fd.clients), has_local, answered, client_tasks is not None)
-            bar = tqdm(total=n[method], unit="answer", leave=False,
-                       desc=f"evaluating {method}{' on unseen tasks' if key == 'unseen' else ''}", disable=not progress)
-            with bar, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                state[key][method] = evaluation.evaluate_method(
-                    method, model, tok, tests, client_data=fd.clients, client_tasks=client_tasks,
-                    trained=state["trained"], recipe=rec, dec=dec, device=device, progress=bar, answered=answered)
-            save(state)
+    with speed(rows=cfg.eval_batch_size * cfg.num_beams):
+        for key, tests, client_tasks, todo in (("results", fd.tests, fd.client_tasks, todo_methods),
+                                               ("unseen", unseen, None, todo_unseen)):
+            answered = {}
+            for method in todo:
+                n = evaluation.answers_needed([method], tests, len(fd.clients), has_local, answered, client_tasks is not None)
+                bar = tqdm(total=n[method], unit="answer", leave=False,
+                           desc=f"evaluating {method}{' on unseen tasks' if key == 'unseen' else ''}", disable=not progress)
+                with bar, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    state[key][method] = evaluation.evaluate_method(
+                        method, model, tok, tests, client_data=fd.clients, client_tasks=client_tasks,
+                        trained=state["trained"], recipe=rec, dec=dec, device=device, progress=bar, answered=answered)
+                save(state)
     res = runs.write_results(cfg.out, asdict(cfg), state, fd.client_tasks, time.time() - t_start)
     runs.print_table(state["results"], list(fd.tests), fd.client_tasks, args.verbose)
     if unseen:

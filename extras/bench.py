@@ -26,10 +26,11 @@ import torch
 from extras import bench_infer
 import builtin
 import data
+import fast
 import hf
 import lora
 import pretrain
-from model import IGNORE_INDEX, PRESETS, Llama, ModelConfig, packed_linears
+from model import IGNORE_INDEX, PRESETS, Llama, ModelConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 try:
@@ -64,7 +65,7 @@ def machine() -> str:
 
 def matmul_peak(dtype, n: int = 2048, reps: int = 10) -> float:
     """GFLOP/s of the best of `reps` n^3 matmuls, the faster of torch.mm (the default BLAS) and oneDNN
-    with a reordered weight (model.packed_linears: on AMD EPYC the default BLAS runs float32 at about
+    with a reordered weight (fast.py's products: on AMD EPYC the default BLAS runs float32 at about
     half of what oneDNN reaches)."""
     return max(matmul_rates(dtype, n, reps).values())
 
@@ -186,10 +187,10 @@ def stepper(m, is_hf: bool, bf16: bool = False, lr: float = 3e-3):
 
 def train(m, is_hf: bool, batches, steps: int, warmup: int = 2, bf16: bool = False) -> list:
     """AdamW steps over batches (cycled); the (seconds, tokens, labelled, loss) of the last `steps`.
-    Ours runs as fed.train_adapter runs it, its frozen products through oneDNN (model.packed_linears)."""
+    Ours runs as train.py runs it, with fast.py's forwards."""
     step = stepper(m, is_hf, bf16)
     torch.manual_seed(1)  # the same LoRA dropout masks for every run
-    with contextlib.nullcontext() if is_hf else packed_linears(m, rows=512):
+    with contextlib.nullcontext() if is_hf else fast.enabled(m, rows=512):
         return [step(batches[i % len(batches)]) for i in range(warmup + steps)][warmup:]
 
 
@@ -211,7 +212,7 @@ def compare(cfg, d: str, targets, batches, steps: int, peak: float, bf16: bool =
         if bf16:
             runs["hf32"] = (True, False)
     models = {name: build(d, targets, is_hf=is_hf, bf16=half) for name, (is_hf, half) in runs.items()}
-    with packed_linears(models["ours"], rows=512):  # as fed.train_adapter runs it
+    with fast.enabled(models["ours"], rows=512):  # as train.py runs it
         return compare_built(cfg, models, runs, batches, steps, peak, profile)
 
 

@@ -10,6 +10,7 @@ import torch
 
 import data
 import evaluation
+import fast
 import feddpa
 import hf
 import lora
@@ -47,11 +48,12 @@ def bench_inference(d: str, tok, fd, n: int = 64):
     def ours():
         evaluation.answer(m, tok, records, dec, "cpu", dynamic=feddpa.paper_weight(m, tok, fd.clients[0], recipe, 0, "cpu"))
     rate = {}
-    for name, run in (("batched", ours), ("single", lambda: one_at_a_time(m, tok, records, fd.clients[0], dec, recipe))):
-        for _ in range(2):  # the faster of two runs, as for training
-            t0 = time.perf_counter()
-            run()
-            rate[name] = max(rate.get(name, 0), n / (time.perf_counter() - t0))
+    with fast.enabled(m, dec.batch_size):  # as train.py evaluates
+        for name, run in (("batched", ours), ("single", lambda: one_at_a_time(m, tok, records, fd.clients[0], dec, recipe))):
+            for _ in range(2):  # the faster of two runs, as for training
+                t0 = time.perf_counter()
+                run()
+                rate[name] = max(rate.get(name, 0), n / (time.perf_counter() - t0))
     return rate["batched"], rate["single"]
 
 
@@ -103,7 +105,7 @@ def bench_generation(ours, theirs, tok, records: list, num_beams: int, max_new_t
                                           do_sample=False, num_beams=num_beams, eos_token_id=tok.eos_id,
                                           pad_token_id=tok.pad_id)[:, ids.shape[1]:]}
     best, rows = {"ours": float("inf"), "hf": float("inf"), "prefill": float("inf")}, {}
-    with torch.no_grad():
+    with torch.no_grad(), fast.enabled(ours, batch * num_beams):  # ours as train.py evaluates
         for _ in range(2):
             for name, run in runs.items():
                 t0 = time.perf_counter()

@@ -29,6 +29,7 @@ the base model, Local and Centralized need no federation: run them with train.py
 Top to bottom: the settings; the node (its data and model, its state files, train, describe,
 evaluate); the server (finding the nodes, a round over Flower, the phases, the evaluation).
 """
+import contextlib
 import glob
 import hashlib
 import json
@@ -45,6 +46,7 @@ from flwr.serverapp import Grid, ServerApp
 import data
 import evaluation
 from extras import export
+import fast
 import fed
 import hf
 import feddpa
@@ -147,6 +149,11 @@ def describe(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
 
 
+def speed(model, cfg, rows: int):
+    """fast.py's forwards, as train.py enters them (--plain: none)."""
+    return contextlib.nullcontext() if cfg.plain else fast.enabled(model, rows)
+
+
 @client.train()
 def train_step(msg: Message, context: Context) -> Message:
     """One round of one phase on this client: the phase's client step (feddpa.setup_phase) from the
@@ -170,7 +177,8 @@ def train_step(msg: Message, context: Context) -> Message:
     print(f"client {node.id}: {phase_name} round {round_ + 1}, "
           f"{'local adapter from round ' + str(last[0] + 1) + ' on disk' if last and last[1] else 'no local adapter yet'}",
           flush=True)
-    update, metrics = phase.step(round_, me, received)
+    with speed(model, cfg, rows=64 * cfg.micro_batch_size):
+        update, metrics = phase.step(round_, me, received)
     node.save_state(phase_name, round_, me.local, me.generator)
     reply = RecordDict({"metrics": MetricRecord({**{k: float(v) for k, v in metrics.items()},
                                                  "n-examples": update.n_examples})})
@@ -196,7 +204,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         t0 = time.time()
         phase = feddpa.METHODS[method].phase
         local = last[phase][1] if last[phase] else None
-        with torch.autocast(node.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+        with speed(model, cfg, rows=cfg.eval_batch_size * cfg.num_beams), \
+                torch.autocast(node.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
             scores[method] = evaluation.evaluate_client(
                 method, model, tok, node.fd.tests, records=node.records, client_id=node.id, own_task=node.task,
                 global_adapter=globals_[phase], local_adapter=local, recipe=rec, dec=dec, device=node.device,

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import fast
 import hf
 import lora
 import model
@@ -134,8 +135,10 @@ def test_per_example_weights_equal_examples_run_alone():
 def test_per_example_weights_refuse_packed_training_batches():
     m = tiny_lora()
     ids, mask = left_padded(1024)
-    with lora.mixed(m, {"local": torch.tensor([0.0, 0.35, 1.0])}), pytest.raises(ValueError, match="per-example weights"):
-        m(ids, mask, ids)  # a loss packs the real tokens: no longer one row per example
+    with lora.mixed(m, {"local": torch.tensor([0.0, 0.35, 1.0])}):
+        m(ids, mask, ids)  # the plain model's batch is padded: one row per example
+        with fast.enabled(m, rows=8), pytest.raises(ValueError, match="per-example weights"):
+            m(ids, mask, ids)  # fast.py's loss packs the real tokens: no longer one row per example
 
 
 @pytest.mark.parametrize("p, shape, sigmas", [(0.05, (40, 25), 4.0), (0.5, (7,), 4.0), (0.05, (40, 25), -1.0)])
