@@ -31,7 +31,6 @@ class LocalTrain:
     max_steps: int = 0            # ... or, if > 0, a budget of optimizer steps per round
     batch_size: int = 16          # examples per optimizer step
     micro_batch_size: int = 8     # examples per forward pass (gradients accumulate)
-    weight_decay: float = 0.0
     max_grad_norm: float = 1.0    # clip the gradient's global norm before each step (0: off), as transformers' Trainer
     bf16: bool = False            # bfloat16 autocast for the forward pass (CPU or GPU)
 
@@ -47,8 +46,9 @@ def train_adapter(model, name: str, examples: list, *, train: LocalTrain, weight
     Returns {"loss": mean loss, "steps": optimizer steps, "examples": examples seen, "tokens": labelled tokens}."""
     steps = train.max_steps or max(1, math.ceil(train.epochs * len(examples) / train.batch_size))
     with lora.mixed(model, weights), lora.training(model, name) as params:  # mix and mode for this block only
-        # fused: one kernel per step for all the adapter's tensors (transformers' Trainer default too)
-        opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=True)
+        # no weight decay, as the paper's code (AdamW's own default is 0.01); fused: one kernel per step for
+        # all the adapter's tensors (transformers' Trainer default too)
+        opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0, fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)  # linear decay to 0
         order = []
         losses, tokens = [], 0
