@@ -9,6 +9,7 @@ methods need (feddpa.setup_phase, checkpointed by runs.run_phase), each method's
 (evaluation.evaluate_method), the table and results.json; run_seeds: the same per seed, mean ± std.
 """
 import argparse
+import math
 import os
 import random
 import sys
@@ -130,6 +131,12 @@ def resumed_config(cfg: Config, out: str) -> Config:
 
 
 def check_config(cfg: Config):
+    # every float setting is a finite number: a comparison with nan is False, so the range checks
+    # below would let --lr nan through to fail inside AdamW once the run has started
+    for f in fields(Config):
+        v = getattr(cfg, f.name)
+        if type(f.default) is float and not math.isfinite(v):
+            raise UserError(f"--{f.name.replace('_', '-')} {v} must be a finite number")
     bad = [m for m in cfg.methods.split(",") if m not in feddpa.METHODS]
     if bad:
         raise UserError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(feddpa.METHODS)}")

@@ -7,6 +7,7 @@ import signal
 import struct
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -324,6 +325,27 @@ def test_impossible_config_exits_with_one_line_and_keeps_the_output(case, tiny_r
     assert code == 2
     assert_one_line(err, "error: ", *pieces)
     assert tree_bytes(run_copy) == before
+
+
+FLOAT_FLAGS = [f.name for f in fields(train.Config) if type(f.default) is float]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", FLOAT_FLAGS)
+def test_float_flag_that_is_not_finite_exits_with_one_line_and_keeps_the_output(name, value, tiny_run, run_copy,
+                                                                                  capsys, tmp_path):
+    """nan passes every range check (a comparison with nan is False), inf some: each float flag refuses
+    both before anything is written, in a new folder or over another run's."""
+    flag = "--" + name.replace("_", "-")
+    extra = ["--local-steps", "0"] if name == "local_epochs" else []  # --local-epochs counts only then
+    # flag=value: argparse would read a lone -inf as another option
+    before = tree_bytes(run_copy)
+    for out in (run_copy, tmp_path / "new"):
+        code, err = main_error([*tiny_run[2], *extra, f"{flag}={value}", "--out", str(out), "--overwrite"], capsys)
+        assert code == 2
+        assert_one_line(err, f"error: {flag} {float(value)} must be a finite number")
+    assert tree_bytes(run_copy) == before
+    assert not (tmp_path / "new").exists()
 
 
 def test_earlier_flag_and_config_names_still_work(tmp_path):
