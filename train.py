@@ -269,12 +269,18 @@ def run(cfg: Config, args):
     pretrain_seconds = time.time() - t0
     bf16, progress = cfg.dtype == "bfloat16", not args.quiet
 
+    # the run's wall time over all its processes: each checkpoint holds the seconds up to it ("elapsed"),
+    # so a resumed part adds its own to those of the parts before it (a killed part's time after its
+    # last checkpoint is lost with the work it did), and a resume that finds nothing to do adds none
+    before = state.get("elapsed", 0.0) if state is not None else 0.0
+
     def save(s):
+        s["elapsed"] = before + time.time() - t_start
         runs.save_state(cfg.out, s)
     if state is None:
         init = hf.read_peft(cfg.init_adapter, lora.adapter_tensors(model, "global")) if cfg.init_adapter else lora.get_adapter(model, "global")
         state = {"init": init, "trained": {}, "results": {}, "unseen": {}, "current": None,
-                 "pretrain_seconds": pretrain_seconds}
+                 "pretrain_seconds": pretrain_seconds, "elapsed": time.time() - t_start}
         runs.start(cfg.out, asdict(cfg), state)
     else:
         runs.check_state(state, model, len(fd.clients), os.path.join(cfg.out, "checkpoint.pt"))
@@ -317,7 +323,9 @@ def run(cfg: Config, args):
                     method, model, tok, tests, client_data=fd.clients, client_tasks=client_tasks,
                     trained=state["trained"], recipe=rec, dec=dec, device=device, progress=bar, answered=answered)
             save(state)
-    res = runs.write_results(cfg.out, asdict(cfg), state, fd.client_tasks, time.time() - t_start)
+    if todo_phases or todo_methods or todo_unseen or "elapsed" not in state:  # (a checkpoint from before "elapsed")
+        save(state)  # the total that results.json gives, kept for a resume of the finished run
+    res = runs.write_results(cfg.out, asdict(cfg), state, fd.client_tasks, state["elapsed"])
     runs.print_table(state["results"], list(fd.tests), fd.client_tasks, args.verbose)
     if unseen:
         runs.print_unseen(state["unseen"], cfg.test_data, list(unseen))

@@ -7,6 +7,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -141,6 +142,36 @@ def test_interrupted_and_resumed_run_is_bit_identical(case, tiny_run, reference,
     assert r.returncode == 0, r.stderr
     assert not list(Path(out).rglob("*.tmp*"))
     assert outcome(out) == reference
+
+
+def test_resuming_a_finished_run_keeps_its_results_and_its_own_times(tiny_run, tmp_path):
+    """A resume that finds the run finished has nothing to do: results.json stays as the run wrote it,
+    its seconds (total, training, evaluation) the run's own, not the resume's."""
+    out = tmp_path / "run"
+    train.main([*tiny_run[2], "--out", str(out), "-q"])
+    before = json.loads((out / "results.json").read_text())
+    s = before["seconds"]
+    assert s["total"] >= s["pretrain"] + sum(s["training"].values()) + sum(s["evaluation"].values())
+    train.main(["--resume", str(out), "-q"])
+    assert json.loads((out / "results.json").read_text()) == before
+
+
+def test_a_killed_and_resumed_run_counts_the_time_of_both_parts(run_copy):
+    """The total of a run killed after FedDPA-T's round 2 and resumed is the first part's time up to its
+    last checkpoint plus the second part's: at least the work each part did, at most what the first part
+    recorded plus the second's wall time."""
+    state = torch.load(run_copy / "checkpoint.pt", weights_only=True)
+    first = state["elapsed"]
+    assert first >= (state["pretrain_seconds"] + state["trained"]["fedit"]["seconds"]
+                     + sum(h["seconds"] for h in state["current"]["history"]))
+    t0 = time.time()
+    train.main(["--resume", str(run_copy), "-q"])
+    second = time.time() - t0
+    res = json.loads((run_copy / "results.json").read_text())
+    second_work = (sum(h["seconds"] for h in res["training"]["feddpa-t"]["history"][state["current"]["round"]:])
+                   + sum(res["seconds"]["evaluation"].values()))
+    assert first + second_work <= res["seconds"]["total"] <= first + second
+    assert torch.load(run_copy / "checkpoint.pt", weights_only=True)["elapsed"] == res["seconds"]["total"]
 
 
 # ----------------------------------------------------------------------------------------------
