@@ -72,7 +72,8 @@ class Config:
     num_beams: int = opt(1, "beam search width (the paper: 4)")
     eval_batch_size: int = opt(64, "prompts per generation batch")
     pretrain_steps: int = opt(200, "steps of pretraining for the built-in base model")
-    init_adapter: str = opt("", "start every adapter from this PEFT adapter folder (e.g. one export.py wrote)")
+    init_adapter: str = opt("", "start every adapter from this PEFT adapter folder (e.g. one export.py wrote; "
+                            "its adapter_config.json must give --lora-r, --lora-alpha and --targets)")
     seed: int = opt(0, "seed for everything")
     seeds: str = opt("", "comma-separated seeds, e.g. 0,1,2: the whole comparison once per seed in OUT/seed<N>, then mean ± std")
     device: str = opt("auto", "auto, cpu or cuda")
@@ -233,6 +234,14 @@ def load_model(cfg: Config, model_dir: str, device):
 
 # ----------------------------------------------------------------------------------------------
 
+def check_init_adapter(cfg: Config):
+    """--init-adapter's adapter_config.json against this run's LoRA settings (its tensors are read, and
+    checked by name and shape, once the model is loaded). A resumed run has its initial adapter in its
+    checkpoint and reads no folder."""
+    if cfg.init_adapter:
+        hf.check_peft_config(cfg.init_adapter, cfg.lora_r, cfg.lora_alpha, cfg.targets.split(","))
+
+
 def open_run(cfg: Config, args) -> tuple:
     """The run's settings, checked, and its saved state (None for a new run; nothing is written yet)."""
     check_flags(cfg, args)
@@ -243,6 +252,8 @@ def open_run(cfg: Config, args) -> tuple:
         runs.check_new(cfg.out, args.overwrite)
         state = None
     check_config(cfg)
+    if state is None:
+        check_init_adapter(cfg)
     return cfg, state
 
 
@@ -342,6 +353,8 @@ def run_seeds(cfg: Config, args):
     else:
         runs.check_new(cfg.out, args.overwrite)
     check_config(cfg)
+    if not args.resume:  # before OUT/config.json is written (a resumed study's new seeds: in open_run)
+        check_init_adapter(cfg)
     runs.run_seeds(cfg.out, [int(s) for s in cfg.seeds.split(",")], asdict(cfg),
                    lambda seed, out, begun: run(replace(cfg, seed=seed, seeds="", out=out), argparse.Namespace(
                        **{**vars(args), "resume": out if begun else None, "given": []})))
