@@ -213,7 +213,8 @@ PEFT_PREFIX = "base_model.model."  # where peft puts the wrapped model's paramet
 def read_peft(d: str, expected: dict | None = None) -> dict:
     """A PEFT adapter folder's tensors (float32), keyed as lora.get_adapter ('<layer path>.lora_A.weight');
     with expected ({key: tensor}, e.g. lora.adapter_tensors(model, "global")), every tensor checked by
-    name and shape (CheckpointError naming the first mismatch)."""
+    name and shape (CheckpointError naming the first mismatch). Its adapter_config.json is
+    check_peft_config's."""
     path = os.path.join(d, "adapter_model.safetensors")
     if not os.path.isfile(path):
         raise CheckpointError(f"{d}: no adapter_model.safetensors (not a PEFT adapter folder)")
@@ -227,6 +228,44 @@ def read_peft(d: str, expected: dict | None = None) -> dict:
     if problem:
         raise CheckpointError(f"{path}: {problem}")
     return state
+
+
+def check_peft_config(d: str, r: int, lora_alpha: float, targets: list):
+    """Refuse (CheckpointError, one line naming the file and both values) a PEFT adapter folder whose
+    adapter_config.json says its tensors mean something else than this run's adapters would: another
+    r, lora_alpha or target modules, rsLoRA (scaling lora_alpha / sqrt(r)), DoRA (a magnitude vector),
+    or per-layer ranks or alphas. read_peft checks the tensors' names and shapes, but lora_alpha and
+    these options leave them as they are: without this the adapter would load silently at this run's
+    scaling. A folder without adapter_config.json is refused too: its scaling cannot be known."""
+    path = os.path.join(d, "adapter_config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file; without it the adapter's r, lora_alpha and target modules "
+                              "are unknown (not a PEFT adapter folder)")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({first_line(e)})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+    for key, flag, want in (("r", "--lora-r", r), ("lora_alpha", "--lora-alpha", lora_alpha)):
+        got = config.get(key, "missing")
+        if not (number(got) and got == want):
+            raise CheckpointError(f"{path}: {key} is {got}, this run's {flag} is {want}")
+    for key, what in (("use_rslora", "rsLoRA"), ("use_dora", "DoRA")):
+        if config.get(key, False) is not False:  # absent in configs written before peft had it
+            raise CheckpointError(f"{path}: {key} is {json.dumps(config[key])}; this program's LoRA has no "
+                                  f"{what} ({key} false, scaling lora_alpha / r)")
+    for key, flag, want in (("rank_pattern", "--lora-r", r), ("alpha_pattern", "--lora-alpha", lora_alpha)):
+        if config.get(key):
+            raise CheckpointError(f"{path}: {key} is {json.dumps(config[key])}; this run's {flag} is {want} in every layer")
+    got = config.get("target_modules", "missing")
+    got = sorted(got) if isinstance(got, list) and all(isinstance(t, str) for t in got) else got  # peft writes a set
+    if got != sorted(targets):  # a string is a regular expression of module names: refused, not matched
+        raise CheckpointError(f"{path}: target_modules is {json.dumps(got)}, this run's --targets is {','.join(targets)}")
 
 
 def resolve(name: str) -> str:

@@ -12,6 +12,8 @@ The state is a plain dict of tensors and containers, so torch.load(..., weights_
     unseen     the same on --test-data's tasks (P None), for every method evaluated there
     current    None, or the phase in progress: its global adapter, rounds done, history, each client's
                (local adapter, data-order generator state), and every RNG state
+    elapsed    the run's wall time up to this checkpoint, over every process that worked on it
+               (train.py; results.json's total); pretrain_seconds, the first process's model loading
 run_phase runs one training phase (feddpa.run_phase) and writes that state after every round; run_seeds
 repeats a run per seed and summarises: mean ± std of every score, and paired bootstrap intervals for
 the differences the paper's claims rest on. A porter can skip this file: it holds no part of the
@@ -157,6 +159,7 @@ def check_state(state, model, n_clients: int, path: str):
              f"{where}: malformed history")
 
     entry(state, ("init", "trained", "results", "current"), "the checkpoint")
+    need(number(state.get("elapsed", 0.0)), "elapsed seconds")
     adapter("initial adapter", state["init"])
     need(isinstance(state["trained"], dict) and set(state["trained"]) <= set(feddpa.PHASES), "unknown phase")
     for phase, t in state["trained"].items():

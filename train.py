@@ -10,6 +10,7 @@ methods need (feddpa.setup_phase, checkpointed by runs.run_phase), each method's
 """
 import argparse
 import contextlib
+import math
 import os
 import random
 import sys
@@ -73,7 +74,8 @@ class Config:
     num_beams: int = opt(1, "beam search width (the paper: 4)")
     eval_batch_size: int = opt(64, "prompts per generation batch")
     pretrain_steps: int = opt(200, "steps of pretraining for the built-in base model")
-    init_adapter: str = opt("", "start every adapter from this PEFT adapter folder (e.g. one export.py wrote)")
+    init_adapter: str = opt("", "start every adapter from this PEFT adapter folder (e.g. one export.py wrote; "
+                            "its adapter_config.json must give --lora-r, --lora-alpha and --targets)")
     seed: int = opt(0, "seed for everything")
     seeds: str = opt("", "comma-separated seeds, e.g. 0,1,2: the whole comparison once per seed in OUT/seed<N>, then mean ± std")
     device: str = opt("auto", "auto, cpu or cuda")
@@ -137,6 +139,12 @@ def resumed_config(cfg: Config, out: str) -> Config:
 
 
 def check_config(cfg: Config):
+    # every float setting is a finite number: a comparison with nan is False, so the range checks
+    # below would let --lr nan through to fail inside AdamW once the run has started
+    for f in fields(Config):
+        v = getattr(cfg, f.name)
+        if type(f.default) is float and not math.isfinite(v):
+            raise UserError(f"--{f.name.replace('_', '-')} {v} must be a finite number")
     bad = [m for m in cfg.methods.split(",") if m not in feddpa.METHODS]
     if bad:
         raise UserError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(feddpa.METHODS)}")
@@ -234,6 +242,14 @@ def load_model(cfg: Config, model_dir: str, device):
 
 # ----------------------------------------------------------------------------------------------
 
+def check_init_adapter(cfg: Config):
+    """--init-adapter's adapter_config.json against this run's LoRA settings (its tensors are read, and
+    checked by name and shape, once the model is loaded). A resumed run has its initial adapter in its
+    checkpoint and reads no folder."""
+    if cfg.init_adapter:
+        hf.check_peft_config(cfg.init_adapter, cfg.lora_r, cfg.lora_alpha, cfg.targets.split(","))
+
+
 def open_run(cfg: Config, args) -> tuple:
     """The run's settings, checked, and its saved state (None for a new run; nothing is written yet)."""
     check_flags(cfg, args)
@@ -244,6 +260,8 @@ def open_run(cfg: Config, args) -> tuple:
         runs.check_new(cfg.out, args.overwrite)
         state = None
     check_config(cfg)
+    if state is None:
+        check_init_adapter(cfg)
     return cfg, state
 
 
@@ -270,12 +288,18 @@ def run(cfg: Config, args):
     pretrain_seconds = time.time() - t0
     bf16, progress = cfg.dtype == "bfloat16", not args.quiet
 
+    # the run's wall time over all its processes: each checkpoint holds the seconds up to it ("elapsed"),
+    # so a resumed part adds its own to those of the parts before it (a killed part's time after its
+    # last checkpoint is lost with the work it did), and a resume that finds nothing to do adds none
+    before = state.get("elapsed", 0.0) if state is not None else 0.0
+
     def save(s):
+        s["elapsed"] = before + time.time() - t_start
         runs.save_state(cfg.out, s)
     if state is None:
         init = hf.read_peft(cfg.init_adapter, lora.adapter_tensors(model, "global")) if cfg.init_adapter else lora.get_adapter(model, "global")
         state = {"init": init, "trained": {}, "results": {}, "unseen": {}, "current": None,
-                 "pretrain_seconds": pretrain_seconds}
+                 "pretrain_seconds": pretrain_seconds, "elapsed": time.time() - t_start}
         runs.start(cfg.out, asdict(cfg), state)
     else:
         runs.check_state(state, model, len(fd.clients), os.path.join(cfg.out, "checkpoint.pt"))
@@ -322,7 +346,9 @@ def run(cfg: Config, args):
                         method, model, tok, tests, client_data=fd.clients, client_tasks=client_tasks,
                         trained=state["trained"], recipe=rec, dec=dec, device=device, progress=bar, answered=answered)
                 save(state)
-    res = runs.write_results(cfg.out, asdict(cfg), state, fd.client_tasks, time.time() - t_start)
+    if todo_phases or todo_methods or todo_unseen or "elapsed" not in state:  # (a checkpoint from before "elapsed")
+        save(state)  # the total that results.json gives, kept for a resume of the finished run
+    res = runs.write_results(cfg.out, asdict(cfg), state, fd.client_tasks, state["elapsed"])
     runs.print_table(state["results"], list(fd.tests), fd.client_tasks, args.verbose)
     if unseen:
         runs.print_unseen(state["unseen"], cfg.test_data, list(unseen))
@@ -339,6 +365,8 @@ def run_seeds(cfg: Config, args):
     else:
         runs.check_new(cfg.out, args.overwrite)
     check_config(cfg)
+    if not args.resume:  # before OUT/config.json is written (a resumed study's new seeds: in open_run)
+        check_init_adapter(cfg)
     runs.run_seeds(cfg.out, [int(s) for s in cfg.seeds.split(",")], asdict(cfg),
                    lambda seed, out, begun: run(replace(cfg, seed=seed, seeds="", out=out), argparse.Namespace(
                        **{**vars(args), "resume": out if begun else None, "given": []})))

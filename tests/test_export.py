@@ -110,8 +110,57 @@ def test_export_command_and_init_adapter_on_a_finished_run(tiny_dir, tmp_path, c
     fedit = hf.read_safetensors(str(tmp_path / "run" / "adapters" / "fedit" / "global.safetensors"))
     assert all(torch.equal(init[k], fedit[k]) for k in fedit)
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:  # an adapter of another rank: one line, the tensor named
+    with pytest.raises(SystemExit) as e:  # an adapter of another rank: one line, its config's r and the run's
         train.main([*args, "--lora-r", "8", "--out", str(tmp_path / "bad"), "--init-adapter", str(tmp_path / "peft" / "fedit" / "global")])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "has shape (4, 64), the model expects (8, 64)" in err
+    assert e.value.code == 2 and err.count("\n") == 1 and "adapter_config.json: r is 4, this run's --lora-r is 8" in err
     assert not (tmp_path / "bad").exists()
+
+
+INIT_ARGS = ["--model", "MODEL", "--data", "DATA", "--targets", "q_proj,v_proj", "--lora-r", "4",  # --lora-alpha 16
+             "--rounds", "1", "--local-steps", "1", "--test-per-task", "1", "--max-new-tokens", "2", "--methods", "fedit", "-q"]
+PEFT_CONFIGS = {  # adapter_config.json as peft writes it, with these settings -> what the one line says
+    "another lora_alpha": ({"lora_alpha": 32}, "lora_alpha is 32, this run's --lora-alpha is 16.0"),
+    "another r": ({"r": 8}, "r is 8, this run's --lora-r is 4"),
+    "rsLoRA": ({"use_rslora": True}, "use_rslora is true; this program's LoRA has no rsLoRA"),
+    "DoRA": ({"use_dora": True}, "use_dora is true; this program's LoRA has no DoRA"),
+    "other targets": ({"target_modules": ["q_proj", "k_proj"]},
+                      "target_modules is [\"k_proj\", \"q_proj\"], this run's --targets is q_proj,v_proj"),
+    "all linear layers": ({"target_modules": "all-linear"}, "target_modules is \"all-linear\", this run's --targets"),
+    "per-layer alpha": ({"alpha_pattern": {"q_proj": 32}}, "alpha_pattern is {\"q_proj\": 32}; this run's --lora-alpha is 16.0"),
+    "no adapter_config.json": (None, "no such file; without it the adapter's r, lora_alpha and target modules are unknown"),
+}
+
+
+@pytest.mark.parametrize("case", PEFT_CONFIGS)
+def test_init_adapter_of_other_lora_settings_is_refused_naming_the_file_and_both_values(case, tiny_dir, tmp_path, capsys):
+    """--init-adapter DIR: an adapter whose adapter_config.json gives its tensors another meaning than this
+    run's adapters (another scaling, rsLoRA, DoRA, other layers; or no config at all, so the scaling is
+    unknown) is refused in one line naming the file and both values, before anything is written (with
+    --seeds too); one that peft wrote with this run's settings passes, as export.py's folders do (the
+    test above runs one)."""
+    from peft import LoraConfig
+    changes, piece = PEFT_CONFIGS[case]
+    write_three_clients(tmp_path / "data", n_train=20, n_test=2)
+    model = lora.inject(hf.from_pretrained(str(tiny_dir)), ["q_proj", "v_proj"], r=4, lora_alpha=16)
+    d = tmp_path / "adapter"
+    export.write_peft(lora.get_adapter(model, "global"), str(d), str(tiny_dir),
+                      export.lora_settings(vars(train.Config(lora_r=4, targets="q_proj,v_proj"))))
+    hf.check_peft_config(str(d), 4, 16.0, ["q_proj", "v_proj"])  # what export.py writes
+    (d / "adapter_config.json").unlink()
+    settings = {"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
+    LoraConfig(**settings).save_pretrained(str(d))
+    hf.check_peft_config(str(d), 4, 16.0, ["v_proj", "q_proj"])  # what peft writes, with this run's settings
+    if changes is None:
+        (d / "adapter_config.json").unlink()
+    else:
+        LoraConfig(**{**settings, **changes}).save_pretrained(str(d))
+    args = [str(tiny_dir) if a == "MODEL" else str(tmp_path / "data") if a == "DATA" else a for a in INIT_ARGS]
+    for extra in ([], ["--seeds", "0,1"]):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            train.main([*args, *extra, "--init-adapter", str(d), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith(f"error: {d / 'adapter_config.json'}: {piece}"), err
+        assert not (tmp_path / "out").exists()

@@ -7,6 +7,8 @@ import signal
 import struct
 import subprocess
 import sys
+import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -140,6 +142,36 @@ def test_interrupted_and_resumed_run_is_bit_identical(case, tiny_run, reference,
     assert r.returncode == 0, r.stderr
     assert not list(Path(out).rglob("*.tmp*"))
     assert outcome(out) == reference
+
+
+def test_resuming_a_finished_run_keeps_its_results_and_its_own_times(tiny_run, tmp_path):
+    """A resume that finds the run finished has nothing to do: results.json stays as the run wrote it,
+    its seconds (total, training, evaluation) the run's own, not the resume's."""
+    out = tmp_path / "run"
+    train.main([*tiny_run[2], "--out", str(out), "-q"])
+    before = json.loads((out / "results.json").read_text())
+    s = before["seconds"]
+    assert s["total"] >= s["pretrain"] + sum(s["training"].values()) + sum(s["evaluation"].values())
+    train.main(["--resume", str(out), "-q"])
+    assert json.loads((out / "results.json").read_text()) == before
+
+
+def test_a_killed_and_resumed_run_counts_the_time_of_both_parts(run_copy):
+    """The total of a run killed after FedDPA-T's round 2 and resumed is the first part's time up to its
+    last checkpoint plus the second part's: at least the work each part did, at most what the first part
+    recorded plus the second's wall time."""
+    state = torch.load(run_copy / "checkpoint.pt", weights_only=True)
+    first = state["elapsed"]
+    assert first >= (state["pretrain_seconds"] + state["trained"]["fedit"]["seconds"]
+                     + sum(h["seconds"] for h in state["current"]["history"]))
+    t0 = time.time()
+    train.main(["--resume", str(run_copy), "-q"])
+    second = time.time() - t0
+    res = json.loads((run_copy / "results.json").read_text())
+    second_work = (sum(h["seconds"] for h in res["training"]["feddpa-t"]["history"][state["current"]["round"]:])
+                   + sum(res["seconds"]["evaluation"].values()))
+    assert first + second_work <= res["seconds"]["total"] <= first + second
+    assert torch.load(run_copy / "checkpoint.pt", weights_only=True)["elapsed"] == res["seconds"]["total"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,6 +356,27 @@ def test_impossible_config_exits_with_one_line_and_keeps_the_output(case, tiny_r
     assert code == 2
     assert_one_line(err, "error: ", *pieces)
     assert tree_bytes(run_copy) == before
+
+
+FLOAT_FLAGS = [f.name for f in fields(train.Config) if type(f.default) is float]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", FLOAT_FLAGS)
+def test_float_flag_that_is_not_finite_exits_with_one_line_and_keeps_the_output(name, value, tiny_run, run_copy,
+                                                                                  capsys, tmp_path):
+    """nan passes every range check (a comparison with nan is False), inf some: each float flag refuses
+    both before anything is written, in a new folder or over another run's."""
+    flag = "--" + name.replace("_", "-")
+    extra = ["--local-steps", "0"] if name == "local_epochs" else []  # --local-epochs counts only then
+    # flag=value: argparse would read a lone -inf as another option
+    before = tree_bytes(run_copy)
+    for out in (run_copy, tmp_path / "new"):
+        code, err = main_error([*tiny_run[2], *extra, f"{flag}={value}", "--out", str(out), "--overwrite"], capsys)
+        assert code == 2
+        assert_one_line(err, f"error: {flag} {float(value)} must be a finite number")
+    assert tree_bytes(run_copy) == before
+    assert not (tmp_path / "new").exists()
 
 
 def test_earlier_flag_and_config_names_still_work(tmp_path):
