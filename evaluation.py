@@ -14,13 +14,13 @@ paired bootstrap intervals for the difference between two methods.
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 import lora
-from feddpa import METHODS, STARTS_FROM, Recipe, calibrated, mix, paper_weight, prompt_batches, represent
+from feddpa import METHODS, PHASES, Recipe, calibrated, mix, paper_weight, prompt_batches, represent
 from generate import generate
 
 
@@ -77,8 +77,31 @@ class Decode:
     cutoff: int = 512
 
 
+@dataclass
+class Evaluator:
+    """What every answer needs: the model and its tokenizer, decoding, the device, the recipe's inference
+    settings (the dynamic weights', the fixed mix), and the answer sets already generated on one test set
+    ({answer_key: scores}, read and filled in), so that none is generated twice: one per test set."""
+    model: object
+    tok: object
+    dec: Decode
+    device: object
+    recipe: Recipe = field(default_factory=Recipe)
+    answered: dict = field(default_factory=dict)
+
+
+@dataclass
+class EvalClient:
+    """A client as evaluation sees it."""
+    id: int
+    records: list                # its training records: the dynamic weight's references
+    task: str                    # its own task; "" on tests of tasks no client trained on
+    global_adapter: dict         # the method's phase's ({} for the base model and Local)
+    local_adapter: dict | None   # its own; None where it never trained one
+
+
 @torch.no_grad()
-def answer(model, tok, records, dec: Decode, device, weights: dict | None = None, dynamic=None, progress=None,
+def answer(ev: Evaluator, records: list, *, weights: dict | None = None, dynamic=None, progress=None,
            reps: dict | None = None):
     """Answers to records, in order, and the lambda used for each (None without a dynamic weight).
 
@@ -88,6 +111,7 @@ def answer(model, tok, records, dec: Decode, device, weights: dict | None = None
     read and filled in: a client's two dynamic weights (the paper's and the calibrated one) weigh the
     same r(x), from the same local adapter, so it is computed once (the caller scopes it to one local
     adapter, these records, dec's batch size and cutoff, and one model state: device, dtype, autocast)."""
+    model, tok, dec, device = ev.model, ev.tok, ev.dec, ev.device
     out, lams = [None] * len(records), [None] * len(records)
     reps = {} if reps is None else reps
     for idx, ids, mask in prompt_batches(tok, records, dec.batch_size, dec.cutoff):
@@ -102,8 +126,7 @@ def answer(model, tok, records, dec: Decode, device, weights: dict | None = None
                 lams[i] = v
         else:
             batch_weights = weights or {}
-        with lora.mixed(model, batch_weights):
-            gen = generate(model, ids, mask, dec.max_new_tokens, tok.stop_ids, tok.pad_id, dec.num_beams)
+        gen = generate(model, ids, mask, dec.max_new_tokens, tok.stop_ids, tok.pad_id, dec.num_beams, batch_weights)
         for i, row in zip(idx, gen.tolist()):
             row = row[:next((j for j, t in enumerate(row) if t in tok.stop_ids), len(row))]
             out[i] = tok.decode(row).strip()
@@ -112,13 +135,12 @@ def answer(model, tok, records, dec: Decode, device, weights: dict | None = None
     return out, lams
 
 
-def evaluate(model, tok, tests: dict, dec: Decode, device, weights=None, dynamic=None, progress=None,
-             reps: dict | None = None) -> dict:
-    """Scores of one model (its adapters already loaded) on every task's test set. All tasks' instances
+def evaluate(ev: Evaluator, tests: dict, *, weights=None, dynamic=None, progress=None, reps: dict | None = None) -> dict:
+    """Scores of one model (its adapters loaded by the caller's lora.using) on every task's test set. All tasks' instances
     are answered together, in batches of similar prompt length, so that a batch is full even where a
     task's test set is smaller than it. reps: as for answer()."""
     records = [r for recs in tests.values() for r in recs]
-    preds, lams = answer(model, tok, records, dec, device, weights, dynamic, progress, reps)
+    preds, lams = answer(ev, records, weights=weights, dynamic=dynamic, progress=progress, reps=reps)
     result, start = {}, 0
     for task, recs in tests.items():
         end = start + len(recs)
@@ -139,7 +161,7 @@ def evaluate(model, tok, tests: dict, dec: Decode, device, weights=None, dynamic
 def global_source(method: str) -> str | None:
     """The training phase whose global adapter `method` loads (FedDPA-F's is FedIT's)."""
     phase = METHODS[method].phase
-    return STARTS_FROM.get(phase, phase)
+    return phase and (PHASES[phase].starts_from or phase)
 
 
 def answer_key(method: str, client_id: int, has_local: bool, weighting: str | None = None) -> tuple:
@@ -184,74 +206,60 @@ def answers_needed(methods: list, tests: dict, n_clients: int, has_local=lambda 
     return counts
 
 
-def evaluate_client(method: str, model, tok, tests: dict, *, records: list, client_id: int, own_task: str,
-                    global_adapter: dict, local_adapter: dict | None, recipe: Recipe, dec: Decode, device,
-                    progress=None, answered: dict | None = None) -> dict:
-    """One client's scores on every task with the adapters and mix of `method` (feddpa.METHODS).
-
-    records: the client's training records (the dynamic weight's references); global_adapter: the
-    adapter of the method's phase ({} for the base model and Local); local_adapter: the client's own,
-    None where it never trained one (it is then scored with the global adapter alone; Local: the base
-    model); own_task: "" for test sets no client trained on. answered: the answer sets already scored
-    on these tests ({answer_key: scores}), read and filled in, so that no answer set is generated twice;
-    it also keeps the test instances' representations under ("represented", phase, client), which a
-    client's dynamic rows share (answer())."""
-    answered = {} if answered is None else answered
-    has_local = local_adapter is not None
+def evaluate_client(method: str, ev: Evaluator, tests: dict, client: EvalClient, progress=None) -> dict:
+    """One client's scores on every task with the adapters and mix of `method` (feddpa.METHODS): a client
+    without a local adapter is scored with the global adapter alone (Local: the base model). Each answer
+    set is generated once per test set (ev.answered), and a client's dynamic rows share its test
+    instances' representations r(x), kept there under ("represented", phase, client)."""
+    has_local = client.local_adapter is not None
     weighting = METHODS[method].weighting
+    g, loc, recipe = client.global_adapter, client.local_adapter, ev.recipe
 
     def scored(weighting):
         """The scores of one fixed-mix answer set, generated only if not answered before."""
-        key = answer_key(method, client_id, has_local, weighting)
-        if key not in answered:
-            if key[0] != "base" and global_adapter:  # Local has none
-                lora.load_adapter(model, "global", global_adapter)
-            if key[0] in ("local", "fixed"):
-                lora.load_adapter(model, "local", local_adapter)
-            weights = {"base": {}, "global": {"global": 1.0}, "local": {"local": 1.0},
-                       "fixed": mix(recipe.local_weight)}[key[0]]
-            answered[key] = evaluate(model, tok, tests, dec, device, weights, progress=progress)
-        return answered[key]
+        key = answer_key(method, client.id, has_local, weighting)
+        if key not in ev.answered:
+            adapters = {"base": {}, "global": {"global": g}, "local": {"local": loc}, "fixed": {"global": g, "local": loc}}
+            weights = {"base": {}, "global": {"global": 1.0}, "local": {"local": 1.0}, "fixed": mix(recipe.local_weight)}
+            with lora.using(ev.model, adapters[key[0]]):
+                ev.answered[key] = evaluate(ev, tests, weights=weights[key[0]], progress=progress)
+        return ev.answered[key]
 
     if weighting in ("none", "global", "local", "fixed") or not has_local:
         return scored(weighting)
     if weighting == "oracle":  # a bound: it reads the test instance's task
-        own, other = (scored("fixed") if own_task else None), scored("global")
-        return {task: dict((own if task == own_task else other)[task]) for task in tests}
-    lora.load_adapter(model, "global", global_adapter)
-    lora.load_adapter(model, "local", local_adapter)
+        own, other = (scored("fixed") if client.task else None), scored("global")
+        return {task: dict((own if task == client.task else other)[task]) for task in tests}
     if progress is not None:
-        progress.set_postfix_str(f"client {client_id}: encoding its references")
+        progress.set_postfix_str(f"client {client.id}: encoding its references")
     weigh = calibrated if weighting == "calibrated" else paper_weight
-    weight = weigh(model, tok, records, recipe, client_id, device, dec.cutoff)
-    if progress is not None:
-        progress.set_postfix_str(f"client {client_id}")
-    reps = answered.setdefault(("represented", METHODS[method].phase, client_id), {})
-    return evaluate(model, tok, tests, dec, device, dynamic=weight, progress=progress, reps=reps)
+    with lora.using(ev.model, {"global": g, "local": loc}):
+        weight = weigh(ev.model, ev.tok, client.records, recipe=recipe, client_id=client.id, device=ev.device,
+                       cutoff=ev.dec.cutoff)
+        if progress is not None:
+            progress.set_postfix_str(f"client {client.id}")
+        reps = ev.answered.setdefault(("represented", METHODS[method].phase, client.id), {})
+        return evaluate(ev, tests, dynamic=weight, progress=progress, reps=reps)
 
 
-def evaluate_method(method: str, model, tok, tests: dict, *, client_data: list, client_tasks: list, trained: dict,
-                    recipe: Recipe, dec: Decode, device, progress=None, answered: dict | None = None) -> dict:
+def evaluate_method(method: str, ev: Evaluator, tests: dict, *, client_data: list, client_tasks: list | None,
+                    trained: dict, progress=None) -> dict:
     """Every client's scores with `method` (evaluate_client), P and TTP (summarize).
 
     client_data: each client's training records; client_tasks: each client's own task, or None for test
     sets of tasks no client trained on (the paper's unseen tasks: no P, and the -oracle rows answer
     every task with the global adapter alone); trained: as for feddpa.setup_phase; progress: a tqdm bar
-    advanced by answers_needed() in all; answered: as for evaluate_client, shared by the methods
-    evaluated on the same tests. Models that every client shares (base, FedIT, Centralized) are
+    advanced by answers_needed() in all. Models that every client shares (base, FedIT, Centralized) are
     evaluated once."""
     t0 = time.time()
     m = METHODS[method]
     phase = trained.get(m.phase, {"global": {}, "locals": [None] * len(client_data)})
-    common = dict(recipe=recipe, dec=dec, device=device, progress=progress, answered={} if answered is None else answered)
     if m.shared:
-        scores = evaluate_client(method, model, tok, tests, records=[], client_id=0, own_task="",
-                                 global_adapter=phase["global"], local_adapter=None, **common)
+        scores = evaluate_client(method, ev, tests, EvalClient(0, [], "", phase["global"], None), progress)
         per_client = [scores] * len(client_data)
     else:
-        per_client = [evaluate_client(method, model, tok, tests, records=records, client_id=i,
-                                      own_task=client_tasks[i] if client_tasks else "",
-                                      global_adapter=phase["global"], local_adapter=phase["locals"][i], **common)
+        per_client = [evaluate_client(method, ev, tests, EvalClient(i, records, client_tasks[i] if client_tasks else "",
+                                                                    phase["global"], phase["locals"][i]), progress)
                       for i, records in enumerate(client_data)]
     no_local = [] if m.shared else [i for i, local in enumerate(phase["locals"]) if local is None]
     return summarize(per_client, client_tasks, no_local, time.time() - t0)

@@ -39,13 +39,17 @@ class Diverged(Exception):
     """The loss became NaN or infinite; the message names where."""
 
 
-def train_adapter(model, name: str, examples: list, *, train: LocalTrain, weights: dict, pad_id: int,
-                  generator: torch.Generator, where: str = "") -> dict:
-    """Train adapter `name` (only it) on encoded examples, the others mixed in with fixed `weights`.
+def train_adapter(model, client: "Client", *, adapters: dict, weights: dict, trains: str, train: LocalTrain,
+                  pad_id: int) -> tuple:
+    """Train adapter `trains` of `adapters` ({slot: state dict}) on the client's encoded examples, in its
+    data order, the others mixed in with fixed `weights` (the mix, lora.using).
 
-    Returns {"loss": mean loss, "steps": optimizer steps, "examples": examples seen, "tokens": labelled tokens}."""
+    Returns the trained adapter (a state dict) and {"loss": mean loss, "steps": optimizer steps,
+    "examples": examples seen, "tokens": labelled tokens}."""
+    examples, generator = client.data, client.generator
     steps = train.max_steps or max(1, math.ceil(train.epochs * len(examples) / train.batch_size))
-    with lora.mixed(model, weights), lora.training(model, name) as params:  # mix and mode for this block only
+    # adapters, mix and mode for this block only
+    with lora.using(model, adapters, weights), lora.training(model, trains) as params:
         # no weight decay, as the paper's code (AdamW's own default is 0.01); fused: one kernel per step for
         # all the adapter's tensors (transformers' Trainer default too)
         opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0, fused=True)
@@ -66,14 +70,16 @@ def train_adapter(model, name: str, examples: list, *, train: LocalTrain, weight
                 step_loss += loss.item()
                 tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
             if not math.isfinite(step_loss):
-                raise Diverged(f"loss became {step_loss} while training the {name} adapter{where}")
+                raise Diverged(f"loss became {step_loss} while training the {trains} adapter")
             if train.max_grad_norm > 0:  # after accumulation, before the step, as the official Trainer does
                 torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(step_loss)
-    return {"loss": sum(losses) / len(losses), "steps": steps, "examples": steps * train.batch_size, "tokens": tokens}
+        trained = lora.get_adapter(model, trains)
+    return trained, {"loss": sum(losses) / len(losses), "steps": steps, "examples": steps * train.batch_size,
+                     "tokens": tokens}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,12 +132,18 @@ class Federation:
 
 def in_process(clients: list, client_update, progress: bool = False):
     """How a simulated federation reaches its clients: each chosen client's step, one after another, in
-    this process. client_update(round, client, global_adapter) -> (Update, metrics) is the method's
-    local step. (flower_app.py reaches clients on other processes or machines instead.)"""
+    this process. client_update(round, client, global_adapter) -> (Update, local adapter, metrics) is the
+    method's local step; the client keeps the local adapter it returns. (flower_app.py reaches clients on
+    other processes or machines instead.)"""
     def train_round(round_, chosen, global_adapter) -> dict:
         replies = {}
         for cid in tqdm(chosen, desc=f"round {round_ + 1}", leave=False, unit="client", disable=not progress):
-            replies[cid] = client_update(round_, clients[cid], global_adapter)  # down: global adapter; up: Update
+            client = clients[cid]
+            try:  # down: the global adapter; up: the Update
+                update, client.local, metrics = client_update(round_, client, global_adapter)
+            except Diverged as e:
+                raise Diverged(f"{e} of client {cid} in round {round_ + 1}") from None
+            replies[cid] = update, metrics
         return replies
     return train_round
 
@@ -140,13 +152,13 @@ class NoReplies(Exception):
     """No chosen client answered in a round: there is nothing to average."""
 
 
-def run_rounds(federation: Federation, rounds: int, train_round, fraction: float = 1.0, seed: int = 0,
-               weighting: str = "count", desc: str = "", on_round_end=None, progress: bool = False):
+def run_rounds(federation: Federation, train_round, *, rounds: int, fraction: float = 1.0, seed: int = 0,
+               weighting: str = "count", on_round_end=None, progress: str | None = None):
     """Run rounds federation.round .. rounds-1. train_round(round, chosen, global_adapter) -> {client:
     (Update, metrics)} reaches the chosen clients (in_process, or over a network, where some may not answer); the
-    server here only samples, sends, and averages what came back. progress: bars on stderr."""
-    bar = tqdm(range(federation.round, rounds), desc=desc, leave=False, unit="round", initial=federation.round,
-               total=rounds, disable=not progress)
+    server here only samples, sends, and averages what came back. progress: a bar on stderr so labelled."""
+    bar = tqdm(range(federation.round, rounds), desc=progress, leave=False, unit="round", initial=federation.round,
+               total=rounds, disable=progress is None)
     for r in bar:
         t0 = time.time()
         chosen = sample_clients(federation.n_clients, fraction, seed, r)

@@ -86,18 +86,6 @@ METHODS = {
     "feddpa-t-oracle": Method("feddpa-t", "oracle"),
 }
 
-# The training phases, in the order they run, each with its own stream of dropout draws: a number
-# fixed per phase, so that adding a phase changes no other phase's draws.
-PHASES = {"fedit": 0, "feddpa-f": 1, "feddpa-t": 2, "local": 3, "centralized": 4}
-STARTS_FROM = {"feddpa-f": "fedit"}  # FedDPA-F fine-tunes FedIT's final global adapter
-
-
-def phases_of(method: str) -> list:
-    """The training phases `method` needs, in the order they run."""
-    phase = METHODS[method].phase
-    return [] if phase is None else [p for p in (STARTS_FROM.get(phase), phase) if p]
-
-
 @dataclass
 class Recipe:
     """Every setting of the method: the schedule, local training, FedDPA-T's mix, the dynamic weight."""
@@ -111,6 +99,7 @@ class Recipe:
     calibration_refs: int = 40      # M training instructions per client for the calibrated weight
     pool: str = "last"              # instance representation: 'last' prompt token or 'mean'
     lambda_to: str = "local"        # which adapter gets lambda; 'global' is what the official code does
+    weighting: str = "count"        # FedAvg's weights: by example count, or 'uniform'
     seed: int = 0
 
 
@@ -123,15 +112,15 @@ def mix(lam, to: str = "local") -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # Client steps: what one selected client does in one round, given the global adapter it received.
-# They return the Update message (global adapter + example count) and local metrics.
+# They return the Update message (global adapter + example count), the client's local adapter (which
+# it keeps: None where it has none) and local metrics. The model holds nothing between them.
 
-def fedit_step(model, pad_id, train: LocalTrain):
+def fedit_step(model, pad_id, train: LocalTrain, recipe=None, start=None):
     """FedIT (plain federated LoRA) and FedDPA-T's round 0: train the global adapter alone."""
     def step(round_, client: Client, global_adapter):
-        lora.load_adapter(model, "global", global_adapter)
-        metrics = train_adapter(model, "global", client.data, train=train, weights={"global": 1.0}, pad_id=pad_id,
-                                generator=client.generator, where=f" of client {client.id} in round {round_ + 1}")
-        return Update(lora.get_adapter(model, "global"), len(client.data)), metrics
+        trained, metrics = train_adapter(model, client, adapters={"global": global_adapter}, weights={"global": 1.0},
+                                         trains="global", train=train, pad_id=pad_id)
+        return Update(trained, len(client.data)), client.local, metrics
     return step
 
 
@@ -141,110 +130,133 @@ def fresh_local(model, seed: int, client_id: int) -> dict:
     return lora.new_adapter(model, torch.Generator().manual_seed(seed * 1_000_003 + 500_000 + client_id))
 
 
-def feddpa_t_step(model, pad_id, train: LocalTrain, local_weight: float, seed: int):
-    """FedDPA-T (iterative learning): local adapter with the frozen global one mixed in, then the global alone."""
+def feddpa_t_step(model, pad_id, train: LocalTrain, recipe: "Recipe", start=None):
+    """FedDPA-T (iterative learning): local adapter with the frozen global one mixed in (recipe.local_weight),
+    then the global alone."""
     global_step = fedit_step(model, pad_id, train)
+    local_weight, seed = recipe.local_weight, recipe.seed
 
     def step(round_, client: Client, global_adapter):
         if round_ == 0:
             return global_step(round_, client, global_adapter)
-        lora.load_adapter(model, "global", global_adapter)
-        lora.load_adapter(model, "local", client.local if client.local is not None else fresh_local(model, seed, client.id))
-        local = train_adapter(model, "local", client.data, train=train, weights=mix(local_weight), pad_id=pad_id,
-                              generator=client.generator, where=f" of client {client.id} in round {round_ + 1}")
-        client.local = lora.get_adapter(model, "local")   # stays on the client
-        update, glob = global_step(round_, client, global_adapter)
-        return update, {"loss": (local["loss"] + glob["loss"]) / 2, "local_loss": local["loss"], "global_loss": glob["loss"],
-                        "steps": local["steps"] + glob["steps"], "examples": local["examples"] + glob["examples"]}
+        start = client.local if client.local is not None else fresh_local(model, seed, client.id)
+        local, lm = train_adapter(model, client, adapters={"global": global_adapter, "local": start},
+                                  weights=mix(local_weight), trains="local", train=train, pad_id=pad_id)
+        update, _, gm = global_step(round_, client, global_adapter)
+        return update, local, {"loss": (lm["loss"] + gm["loss"]) / 2, "local_loss": lm["loss"], "global_loss": gm["loss"],
+                               "steps": lm["steps"] + gm["steps"], "examples": lm["examples"] + gm["examples"]}
     return step
 
 
-def local_step(model, pad_id, train: LocalTrain, start: dict):
+def local_step(model, pad_id, train: LocalTrain, recipe=None, start: dict | None = None):
     """Train the client's own adapter alone; nothing is sent (an empty Update). Used for FedDPA-F's
     second stage (start = the final global adapter, one round) and the Local baseline (start = the
     initial adapter, R rounds). The adapter carries over between rounds."""
     def step(round_, client: Client, global_adapter):
-        lora.load_adapter(model, "local", client.local if client.local is not None else start)
-        metrics = train_adapter(model, "local", client.data, train=train, weights={"local": 1.0}, pad_id=pad_id,
-                                generator=client.generator, where=f" of client {client.id} in round {round_ + 1}")
-        client.local = lora.get_adapter(model, "local")
-        return Update({}, len(client.data)), metrics
+        local, metrics = train_adapter(model, client, adapters={"local": client.local if client.local is not None else start},
+                                       weights={"local": 1.0}, trains="local", train=train, pad_id=pad_id)
+        return Update({}, len(client.data)), local, metrics
     return step
 
 
 # ----------------------------------------------------------------------------------------------
 # Training phases: each is one federated run (fed.run_rounds) of some clients with one client step.
 
+@dataclass(frozen=True)
+class PhaseSpec:
+    """A training phase: the client step its clients take, the adapter it starts from, and its schedule."""
+    client_step: Callable          # fedit_step, feddpa_t_step or local_step: (model, pad_id, train, recipe, start) -> step
+    stream: int                    # its own stream of dropout draws, fixed, so that adding a phase changes no other's
+    starts_from: str | None = None # a phase whose final global adapter it starts from and keeps as its own; None: init
+    sends: bool = True             # the server sends the global adapter (Local's clients train alone)
+    finetune: bool = False         # one round of recipe.finetune_rounds' local training, every client (FedDPA-F)
+    pooled: bool = False           # one client holding all the data, as many optimizer steps as all (Centralized)
+    note: str = ""                 # said after its schedule in the run's "work ahead" line
+
+
+# Every training phase, in the order they run. Adding a phase is one entry here.
+PHASES = {
+    "fedit": PhaseSpec(fedit_step, stream=0),
+    "feddpa-f": PhaseSpec(local_step, stream=1, starts_from="fedit", finetune=True),  # fine-tunes a copy of FedIT's
+    "feddpa-t": PhaseSpec(feddpa_t_step, stream=2, note=", two adapters from round 2"),
+    "local": PhaseSpec(local_step, stream=3, sends=False),         # sampled as FedIT is: the same clients and rounds
+    "centralized": PhaseSpec(fedit_step, stream=4, pooled=True),
+}
+
+
+def phases_of(method: str) -> list:
+    """The training phases `method` needs, in the order they run."""
+    phase = METHODS[method].phase
+    return [] if phase is None else [p for p in (PHASES[phase].starts_from, phase) if p]
+
+
 @dataclass
 class Phase:
+    """A training phase set up to run."""
     clients: list          # fed.Client, each with its own seeded data order
     step: Callable         # the client step
     rounds: int
     fraction: float        # clients sampled per round
     start: dict            # the global adapter sent in round 0 ({}: none is sent)
+    seed: int              # the clients drawn each round, and the phase's dropout draws
+    weighting: str         # FedAvg's (recipe.weighting)
 
 
 def scaled(train: LocalTrain, factor: float) -> LocalTrain:
     return replace(train, epochs=train.epochs * factor, max_steps=round(train.max_steps * factor))
 
 
+def phase_schedule(spec: PhaseSpec, recipe: Recipe, n_clients: int) -> tuple:
+    """(rounds, clients per round, local training) of a phase on n_clients clients."""
+    if spec.finetune:
+        return 1, n_clients, scaled(recipe.train, recipe.finetune_rounds)
+    if spec.pooled:  # the same total number of optimizer steps as the clients' (an epoch budget: its pooled data's)
+        return recipe.rounds, 1, scaled(recipe.train, n_clients) if recipe.train.max_steps else recipe.train
+    return recipe.rounds, max(1, round(recipe.fraction * n_clients)), recipe.train
+
+
 def setup_phase(name: str, model, *, pad_id: int, recipe: Recipe, datasets: list, init: dict, trained: dict) -> Phase:
     """Phase `name` on the clients' encoded datasets, every adapter starting from init; trained holds
     the phases already run ({phase: {"global": adapter, "locals": [...]}}): FedDPA-F starts from FedIT's."""
-    def clients(sets):
-        return [Client(i, d, torch.Generator().manual_seed(recipe.seed * 1000 + i)) for i, d in enumerate(sets)]
-    train = recipe.train
-    if name == "fedit":
-        return Phase(clients(datasets), fedit_step(model, pad_id, train), recipe.rounds, recipe.fraction, init)
-    if name == "feddpa-t":
-        step = feddpa_t_step(model, pad_id, train, recipe.local_weight, recipe.seed)
-        return Phase(clients(datasets), step, recipe.rounds, recipe.fraction, init)
-    if name == "feddpa-f":  # the hand-over: FedIT's final global adapter goes down once, each client fine-tunes a copy
-        step = local_step(model, pad_id, scaled(train, recipe.finetune_rounds), trained["fedit"]["global"])
-        return Phase(clients(datasets), step, 1, 1.0, trained["fedit"]["global"])
-    if name == "local":  # sampled as FedIT is: the same clients in the same rounds
-        return Phase(clients(datasets), local_step(model, pad_id, train, init), recipe.rounds, recipe.fraction, {})
-    if name == "centralized":  # one client holding everything, the same total number of optimizer steps
-        pooled = [e for d in datasets for e in d]
-        train = train if not train.max_steps else scaled(train, len(datasets))
-        return Phase(clients([pooled]), fedit_step(model, pad_id, train), recipe.rounds, 1.0, init)
-    raise ValueError(f"unknown phase {name!r}")
+    spec = PHASES[name]
+    start = trained[spec.starts_from]["global"] if spec.starts_from else init
+    sets = [[e for d in datasets for e in d]] if spec.pooled else datasets
+    clients = [Client(i, d, torch.Generator().manual_seed(recipe.seed * 1000 + i)) for i, d in enumerate(sets)]
+    rounds, _, train = phase_schedule(spec, recipe, len(datasets))
+    fraction = recipe.fraction if not (spec.finetune or spec.pooled) else 1.0
+    step = spec.client_step(model, pad_id, train, recipe, start)
+    return Phase(clients, step, rounds, fraction, start if spec.sends else {}, recipe.seed, recipe.weighting)
 
 
 def schedule(name: str, recipe: Recipe, n_clients: int) -> str:
     """The work of phase `name` in words, for the line that states a run's work ahead."""
-    t = recipe.train
-    def steps(factor=1.0):
-        n = round(t.max_steps * factor)
-        return (f"{n} step{'s' * (n != 1)}" if t.max_steps else f"{t.epochs * factor:g} epoch{'s' * (t.epochs * factor != 1)}")
-    k = max(1, round(recipe.fraction * n_clients))
-    return {"fedit": f"{recipe.rounds} rounds x {k} clients x {steps()}",
-            "feddpa-t": f"{recipe.rounds} rounds x {k} clients x {steps()}, two adapters from round 2",
-            "feddpa-f": f"1 round x {n_clients} clients x {steps(recipe.finetune_rounds)}",
-            "local": f"{recipe.rounds} rounds x {k} clients x {steps()}",
-            "centralized": f"{recipe.rounds} rounds x 1 client x {steps(n_clients) if t.max_steps else steps()}"}[name]
+    rounds, k, t = phase_schedule(PHASES[name], recipe, n_clients)
+    work = (f"{t.max_steps} step{'s' * (t.max_steps != 1)}" if t.max_steps
+            else f"{t.epochs:g} epoch{'s' * (t.epochs != 1)}")
+    return f"{rounds} round{'s' * (rounds != 1)} x {k} client{'s' * (k != 1)} x {work}{PHASES[name].note}"
 
 
 def phase_result(name: str, global_adapter: dict, clients: list, trained: dict) -> dict:
-    """What a finished phase leaves for evaluation: its global adapter (FedDPA-F's is FedIT's) and each
-    client's local adapter (None where a client trained none)."""
-    return {"global": trained["fedit"]["global"] if name == "feddpa-f" else global_adapter,
+    """What a finished phase leaves for evaluation: its global adapter (a phase that starts from another's
+    keeps that one's: FedDPA-F's is FedIT's) and each client's local adapter (None where it trained none)."""
+    spec = PHASES[name]
+    return {"global": trained[spec.starts_from]["global"] if spec.starts_from else global_adapter,
             "locals": [c.local for c in clients]}
 
 
-def run_phase(name: str, phase: Phase, *, seed: int, weighting: str = "count", federation=None, train_round=None,
-              on_round_end=None, progress: bool = False) -> Federation:
+def run_phase(name: str, phase: Phase, *, federation=None, train_round=None, on_round_end=None,
+              progress: bool = False) -> Federation:
     """Phase `name` end to end: its rounds of fed.run_rounds, each chosen client taking phase.step in this
-    process (or reached by train_round elsewhere: over Flower), FedAvg with `weighting`. A fresh start
+    process (or reached by train_round elsewhere: over Flower), FedAvg with phase.weighting. A fresh start
     seeds the phase's dropout draws; federation: the state of a resumed phase, its RNG already restored
     (runs.py). on_round_end(federation) after every round (runs.py: the checkpoint). Returns the
     federation; phase_result says what it leaves for evaluation."""
     if federation is None:
         federation = Federation(phase.start, len(phase.clients))
-        torch.manual_seed(seed * 7919 + PHASES[name])  # dropout, per phase
+        torch.manual_seed(phase.seed * 7919 + PHASES[name].stream)  # dropout, per phase
     reach = train_round or in_process(phase.clients, phase.step, progress)
-    return run_rounds(federation, phase.rounds, reach, phase.fraction, seed, weighting, desc=name,
-                          on_round_end=on_round_end, progress=progress)
+    return run_rounds(federation, reach, rounds=phase.rounds, fraction=phase.fraction, seed=phase.seed,
+                      weighting=phase.weighting, on_round_end=on_round_end, progress=name if progress else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,7 +306,7 @@ def dynamic_lambda(reps, ref_reps, scale: float):
     return (scale * cos.mean(-1)).clamp(0.0, 1.0)
 
 
-def paper_weight(model, tok, records, recipe: Recipe, client_id: int, device, cutoff=512) -> "Dynamic":
+def paper_weight(model, tok, records, *, recipe: Recipe, client_id: int, device, cutoff=512) -> "Dynamic":
     """A client's dynamic weight as the paper has it, from K of its training instructions (drawn once,
     seeded); its local adapter must be loaded."""
     refs = draw_references(records, recipe.k_refs, recipe.seed, client_id)
@@ -360,7 +372,7 @@ class Calibrated:
         return (self.scale * unit).clamp(max=1.0)  # (B,); as the paper's, never above 1
 
 
-def calibrated(model, tok, records, recipe: Recipe, client_id: int, device, cutoff=512) -> Calibrated:
+def calibrated(model, tok, records, *, recipe: Recipe, client_id: int, device, cutoff=512) -> Calibrated:
     """A client's calibrated weight, from M of its training instructions (drawn once, seeded) and the
     generic instructions; its local adapter must be loaded."""
     refs = draw_references(records, min(recipe.calibration_refs, len(records)), recipe.seed, client_id)

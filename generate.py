@@ -3,8 +3,9 @@
 FedDPA is evaluated by generating answers (the paper: 4 beams, 80 new tokens). Prompts are
 left-padded (data.pad_left), so every sequence's next token goes in the same cache slot, and
 positions count real tokens only (model.Llama.hidden), so a padded prompt decodes as it would alone.
-Per-example LoRA weights (lora.py) follow the rows: beams are laid out example-major, and beam search
-encodes each prompt once (lora.rows), then copies its cache to its beams.
+The LoRA mix (lora.py) is an argument: per-example weights follow the rows, beams laid out
+example-major, and beam search encodes each prompt once, with its first beam's weights, then copies its
+cache to its beams.
 
 Not here: the model (model.py), which adapters are mixed and how (feddpa.py).
 """
@@ -43,14 +44,18 @@ def next_logits(model: Llama, ids, mask, cache):
 
 @torch.no_grad()
 def generate(model: Llama, input_ids, attention_mask, max_new_tokens: int, eos_id, pad_id: int,
-             num_beams: int = 1):
+             num_beams: int = 1, mix: dict | None = None):
     """New tokens, (B, L) with L <= max_new_tokens: each row ends at its EOS (kept), then pad_id.
     eos_id: an id, or a list of ids any of which ends a row (tokenizer.stop_ids; Llama 3 has several).
-    Greedy for num_beams=1, else beam search with the semantics of HF `generate(num_beams=k)`."""
+    Greedy for num_beams=1, else beam search with the semantics of HF `generate(num_beams=k)`. mix: the
+    LoRA mix of every forward pass (lora.mixed; a per-example weight has B * num_beams rows, beams
+    example-major); None: no adapter, the base model."""
     eos_id = torch.tensor(eos_id, device=input_ids.device).view(-1)          # (n_eos,)
-    if num_beams > 1:
-        return beam_search(model, input_ids, attention_mask, max_new_tokens, eos_id, pad_id, num_beams)
-    return greedy(model, input_ids, attention_mask, max_new_tokens, eos_id, pad_id)
+    mix = mix or {}
+    with lora.mixed(model, mix):
+        if num_beams > 1:
+            return beam_search(model, input_ids, attention_mask, max_new_tokens, eos_id, pad_id, num_beams, mix)
+        return greedy(model, input_ids, attention_mask, max_new_tokens, eos_id, pad_id)
 
 
 @torch.no_grad()
@@ -74,17 +79,18 @@ def greedy(model: Llama, input_ids, attention_mask, max_new_tokens: int, eos_id,
 
 
 @torch.no_grad()
-def beam_search(model: Llama, input_ids, attention_mask, max_new_tokens, eos_id, pad_id, k):  # eos_id: (n_eos,)
+def beam_search(model: Llama, input_ids, attention_mask, max_new_tokens, eos_id, pad_id, k, mix):  # eos_id: (n_eos,)
     """Beam search as HF transformers does it (length_penalty 1, early_stopping False): each step
     keeps the 2k best continuations of the k live beams; those ending in EOS become finished
     hypotheses scored by sum log-prob / generated length; the k best others live on. A batch
-    element stops once no live beam can beat its k-th finished hypothesis."""
+    element stops once no live beam can beat its k-th finished hypothesis. mix: generate's, (B * k) rows."""
     B, T = input_ids.shape
     dev = input_ids.device
     eos = set(eos_id.tolist())
     # the k beams of a prompt start identical: encode each prompt once, then copy its cache k times
     cache = KVCache(model.config, B, T + max_new_tokens, model.lm_head.weight.dtype, dev)
-    with lora.rows(model, torch.arange(0, B * k, k, device=dev)):          # each example's first beam
+    first_beams = torch.arange(0, B * k, k, device=dev)                      # (B,) each example's first beam
+    with lora.mixed(model, {n: w.index_select(0, first_beams) if torch.is_tensor(w) else w for n, w in mix.items()}):
         logits = next_logits(model, input_ids, attention_mask.long(), cache)  # (B, vocab)
     first = torch.arange(B, device=dev).repeat_interleave(k)                 # (B*k,) beam -> its prompt
     cache.reorder(first)

@@ -11,12 +11,13 @@ where the weights {name: w} are the mix (feddpa.mix says which mix each method u
 float or a (batch,) tensor, so instance-wise weights apply per example inside one batch. Exactly one
 adapter (or none) trains at a time; the others contribute under no-grad, as the paper's code detaches them.
 
-The mix is an input of every forward pass, given at the call: `with mixed(model, weights): model(...)`
-puts it on the layers for the block only and restores what was there before, so no function ever reads
-a mix that another left behind; outside any block the layers add no adapter (the base model alone). A
-functional port (JAX, MLX) passes `weights` as an argument of the forward function instead, down to
-each LoRA layer; nothing else about the layer holds state. `training(model, name)` scopes which
-adapter trains, and training mode, the same way.
+The adapters and the mix are inputs of every forward pass, given at the call: `with using(model,
+{"global": g, "local": l}, weights): model(...)` loads the adapters into their slots and puts the mix
+on the layers for the block only, and restores what was there before, so no function ever reads an
+adapter or a mix that another left behind; outside any block the layers add no adapter (the base model
+alone). A functional port (JAX, MLX) passes the adapters and `weights` as arguments of the forward
+function instead, down to each LoRA layer. `mixed(model, weights)` scopes a mix alone (inside a
+`using` block), and `training(model, name)` which adapter trains, and training mode, the same way.
 
 Parameter names follow peft's layout (`q_proj.base_layer`, `q_proj.lora_A.<adapter>.weight`), and an
 adapter's state dict drops the adapter name, so a global adapter can be loaded as a local one.
@@ -65,7 +66,7 @@ class Dropout(nn.Dropout):
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, names=ADAPTERS, r: int = 8, lora_alpha: float = 16, dropout: float = 0.05,
+    def __init__(self, base: nn.Linear, *, names=ADAPTERS, r: int = 8, lora_alpha: float = 16, dropout: float = 0.05,
                  dtype=None):
         super().__init__()
         if r < 1:
@@ -137,7 +138,7 @@ class LoRALinear(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Whole-model helpers
 
-def inject(model: nn.Module, targets=("q_proj", "v_proj"), names=ADAPTERS, r: int = 8, lora_alpha: float = 16,
+def inject(model: nn.Module, targets=("q_proj", "v_proj"), *, r: int = 8, lora_alpha: float = 16,
            dropout: float = 0.05, seed: int = 0, dtype=None) -> nn.Module:
     """Freeze the model and wrap every nn.Linear whose attribute name is in targets (the paper: q and v)."""
     bad = set(targets) - set(TARGETS)
@@ -148,8 +149,8 @@ def inject(model: nn.Module, targets=("q_proj", "v_proj"), names=ADAPTERS, r: in
     for parent in list(model.modules()):
         for attr, child in list(parent.named_children()):
             if attr in targets and isinstance(child, nn.Linear):
-                wrapped = LoRALinear(child, names, r, lora_alpha, dropout, dtype)
-                for n in names:
+                wrapped = LoRALinear(child, r=r, lora_alpha=lora_alpha, dropout=dropout, dtype=dtype)
+                for n in ADAPTERS:
                     wrapped.reset(n, gen)
                 setattr(parent, attr, wrapped)
     set_trainable(model, None)
@@ -189,12 +190,25 @@ def mixed(model: nn.Module, weights: dict):
     return _swapped(model, lambda layer: {n: weights.get(n, 0.0) for n in layer.lora_A})
 
 
-def rows(model: nn.Module, index):
-    """Forward passes inside the block run on rows `index` of the batch that the mix in place was set
-    for: every per-example weight is cut to those rows (beam search encodes each prompt once, not once
-    per beam). The mix in place comes back when the block ends."""
-    return _swapped(model, lambda layer: {n: v.index_select(0, index) if torch.is_tensor(v) else v
-                                          for n, v in layer.weights.items()})
+@contextmanager
+def using(model: nn.Module, adapters: dict, weights: dict | None = None):
+    """Inside the block the slots named in adapters ({slot: state dict as get_adapter gives}) hold those
+    adapters and forward passes use the mix `weights` (None: no adapter); after it, however it ends, every
+    slot and the mix hold what they held before. Every adapter the mix weighs must be given, so no
+    forward reads an adapter that another function left in a slot."""
+    weights = weights or {}
+    missing = sorted(n for n, w in weights.items() if n not in adapters and (torch.is_tensor(w) or w != 0))
+    if missing:
+        raise ValueError(f"the mix weighs adapter(s) {missing} that are not given")
+    before = {name: get_adapter(model, name) for name in adapters}
+    try:
+        for name, state in adapters.items():
+            load_adapter(model, name, state)
+        with mixed(model, weights):
+            yield model
+    finally:
+        for name, state in before.items():
+            load_adapter(model, name, state)
 
 
 @contextmanager

@@ -293,8 +293,7 @@ def print_table(results: dict, tasks: list, client_tasks: list, verbose: bool):
 # ----------------------------------------------------------------------------------------------
 # One training phase, checkpointed after every round and resumed from the last complete one
 
-def run_phase(name: str, phase, state: dict, save, *, seed: int, weighting: str, out: str, progress: bool = False,
-              train_round=None):
+def run_phase(name: str, phase, state: dict, save, *, out: str, progress: bool = False, train_round=None):
     """feddpa.run_phase, checkpointed: state["current"] holds the phase's progress after each round
     (continued from there if it is this phase's), state["trained"][name] its result at the end.
     train_round: how the clients are reached; by default phase.clients, in this process (a Flower server
@@ -319,7 +318,7 @@ def run_phase(name: str, phase, state: dict, save, *, seed: int, weighting: str,
         save(state)
 
     try:
-        federation = feddpa.run_phase(name, phase, seed=seed, weighting=weighting, federation=federation,
+        federation = feddpa.run_phase(name, phase, federation=federation,
                                       train_round=train_round, on_round_end=checkpoint, progress=progress)
     except (fed.Diverged, fed.NoReplies) as e:  # nothing of the failed round is saved: the checkpoint keeps the last good one
         done = state["current"]["round"] if state.get("current") and state["current"]["phase"] == name else 0

@@ -23,32 +23,35 @@ def changed(before, after):
 
 
 def test_feddpa_t_phases_change_exactly_their_adapter_and_send_no_local(tiny, monkeypatch):
+    """Round 0 trains the global adapter alone; round 1 the local one with the global one given (and
+    mixed in, frozen), then the global one alone. Each training returns a changed copy of the adapter it
+    trains, the others given stay as they were, and the model holds afterwards what it held before."""
     m, tok, world = tiny
     train = fed.LocalTrain(lr=1e-2, max_steps=2, batch_size=4, micro_batch_size=2)
     phases = []
     real = feddpa.train_adapter
 
-    def spy(model_, name, *a, **k):
-        before = snapshot(model_)
-        out = real(model_, name, *a, **k)
-        phases.append((name, changed(before, snapshot(model_))))
-        return out
+    def spy(model_, client_, *, adapters, trains, **k):
+        given = {n: {key: v.clone() for key, v in a.items()} for n, a in adapters.items()}
+        trained, metrics = real(model_, client_, adapters=adapters, trains=trains, **k)
+        kept = all(not changed(given[n], adapters[n]) for n in adapters)
+        phases.append((trains, sorted(adapters), bool(changed(given[trains], trained)) and kept))
+        return trained, metrics
     monkeypatch.setattr(feddpa, "train_adapter", spy)
     init = lora.get_adapter(m, "global")
     client = fed.Client(0, [data.encode_example(tok, r) for r in world.clients[0]], torch.Generator().manual_seed(0))
-    step = feddpa.feddpa_t_step(m, tok.pad_id, train, 0.5, seed=0)
-    step(0, client, init)                     # round 0: the global adapter only
-    assert [p[0] for p in phases] == ["global"] and client.local is None
-    update, _ = step(1, client, init)         # round 1: local (global frozen), then global alone
-    assert [p[0] for p in phases] == ["global", "local", "global"]
-    for name, keys in phases:
-        assert keys and all(f".{name}." in k and "lora_" in k for k in keys), (name, keys)
+    step = feddpa.feddpa_t_step(m, tok.pad_id, train, feddpa.Recipe(local_weight=0.5, seed=0))
+    before = snapshot(m)
+    _, local, _ = step(0, client, init)       # round 0: the global adapter only
+    assert phases == [("global", ["global"], True)] and local is None
+    client.local = local
+    update, local, _ = step(1, client, init)  # round 1: local (global frozen), then global alone
+    assert phases[1:] == [("local", ["global", "local"], True), ("global", ["global"], True)]
+    assert not changed(before, snapshot(m))   # nothing left on the model
     # the message: the global adapter's tensors and a count, nothing of the local adapter
     assert set(vars(update)) == {"adapter", "n_examples"} and update.n_examples == len(client.data)
-    assert set(update.adapter) == set(init) == set(client.local)
-    assert not any(torch.equal(update.adapter[k], client.local[k]) for k in update.adapter if "lora_B" in k)
-    local_now = lora.get_adapter(m, "local")
-    assert all(torch.equal(local_now[k], client.local[k]) for k in local_now)
+    assert set(update.adapter) == set(init) == set(local)
+    assert not any(torch.equal(update.adapter[k], local[k]) for k in update.adapter if "lora_B" in k)
 
 
 def test_mix_gives_lambda_to_one_adapter_and_the_rest_to_the_other():
@@ -97,8 +100,9 @@ def test_batched_dynamic_weighting_equals_one_instance_at_a_time(tiny, beams):
     dynamic = feddpa.Dynamic(refs, scale=0.5, pool="last", to="local")
     tests = [recs[0] for recs in world.tests.values()]
     dec = evaluation.Decode(max_new_tokens=6, num_beams=beams, batch_size=8)
-    batched, lams = evaluation.answer(m, tok, tests, dec, "cpu", dynamic=dynamic)
-    alone = [evaluation.answer(m, tok, [r], dec, "cpu", dynamic=dynamic) for r in tests]
+    ev = evaluation.Evaluator(m, tok, dec, "cpu")
+    batched, lams = evaluation.answer(ev, tests, dynamic=dynamic)
+    alone = [evaluation.answer(ev, [r], dynamic=dynamic) for r in tests]
     assert [a[0][0] for a in alone] == batched
     assert all(abs(a[1][0] - l) < 1e-6 for a, l in zip(alone, lams))
     assert len(set(batched)) > 1 and len(set(round(l, 4) for l in lams)) > 1
@@ -224,7 +228,7 @@ def test_a_client_that_never_trained_a_local_adapter_is_scored_with_the_global_a
     records = [r for t in tasks for r in world.tests[t][:3]]
 
     def answers(weights):
-        return evaluation.answer(m, tok, records, dec, "cpu", weights)[0]
+        return evaluation.answer(evaluation.Evaluator(m, tok, dec, "cpu"), records, weights=weights)[0]
     alone = answers({"global": 1.0})
     for wrong in ({}, {"local": 1.0}, feddpa.mix(0.5)):  # the check has teeth: each gives other answers
         assert answers(wrong) != alone, wrong
@@ -234,8 +238,8 @@ def test_a_client_that_never_trained_a_local_adapter_is_scored_with_the_global_a
     rows = [name for name, method in feddpa.METHODS.items() if method.phase == "feddpa-t" and not method.shared]
     assert len(rows) >= 4
     for method in rows:
-        got = evaluation.evaluate_method(method, m, tok, tests, client_data=world.clients[:3], client_tasks=tasks,
-                                         trained=trained, recipe=recipe, dec=dec, device="cpu")
+        got = evaluation.evaluate_method(method, evaluation.Evaluator(m, tok, dec, "cpu", recipe), tests,
+                                         client_data=world.clients[:3], client_tasks=tasks, trained=trained)
         assert got["no_local"] == [1], method
         for task in tasks:
             assert got["per_client"][1][task]["exact"] == 100.0, (method, task)
@@ -269,15 +273,14 @@ def test_no_answer_is_generated_twice_and_shared_answers_are_the_rows_own(tiny, 
     lora.load_adapter(m, "global", fedit)
     lora.load_adapter(m, "local", trained["feddpa-f"]["locals"][0])
     records = [r for t in tasks for r in world.tests[t][:2]]
-    it = iter(evaluation.answer(m, tok, records, dec, "cpu", feddpa.mix(0.3))[0])
+    it = iter(evaluation.answer(evaluation.Evaluator(m, tok, dec, "cpu"), records, weights=feddpa.mix(0.3))[0])
     tests = {t: [{**r, "output": next(it)} for r in world.tests[t][:2]] for t in tasks}
 
-    def run(answered_of):
-        return {method: evaluation.evaluate_method(method, m, tok, tests, client_data=world.clients[:3],
-                                                   client_tasks=tasks, trained=trained, recipe=recipe, dec=dec,
-                                                   device="cpu", answered=answered_of(method))
+    def run(evaluator_of):
+        return {method: evaluation.evaluate_method(method, evaluator_of(method), tests, client_data=world.clients[:3],
+                                                   client_tasks=tasks, trained=trained)
                 for method in feddpa.METHODS}
-    alone = run(lambda method: None)
+    alone = run(lambda method: evaluation.Evaluator(m, tok, dec, "cpu", recipe))  # each method with its own
     fixed = alone["feddpa-f-fixed"]["per_client"]
     assert fixed[0] != fixed[1] and fixed[1] != fixed[2]  # the check has teeth: each client's model answers its own
 
@@ -286,14 +289,14 @@ def test_no_answer_is_generated_twice_and_shared_answers_are_the_rows_own(tiny, 
     def fingerprint(slot):
         return hash(tuple(v.numpy().tobytes() for _, v in sorted(lora.adapter_tensors(m, slot).items())))
 
-    def spy(model, tok_, records, dec_, device, weights=None, dynamic=None, progress=None, reps=None):
+    def spy(ev, records, *, weights=None, dynamic=None, progress=None, reps=None):
         if dynamic is None:  # which adapters, and how much of each, answer which instance
             model_ = tuple(sorted((slot, fingerprint(slot), float(w)) for slot, w in (weights or {}).items() if w))
             generated.extend((model_, json.dumps(r, sort_keys=True)) for r in records)
         else:  # a dynamic mix is the client's own: each call its own
             calls.append(dynamic)
             generated.extend(("dynamic", len(calls), i) for i in range(len(records)))
-        return real(model, tok_, records, dec_, device, weights, dynamic, progress, reps)
+        return real(ev, records, weights=weights, dynamic=dynamic, progress=progress, reps=reps)
     real_represent, represented = evaluation.represent, []
 
     def spy_represent(model, ids, mask, pool):  # a test instance's r(x): which local adapter, which prompt
@@ -301,8 +304,8 @@ def test_no_answer_is_generated_twice_and_shared_answers_are_the_rows_own(tiny, 
         return real_represent(model, ids, mask, pool)
     monkeypatch.setattr(evaluation, "answer", spy)
     monkeypatch.setattr(evaluation, "represent", spy_represent)
-    answered = {}
-    shared = run(lambda method: answered)
+    one = evaluation.Evaluator(m, tok, dec, "cpu", recipe)
+    shared = run(lambda method: one)  # one evaluator, its answer sets shared by the methods
     assert len(generated) == len(set(generated)), "an answer generated twice"
     # the paper's and the calibrated weight of a client weigh one r(x) of each instance: computed once
     # per local adapter (FedDPA-T's and FedDPA-F's), for each of the clients that trained one
@@ -321,14 +324,13 @@ def test_local_adapters_stay_on_their_clients_through_rounds_they_sit_out(tiny):
     train = fed.LocalTrain(lr=1e-2, max_steps=1, batch_size=4, micro_batch_size=4)
     clients = [fed.Client(i, [data.encode_example(tok, r) for r in recs], torch.Generator().manual_seed(i))
                for i, recs in enumerate(world.clients[:3])]
-    step = feddpa.feddpa_t_step(m, tok.pad_id, train, 0.5, seed=0)
+    step = feddpa.feddpa_t_step(m, tok.pad_id, train, feddpa.Recipe(local_weight=0.5, seed=0))
     kept = []
 
     def after_round(f):
         kept.append([None if c.local is None else {k: v.clone() for k, v in c.local.items()} for c in clients])
-    federation = fed.run_rounds(fed.Federation(lora.get_adapter(m, "global"), len(clients)), 6, fed.in_process(clients, step),
-                                fraction=1 / 3,
-                                seed=0, on_round_end=after_round)
+    federation = fed.run_rounds(fed.Federation(lora.get_adapter(m, "global"), len(clients)), fed.in_process(clients, step),
+                                rounds=6, fraction=1 / 3, seed=0, on_round_end=after_round)
     sat_out = 0
     for r in range(2, 6):
         for cid in set(range(3)) - set(federation.history[r]["clients"]):
@@ -340,9 +342,11 @@ def test_local_adapters_stay_on_their_clients_through_rounds_they_sit_out(tiny):
 
 
 def layer_state(m):
-    """Every LoRA layer's mix, which adapters require grad, and the modules' training flags."""
+    """Every LoRA layer's mix, which adapters require grad, the modules' training flags, and what the
+    adapter slots hold (bytes)."""
     return ([dict(layer.weights) for _, layer in lora.lora_layers(m)],
-            [p.requires_grad for p in m.parameters()], [mod.training for mod in m.modules()])
+            [p.requires_grad for p in m.parameters()], [mod.training for mod in m.modules()],
+            [p.detach().numpy().tobytes() for n, p in m.named_parameters() if ".lora_" in n])
 
 
 def test_representing_training_and_answering_leave_the_callers_mix_and_mode_as_they_were(tiny):
@@ -366,17 +370,20 @@ def test_representing_training_and_answering_leave_the_callers_mix_and_mode_as_t
             assert torch.equal(reps, m.pooled(ids, mask, "last"))
         assert layer_state(m) == before
         dec = evaluation.Decode(max_new_tokens=3, batch_size=2)
-        dynamic = feddpa.paper_weight(m, tok, world.clients[0], feddpa.Recipe(k_refs=3), 0, "cpu")
-        evaluation.answer(m, tok, world.tests[world.client_tasks[1]][:3], dec, "cpu", dynamic=dynamic)
+        dynamic = feddpa.paper_weight(m, tok, world.clients[0], recipe=feddpa.Recipe(k_refs=3), client_id=0, device="cpu")
+        evaluation.answer(evaluation.Evaluator(m, tok, dec, "cpu"), world.tests[world.client_tasks[1]][:3], dynamic=dynamic)
         assert layer_state(m) == before
         examples = [data.encode_example(tok, r) for r in world.clients[0][:8]]
-        fed.train_adapter(m, "local", examples, train=fed.LocalTrain(lr=1e-2, max_steps=1, batch_size=4),
-                          weights=feddpa.mix(0.5), pad_id=tok.pad_id, generator=torch.Generator().manual_seed(0))
+        client = fed.Client(0, examples, torch.Generator().manual_seed(0))
+        local, _ = fed.train_adapter(m, client, adapters={n: lora.get_adapter(m, n) for n in lora.ADAPTERS},
+                                     weights=feddpa.mix(0.5), trains="local", pad_id=tok.pad_id,
+                                     train=fed.LocalTrain(lr=1e-2, max_steps=1, batch_size=4))
         assert layer_state(m) == before       # eval mode again, nothing trainable, the caller's mix
         with torch.no_grad():
-            after = m(ids, mask)[0]
-        assert not torch.equal(want, after)   # the local adapter trained ...
-    assert layer_state(m)[0] == [{}] * len(lora.lora_layers(m))  # ... and outside any block, no adapter is on
+            assert torch.equal(want, m(ids, mask)[0])  # the caller's adapters, as they were ...
+            lora.load_adapter(m, "local", local)
+            assert not torch.equal(want, m(ids, mask)[0])  # ... and the local adapter trained
+    assert layer_state(m)[0] == [{}] * len(lora.lora_layers(m))  # outside any block, no adapter is on
     with pytest.raises(RuntimeError), lora.mixed(m, {"global": 1.0}):
         raise RuntimeError("a step that fails")
     assert layer_state(m)[0] == [{}] * len(lora.lora_layers(m))  # restored however the block ends
@@ -397,21 +404,22 @@ def every_step(m, tok, world):
         for name in feddpa.PHASES:
             phase = feddpa.setup_phase(name, m, pad_id=tok.pad_id, recipe=recipe, datasets=examples,
                                        init=lora.get_adapter(m, "global"), trained=trained)
-            federation = feddpa.run_phase(name, phase, seed=0)
+            federation = feddpa.run_phase(name, phase)
             trained[name] = feddpa.phase_result(name, federation.global_adapter, phase.clients, trained)
     steps = {
         "represent": lambda m: feddpa.represent(m, ids, mask, "mean"),
         "reference_reps": lambda m: feddpa.reference_reps(m, tok, records[:3], "last", "cpu"),
-        "paper_weight": lambda m: feddpa.paper_weight(m, tok, records, recipe, 0, "cpu"),
-        "calibrated": lambda m: feddpa.calibrated(m, tok, records, recipe, 0, "cpu"),
-        "train_adapter": lambda m: fed.train_adapter(m, "global", examples[0], train=recipe.train, weights={"global": 1.0},
-                                                      pad_id=tok.pad_id, generator=torch.Generator().manual_seed(0)),
+        "paper_weight": lambda m: feddpa.paper_weight(m, tok, records, recipe=recipe, client_id=0, device="cpu"),
+        "calibrated": lambda m: feddpa.calibrated(m, tok, records, recipe=recipe, client_id=0, device="cpu"),
+        "train_adapter": lambda m: fed.train_adapter(m, fed.Client(0, examples[0], torch.Generator().manual_seed(0)),
+                                                      adapters={"global": adapter}, weights={"global": 1.0},
+                                                      trains="global", train=recipe.train, pad_id=tok.pad_id),
         "run_phase, every phase": phases,
     }
     for method in feddpa.METHODS:
         steps[f"evaluate_client {method}"] = lambda m, method=method: evaluation.evaluate_client(
-            method, m, tok, tests, records=records, client_id=0, own_task=world.client_tasks[0],
-            global_adapter=adapter, local_adapter=adapter, recipe=recipe, dec=dec, device="cpu")
+            method, evaluation.Evaluator(m, tok, dec, "cpu", recipe), tests,
+            evaluation.EvalClient(0, records, world.client_tasks[0], adapter, adapter))
     return steps
 
 
@@ -428,3 +436,29 @@ def test_every_training_and_representation_step_leaves_the_callers_mix_and_mode_
             step(m)
             assert layer_state(m) == before, name
             assert not m.training and not any(p.requires_grad for p in m.parameters()), name
+
+
+def test_no_step_reads_an_adapter_another_left_in_a_slot(tiny):
+    """Whatever the slots hold before a step (here two different random fillings), the step gives the same
+    result: each training step and each method's evaluation loads the adapters its forwards use (lora.using)."""
+    m, tok, world = tiny
+    steps = every_step(m, tok, world)
+    g = torch.Generator().manual_seed(11)
+
+    def fill():
+        for name in lora.ADAPTERS:
+            lora.load_adapter(m, name, {k: v + 0.5 * torch.randn(v.shape, generator=g)
+                                        for k, v in lora.get_adapter(m, name).items()})
+    def plain(x):  # a step's result as comparable values (tensors to lists, timings dropped)
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items() if "seconds" not in k}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x.tolist() if torch.is_tensor(x) else x
+    for name in [n for n in steps if n.startswith(("train_adapter", "evaluate_client"))]:
+        results = []
+        for _ in range(2):
+            fill()
+            torch.manual_seed(0)  # LoRA dropout's draws
+            results.append(plain(steps[name](m)))
+        assert results[0] == results[1], name

@@ -194,7 +194,7 @@ def recipe(cfg: Config) -> feddpa.Recipe:
                            bf16=cfg.dtype == "bfloat16")
     return feddpa.Recipe(train=train, rounds=cfg.rounds, fraction=cfg.fraction, local_weight=cfg.local_weight,
                          finetune_rounds=cfg.finetune_rounds, lambda_scale=cfg.lambda_scale, k_refs=cfg.k_refs,
-                         pool=cfg.pool, lambda_to=cfg.lambda_to, seed=cfg.seed)
+                         pool=cfg.pool, lambda_to=cfg.lambda_to, weighting=cfg.weighting, seed=cfg.seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,7 +327,7 @@ def run(cfg: Config, args):
         for name in todo_phases:
             phase = feddpa.setup_phase(name, model, pad_id=tok.pad_id, recipe=rec, datasets=encoded, init=state["init"],
                                        trained=state["trained"])
-            runs.run_phase(name, phase, state, save, seed=cfg.seed, weighting=cfg.weighting, out=cfg.out, progress=progress)
+            runs.run_phase(name, phase, state, save, out=cfg.out, progress=progress)
     dec = evaluation.Decode(cfg.max_new_tokens, cfg.num_beams, cfg.eval_batch_size, cfg.cutoff)
     def has_local(phase, i):
         return state["trained"][phase]["locals"][i] is not None
@@ -336,15 +336,15 @@ def run(cfg: Config, args):
     with speed(rows=cfg.eval_batch_size * cfg.num_beams):
         for key, tests, client_tasks, todo in (("results", fd.tests, fd.client_tasks, todo_methods),
                                                ("unseen", unseen, None, todo_unseen)):
-            answered = {}
+            ev = evaluation.Evaluator(model, tok, dec, device, rec)  # one per test set: its answer sets shared
             for method in todo:
-                n = evaluation.answers_needed([method], tests, len(fd.clients), has_local, answered, client_tasks is not None)
+                n = evaluation.answers_needed([method], tests, len(fd.clients), has_local, ev.answered, client_tasks is not None)
                 bar = tqdm(total=n[method], unit="answer", leave=False,
                            desc=f"evaluating {method}{' on unseen tasks' if key == 'unseen' else ''}", disable=not progress)
                 with bar, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    state[key][method] = evaluation.evaluate_method(
-                        method, model, tok, tests, client_data=fd.clients, client_tasks=client_tasks,
-                        trained=state["trained"], recipe=rec, dec=dec, device=device, progress=bar, answered=answered)
+                    state[key][method] = evaluation.evaluate_method(method, ev, tests, client_data=fd.clients,
+                                                                    client_tasks=client_tasks, trained=state["trained"],
+                                                                    progress=bar)
                 save(state)
     if todo_phases or todo_methods or todo_unseen or "elapsed" not in state:  # (a checkpoint from before "elapsed")
         save(state)  # the total that results.json gives, kept for a resume of the finished run

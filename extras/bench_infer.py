@@ -29,8 +29,8 @@ def one_at_a_time(m, tok, records, train_records, dec: evaluation.Decode, recipe
         reps = feddpa.represent(m, ids, mask, recipe.pool).float()
         lam = feddpa.dynamic_lambda(reps[-1:], reps[:-1], recipe.lambda_scale).item()
         prompt = torch.tensor([prompts[-1]])
-        with lora.mixed(m, feddpa.mix(lam, recipe.lambda_to)):
-            out.append(generate(m, prompt, torch.ones_like(prompt), dec.max_new_tokens, tok.eos_id, tok.pad_id))
+        out.append(generate(m, prompt, torch.ones_like(prompt), dec.max_new_tokens, tok.eos_id, tok.pad_id,
+                            mix=feddpa.mix(lam, recipe.lambda_to)))
     return out
 
 
@@ -46,7 +46,8 @@ def bench_inference(d: str, tok, fd, n: int = 64):
     dec, recipe = evaluation.Decode(max_new_tokens=32, batch_size=64), feddpa.Recipe()
 
     def ours():
-        evaluation.answer(m, tok, records, dec, "cpu", dynamic=feddpa.paper_weight(m, tok, fd.clients[0], recipe, 0, "cpu"))
+        dynamic = feddpa.paper_weight(m, tok, fd.clients[0], recipe=recipe, client_id=0, device="cpu")
+        evaluation.answer(evaluation.Evaluator(m, tok, dec, "cpu", recipe), records, dynamic=dynamic)
     rate = {}
     with fast.enabled(m, dec.batch_size):  # as train.py evaluates
         for name, run in (("batched", ours), ("single", lambda: one_at_a_time(m, tok, records, fd.clients[0], dec, recipe))):

@@ -55,7 +55,8 @@ import runs
 import train
 from runs import UserError
 
-FLOWER_PHASES = ("fedit", "feddpa-f", "feddpa-t")  # the phases whose clients talk to a server
+# the phases whose clients talk to a server: those that send a global adapter to clients of their own data
+FLOWER_PHASES = tuple(name for name, spec in feddpa.PHASES.items() if spec.sends and not spec.pooled)
 METHODS = tuple(m for m, method in feddpa.METHODS.items() if method.phase in FLOWER_PHASES)
 POLL = 0.5  # seconds between the server's looks for replies
 EVAL_ONLY = ("methods", "test_per_task", "max_new_tokens", "num_beams", "eval_batch_size", "out", "device", "cache")
@@ -164,11 +165,11 @@ def train_step(msg: Message, context: Context) -> Message:
     phase_name, round_ = str(run["phase"]), int(run["round"])
     received = from_record(msg.content["global"])
     model, tok = node.model()
-    torch.manual_seed(cfg.seed * 7919 + 101 * (feddpa.PHASES[phase_name] + 1) + 10_007 * round_ + node.id)  # dropout
+    torch.manual_seed(cfg.seed * 7919 + 101 * (feddpa.PHASES[phase_name].stream + 1) + 10_007 * round_ + node.id)  # dropout
     encoded = [[] for _ in node.fd.clients]  # this client's records only: the others are not its to train on
     encoded[node.id] = data.encode_clients([node.records], tok, cfg.cutoff, cfg.max_dropped)[0]
     phase = feddpa.setup_phase(phase_name, model, pad_id=tok.pad_id, recipe=train.recipe(cfg), datasets=encoded,
-                               init=received, trained={"fedit": {"global": received}})
+                               init=received, trained={p: {"global": received} for p in feddpa.PHASES})  # the adapter to start from
     me = phase.clients[node.id]
     last = node.last_state(phase_name, round_)
     if last is not None:
@@ -178,8 +179,11 @@ def train_step(msg: Message, context: Context) -> Message:
           f"{'local adapter from round ' + str(last[0] + 1) + ' on disk' if last and last[1] else 'no local adapter yet'}",
           flush=True)
     with speed(model, cfg, rows=64 * cfg.micro_batch_size):
-        update, metrics = phase.step(round_, me, received)
-    node.save_state(phase_name, round_, me.local, me.generator)
+        try:
+            update, local, metrics = phase.step(round_, me, received)
+        except fed.Diverged as e:
+            raise fed.Diverged(f"{e} of client {node.id} in round {round_ + 1}") from None
+    node.save_state(phase_name, round_, local, me.generator)
     reply = RecordDict({"metrics": MetricRecord({**{k: float(v) for k, v in metrics.items()},
                                                  "n-examples": update.n_examples})})
     if update.adapter:  # FedDPA-F's fine-tuning sends nothing back
@@ -199,7 +203,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     phases = {feddpa.METHODS[m].phase for m in methods}
     globals_ = {p: from_record(msg.content[f"global.{p}"]) for p in phases}
     last = {p: node.last_state(p, 10 ** 9) for p in phases}  # each phase's final files
-    scores, no_local, seconds, answered = {}, [], {}, {}  # answered: each answer set generated once
+    scores, no_local, seconds = {}, [], {}
+    ev = evaluation.Evaluator(model, tok, dec, node.device, rec)  # each answer set generated once
     for method in methods:
         t0 = time.time()
         phase = feddpa.METHODS[method].phase
@@ -207,9 +212,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         with speed(model, cfg, rows=cfg.eval_batch_size * cfg.num_beams), \
                 torch.autocast(node.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
             scores[method] = evaluation.evaluate_client(
-                method, model, tok, node.fd.tests, records=node.records, client_id=node.id, own_task=node.task,
-                global_adapter=globals_[phase], local_adapter=local, recipe=rec, dec=dec, device=node.device,
-                answered=answered)
+                method, ev, node.fd.tests, evaluation.EvalClient(node.id, node.records, node.task, globals_[phase], local))
         if local is None and not feddpa.METHODS[method].shared:
             no_local.append(method)
         seconds[method] = time.time() - t0
@@ -392,8 +395,8 @@ def main(grid: Grid, context: Context) -> None:
         # the server's phase: the schedule of feddpa.setup_phase, with placeholder clients that hold no data
         phase = feddpa.setup_phase(name, model, pad_id=0, recipe=rec, datasets=[[] for _ in range(n)], init=state["init"],
                                    trained=state["trained"])
-        runs.run_phase(name, phase, state, lambda s: runs.save_state(cfg.out, s), seed=cfg.seed, weighting=cfg.weighting,
-                       out=cfg.out, train_round=nodes.train_round(name, phase.rounds))
+        runs.run_phase(name, phase, state, lambda s: runs.save_state(cfg.out, s), out=cfg.out,
+                       train_round=nodes.train_round(name, phase.rounds))
     todo = [m for m in methods if m not in state["results"]]
     tasks = [str(nodes.info[c]["task"]) for c in range(n)]
     if todo:

@@ -105,7 +105,7 @@ def compute() -> dict:
         trained = {}
         for name in feddpa.PHASES:
             phase = feddpa.setup_phase(name, model, pad_id=pad, recipe=recipe, datasets=datasets, init=init, trained=trained)
-            federation = feddpa.run_phase(name, phase, seed=0)
+            federation = feddpa.run_phase(name, phase)
             trained[name] = feddpa.phase_result(name, federation.global_adapter, phase.clients, trained)
     finally:
         feddpa.fresh_local = real_fresh

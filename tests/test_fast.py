@@ -123,10 +123,10 @@ def test_answers_are_the_plain_ones_token_for_token(dtype, beams):
     m = adapted(dtype, seed=3)
     ids, mask = left_padded(1024, seed=3, lengths=(4, 8, 6, 8))
     lam = torch.tensor([0.1, 0.5, 0.9, 0.3]).repeat_interleave(beams)
-    with lora.mixed(m, {"local": lam, "global": 1 - lam}):
-        plain = generate(m, ids, mask, 10, eos_id=2, pad_id=0, num_beams=beams)
-        with fast.enabled(m, rows=len(ids) * beams):
-            faster = generate(m, ids, mask, 10, eos_id=2, pad_id=0, num_beams=beams)
+    mix = {"local": lam, "global": 1 - lam}
+    plain = generate(m, ids, mask, 10, eos_id=2, pad_id=0, num_beams=beams, mix=mix)
+    with fast.enabled(m, rows=len(ids) * beams):
+        faster = generate(m, ids, mask, 10, eos_id=2, pad_id=0, num_beams=beams, mix=mix)
     assert torch.equal(faster, plain)
 
 

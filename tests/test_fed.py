@@ -36,17 +36,17 @@ def test_run_rounds_messages_carry_only_the_global_adapter(tiny):
     clients = [fed.Client(i, [data.encode_example(tok, r) for r in recs], torch.Generator().manual_seed(i))
                for i, recs in enumerate(world.clients[:3])]
     sent = []
-    step = feddpa.feddpa_t_step(m, tok.pad_id, train, 0.5, seed=0)
+    step = feddpa.feddpa_t_step(m, tok.pad_id, train, feddpa.Recipe(local_weight=0.5, seed=0))
 
     def recording(r, c, g):
-        update, metrics = step(r, c, g)
-        # what is sent is the global adapter the client just trained, value for value, and not its local one
-        assert all(torch.equal(v, lora.get_adapter(m, "global")[k]) for k, v in update.adapter.items())
-        if c.local is not None:
-            assert not any(torch.equal(update.adapter[k], c.local[k]) for k in update.adapter if "lora_B" in k)
+        update, local, metrics = step(r, c, g)
+        # what is sent is a trained global adapter, not the client's local one
+        assert not any(torch.equal(update.adapter[k], g[k]) for k in update.adapter if "lora_B" in k)
+        if local is not None:
+            assert not any(torch.equal(update.adapter[k], local[k]) for k in update.adapter if "lora_B" in k)
         sent.append((c, update))
-        return update, metrics
-    federation = fed.run_rounds(fed.Federation(init, len(clients)), 2, fed.in_process(clients, recording),
+        return update, local, metrics
+    federation = fed.run_rounds(fed.Federation(init, len(clients)), fed.in_process(clients, recording), rounds=2,
                                 fraction=2 / 3, seed=0)
     assert len(federation.history) == 2 and all(len(h["clients"]) == 2 for h in federation.history)
     for c, update in sent:
@@ -93,8 +93,9 @@ def test_a_round_records_the_mean_over_micro_batches_of_each_micro_batch_s_token
         batch = [examples[i] for i in order]
         want[micro] = sum(mean_loss(batch[i:i + micro]) for i in range(0, 4, micro)) / (4 // micro)
         train = fed.LocalTrain(lr=1e-2, max_steps=1, batch_size=4, micro_batch_size=micro)
-        got = fed.train_adapter(model, "global", examples, train=train, weights={"global": 1.0}, pad_id=tok.pad_id,
-                                generator=torch.Generator().manual_seed(7))
+        client = fed.Client(0, examples, torch.Generator().manual_seed(7))
+        _, got = fed.train_adapter(model, client, adapters={"global": init}, weights={"global": 1.0}, trains="global",
+                                   train=train, pad_id=tok.pad_id)
         assert got["loss"] == pytest.approx(want[micro], rel=1e-9, abs=0), micro
         assert got["steps"] == 1 and got["examples"] == 4
     # the three groupings give three numbers (about 3e-3 apart here), each a thousand tolerances and more

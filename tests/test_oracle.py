@@ -208,8 +208,8 @@ def runs(setting, tiny_dir):
     for name in feddpa.PHASES:
         phase = feddpa.setup_phase(name, model, pad_id=tok.pad_id, recipe=recipe, datasets=datasets, init=init,
                                    trained=ours)
-        federation = fed.run_rounds(fed.Federation(phase.start, len(phase.clients)), phase.rounds,
-                                    fed.in_process(phase.clients, phase.step), phase.fraction, SEED)
+        federation = fed.run_rounds(fed.Federation(phase.start, len(phase.clients)), fed.in_process(phase.clients, phase.step),
+                                    rounds=phase.rounds, fraction=phase.fraction, seed=SEED)
         ours[name] = feddpa.phase_result(name, federation.global_adapter, phase.clients, ours)
     fresh = [feddpa.fresh_local(model, SEED, i) for i in range(len(datasets))]
     return ours, oracle_run(str(tiny_dir), datasets, init, fresh, tok.pad_id), init
@@ -254,7 +254,7 @@ def test_dynamic_weighting_equals_the_oracle_one_instance_at_a_time(setting, run
     dynamic = feddpa.Dynamic(feddpa.reference_reps(model, tok, refs, "last", "cpu"), 0.5, "last", to)
     tests = [recs[i] for recs in world.tests.values() for i in range(2)]
     dec = evaluation.Decode(max_new_tokens=6, num_beams=1, batch_size=8)
-    answers, lams = evaluation.answer(model, tok, tests, dec, "cpu", dynamic=dynamic)
+    answers, lams = evaluation.answer(evaluation.Evaluator(model, tok, dec, "cpu"), tests, dynamic=dynamic)
 
     o = Oracle(str(tiny_dir))
     o.load("global", trained["global"])
@@ -346,8 +346,8 @@ def test_every_method_is_evaluated_with_its_own_adapters_and_mix(setting, tiny_d
         answers = [oracle_answers(method, c) for c in range(3)]
         tests = {task: [{**rec, "output": answers[0][task][i] or "-"} for i, rec in enumerate(world.tests[task][:2])]
                  for task in tasks}
-        got = evaluation.evaluate_method(method, model, tok, tests, client_data=world.clients[:3], client_tasks=client_tasks,
-                                         trained=trained, recipe=recipe, dec=dec, device="cpu")
+        got = evaluation.evaluate_method(method, evaluation.Evaluator(model, tok, dec, "cpu", recipe), tests,
+                                         client_data=world.clients[:3], client_tasks=client_tasks, trained=trained)
         for c in range(3):
             for task in tasks:
                 want = evaluation.score(answers[c][task], [r["output"] for r in tests[task]])
@@ -523,13 +523,14 @@ def test_every_setting_equals_the_oracle(setting, tiny_dir, name):
     train = fed.LocalTrain(lr=LR, max_steps=s.steps, epochs=s.epochs, batch_size=s.batch, micro_batch_size=s.micro,
                            max_grad_norm=CLIP)
     recipe = feddpa.Recipe(train=train, rounds=s.rounds, fraction=s.fraction, local_weight=s.a,
-                           finetune_rounds=s.finetune, k_refs=K, pool=s.pool, lambda_to=s.to, seed=SEED)
+                           finetune_rounds=s.finetune, k_refs=K, pool=s.pool, lambda_to=s.to, weighting=s.weighting,
+                           seed=SEED)
     rate = DropoutRate(model, s.dropout)
     ours = {}
     for phase in s.phases:
         run = feddpa.setup_phase(phase, model, pad_id=tok.pad_id, recipe=recipe, datasets=datasets, init=init,
                                  trained=ours)
-        federation = feddpa.run_phase(phase, run, seed=SEED, weighting=s.weighting)
+        federation = feddpa.run_phase(phase, run)
         ours[phase] = feddpa.phase_result(phase, federation.global_adapter, run.clients, ours)
     rate.close()
     assert not model.training, "training left the model in training mode"
@@ -561,10 +562,10 @@ def test_every_setting_equals_the_oracle(setting, tiny_dir, name):
     lora.load_adapter(model, "global", glob)
     lora.load_adapter(model, "local", local)
     rate = DropoutRate(model, s.dropout)
-    dynamic = feddpa.paper_weight(model, tok, world.clients[1], recipe, 1, "cpu")
+    dynamic = feddpa.paper_weight(model, tok, world.clients[1], recipe=recipe, client_id=1, device="cpu")
     tests = [recs[0] for recs in world.tests.values()]
     dec = evaluation.Decode(max_new_tokens=8, num_beams=s.beams, batch_size=8)
-    answers, lams = evaluation.answer(model, tok, tests, dec, "cpu", dynamic=dynamic)
+    answers, lams = evaluation.answer(evaluation.Evaluator(model, tok, dec, "cpu"), tests, dynamic=dynamic)
     rate.close()
     assert rate.calls and rate.unchanged == rate.calls, "dropout at evaluation"
 
