@@ -6,9 +6,8 @@
 Nothing else in the project calls this module's functions, and nothing here changes what a forward
 computes: tests/test_fast.py holds every path equal to the plain one (float64 for the reshaped
 computations, a stated rounding bound for oneDNN's float32 and bfloat16 products), and `python
-train.py --plain` runs without it. A port can leave this file out. One exception, for now: LoRA
-dropout (lora.Dropout) draws its masks over the tokens a layer sees, so with dropout on, a packed
-training forward drops other units than the plain one would, from the same distribution.
+train.py --plain` runs without it. A port can leave this file out. LoRA dropout drops the same units
+on both paths: a layer on packed tokens takes its mask's rows from the padded batch's mask.
 
 Inside the block:
 - the training loss runs the blocks on the real tokens only (padding is up to a third of a batch of
@@ -34,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import lora
 from model import IGNORE_INDEX, Llama, apply_rope
 
 
@@ -96,7 +96,7 @@ def attention(self, x, ctx: Context):
     xq = x
     if ctx.out is not None:
         xq, qpacking = x[ctx.out], packing._replace(index=packing.index[ctx.out])
-    q, k, v = self.q_proj(xq), self.k_proj(x), self.v_proj(x)              # (..., heads * hd)
+    q, k, v = project(self.q_proj, xq, qpacking), project(self.k_proj, x, packing), project(self.v_proj, x, packing)
     if packing is not None:
         q, k, v = unpack(q, qpacking), unpack(k, packing), unpack(v, packing)  # (B, T, heads * hd)
     B, T, _ = q.shape
@@ -116,14 +116,38 @@ def attention(self, x, ctx: Context):
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None, enable_gqa=gqa)
     y = y.transpose(1, 2).reshape(B, T, -1)                                # (B, T, nh * hd)
-    return self.o_proj(y if packing is None else pack(y, qpacking))
+    return project(self.o_proj, y if packing is None else pack(y, qpacking), qpacking)
 
 
 def block(self, x, ctx: Context):
     """model.Block.forward; ctx.out: only those rows go on."""
     h = attention(self.self_attn, self.input_layernorm(x), ctx)
-    x = (x if ctx.out is None else x[ctx.out]) + h
-    return x + self.mlp(self.post_attention_layernorm(x))
+    rows = ctx.packing
+    if ctx.out is not None:
+        x, rows = x[ctx.out], rows._replace(index=rows.index[ctx.out])
+    x = x + h
+    z, m = self.post_attention_layernorm(x), self.mlp                          # model.MLP.forward, in its order
+    return x + project(m.down_proj, F.silu(project(m.gate_proj, z, rows)) * project(m.up_proj, z, rows), rows)
+
+
+def project(layer, x, packing: Packing | None):
+    """layer(x); for a LoRA layer on packed rows, each adapter's dropout mask is the padded batch's
+    (lora.Dropout.mask over (B * T, in)) at those rows, so that the same units drop as in the plain model."""
+    if packing is None or not isinstance(layer, lora.LoRALinear):
+        return layer(x)
+    out = layer.base_layer(x)                                                   # (N, out)
+    if layer.merged is not None:
+        return out
+    for name, w in layer.weights.items():
+        if torch.is_tensor(w) or w != 0:
+            d = layer.lora_dropout[name]
+            if d.training and d.p > 0:
+                mask = d.mask((packing.B * packing.T, x.shape[-1]), layer.lora_A[name].weight.dtype)
+                dropout = lambda v, mask=mask.to(x.device).index_select(0, packing.index): v * mask  # noqa: E731
+            else:
+                dropout = lambda v: v  # noqa: E731
+            out = out + layer.update(name, w, x, dropout).to(out.dtype)
+    return out
 
 
 def hidden(model: Llama, input_ids, attention_mask=None, cache=None, keep=None):

@@ -10,8 +10,9 @@ Contents: local training (AdamW, linear decay, micro-batches with gradient accum
 client/server state and message; FedAvg; the round loop with client sampling and per-round metrics,
 which reaches its clients through a `train_round` function: in_process here, over Flower in flower_app.py.
 """
+import hashlib
+import json
 import math
-import random
 import time
 from dataclasses import dataclass, field
 
@@ -44,12 +45,13 @@ def train_adapter(model, client: "Client", *, adapters: dict, weights: dict, tra
     """Train adapter `trains` of `adapters` ({slot: state dict}) on the client's encoded examples, in its
     data order, the others mixed in with fixed `weights` (the mix, lora.using).
 
-    Returns the trained adapter (a state dict) and {"loss": mean loss, "steps": optimizer steps,
+    The client's generator draws its data order and its LoRA dropout. Returns the trained adapter (a
+    state dict) and {"loss": mean loss, "steps": optimizer steps,
     "examples": examples seen, "tokens": labelled tokens}."""
     examples, generator = client.data, client.generator
     steps = train.max_steps or max(1, math.ceil(train.epochs * len(examples) / train.batch_size))
     # adapters, mix and mode for this block only
-    with lora.using(model, adapters, weights), lora.training(model, trains) as params:
+    with lora.using(model, adapters, weights), lora.training(model, trains, generator) as params:
         # no weight decay, as the paper's code (AdamW's own default is 0.01); fused: one kernel per step for
         # all the adapter's tensors (transformers' Trainer default too)
         opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0, fused=True)
@@ -89,7 +91,7 @@ def train_adapter(model, client: "Client", *, adapters: dict, weights: dict, tra
 class Client:
     id: int
     data: list                        # encoded training examples: private
-    generator: torch.Generator        # the client's own data order: private
+    generator: torch.Generator        # the client's own draws, data order and LoRA dropout: private
     local: dict | None = None         # the local adapter (FedDPA): private, never sent
 
 
@@ -118,7 +120,15 @@ def nbytes(state: dict) -> int:
 def sample_clients(n: int, fraction: float, seed: int, round_: int) -> list:
     """Clients taking part in a round: a seeded draw of max(1, round(fraction * n)) of them."""
     k = max(1, round(fraction * n))
-    return sorted(random.Random(seed * 100_003 + round_).sample(range(n), k))
+    return sorted(torch.randperm(n, generator=seeded(seed, "clients", round_))[:k].tolist())
+
+
+def seeded(seed: int, *names) -> torch.Generator:
+    """A generator of its own for each stream of draws, keyed by the run's seed and stable names (a phase,
+    a client, a purpose): adding a stream, or drawing more from one, changes no other. The key is the
+    first 8 bytes of sha256 of the JSON list [seed, *names], little-endian, less its top bit."""
+    digest = hashlib.sha256(json.dumps([seed, *names]).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
 
 
 @dataclass

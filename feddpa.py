@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 import lora
 from data import encode_prompt, pad_left
-from fed import Client, Federation, LocalTrain, Update, in_process, run_rounds, train_adapter
+from fed import Client, Federation, LocalTrain, Update, in_process, run_rounds, seeded, train_adapter
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def fedit_step(model, pad_id, train: LocalTrain, recipe=None, start=None):
 def fresh_local(model, seed: int, client_id: int) -> dict:
     """A client's own initial local adapter for FedDPA-T, as the official code adds one per client at its
     first local round: A kaiming-uniform from the client's seeded draw, B = 0."""
-    return lora.new_adapter(model, torch.Generator().manual_seed(seed * 1_000_003 + 500_000 + client_id))
+    return lora.new_adapter(model, seeded(seed, "fresh local adapter", client_id))
 
 
 def feddpa_t_step(model, pad_id, train: LocalTrain, recipe: "Recipe", start=None):
@@ -166,7 +166,6 @@ def local_step(model, pad_id, train: LocalTrain, recipe=None, start: dict | None
 class PhaseSpec:
     """A training phase: the client step its clients take, the adapter it starts from, and its schedule."""
     client_step: Callable          # fedit_step, feddpa_t_step or local_step: (model, pad_id, train, recipe, start) -> step
-    stream: int                    # its own stream of dropout draws, fixed, so that adding a phase changes no other's
     starts_from: str | None = None # a phase whose final global adapter it starts from and keeps as its own; None: init
     sends: bool = True             # the server sends the global adapter (Local's clients train alone)
     finetune: bool = False         # one round of recipe.finetune_rounds' local training, every client (FedDPA-F)
@@ -176,11 +175,11 @@ class PhaseSpec:
 
 # Every training phase, in the order they run. Adding a phase is one entry here.
 PHASES = {
-    "fedit": PhaseSpec(fedit_step, stream=0),
-    "feddpa-f": PhaseSpec(local_step, stream=1, starts_from="fedit", finetune=True),  # fine-tunes a copy of FedIT's
-    "feddpa-t": PhaseSpec(feddpa_t_step, stream=2, note=", two adapters from round 2"),
-    "local": PhaseSpec(local_step, stream=3, sends=False),         # sampled as FedIT is: the same clients and rounds
-    "centralized": PhaseSpec(fedit_step, stream=4, pooled=True),
+    "fedit": PhaseSpec(fedit_step),
+    "feddpa-f": PhaseSpec(local_step, starts_from="fedit", finetune=True),  # fine-tunes a copy of FedIT's
+    "feddpa-t": PhaseSpec(feddpa_t_step, note=", two adapters from round 2"),
+    "local": PhaseSpec(local_step, sends=False),         # sampled as FedIT is: the same clients and rounds
+    "centralized": PhaseSpec(fedit_step, pooled=True),
 }
 
 
@@ -221,7 +220,7 @@ def setup_phase(name: str, model, *, pad_id: int, recipe: Recipe, datasets: list
     spec = PHASES[name]
     start = trained[spec.starts_from]["global"] if spec.starts_from else init
     sets = [[e for d in datasets for e in d]] if spec.pooled else datasets
-    clients = [Client(i, d, torch.Generator().manual_seed(recipe.seed * 1000 + i)) for i, d in enumerate(sets)]
+    clients = [Client(i, d, seeded(recipe.seed, name, "client", i)) for i, d in enumerate(sets)]
     rounds, _, train = phase_schedule(spec, recipe, len(datasets))
     fraction = recipe.fraction if not (spec.finetune or spec.pooled) else 1.0
     step = spec.client_step(model, pad_id, train, recipe, start)
@@ -247,13 +246,11 @@ def phase_result(name: str, global_adapter: dict, clients: list, trained: dict) 
 def run_phase(name: str, phase: Phase, *, federation=None, train_round=None, on_round_end=None,
               progress: bool = False) -> Federation:
     """Phase `name` end to end: its rounds of fed.run_rounds, each chosen client taking phase.step in this
-    process (or reached by train_round elsewhere: over Flower), FedAvg with phase.weighting. A fresh start
-    seeds the phase's dropout draws; federation: the state of a resumed phase, its RNG already restored
-    (runs.py). on_round_end(federation) after every round (runs.py: the checkpoint). Returns the
-    federation; phase_result says what it leaves for evaluation."""
-    if federation is None:
-        federation = Federation(phase.start, len(phase.clients))
-        torch.manual_seed(phase.seed * 7919 + PHASES[name].stream)  # dropout, per phase
+    process (or reached by train_round elsewhere: over Flower), FedAvg with phase.weighting. federation:
+    the state of a resumed phase (runs.py restores its clients' generators). on_round_end(federation)
+    after every round (runs.py: the checkpoint). Returns the federation; phase_result says what it
+    leaves for evaluation."""
+    federation = federation or Federation(phase.start, len(phase.clients))
     reach = train_round or in_process(phase.clients, phase.step, progress)
     return run_rounds(federation, reach, rounds=phase.rounds, fraction=phase.fraction, seed=phase.seed,
                       weighting=phase.weighting, on_round_end=on_round_end, progress=name if progress else None)
@@ -282,8 +279,8 @@ def represent(model, ids, mask, pool):
 
 def draw_references(records, k: int, seed: int, client_id: int) -> list:
     """The K training instructions a client compares test instances with: drawn once, seeded."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + client_id)
-    return [records[i] for i in torch.randperm(len(records), generator=g)[:k].tolist()]
+    order = torch.randperm(len(records), generator=seeded(seed, "references", client_id))
+    return [records[i] for i in order[:k].tolist()]
 
 
 @torch.no_grad()

@@ -36,33 +36,43 @@ ADAPTERS = ("global", "local")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class Dropout(nn.Dropout):
-    """nn.Dropout (inverted: kept elements scale by 1 / (1 - p)), with the random draws a CPU can afford.
+class Dropout(nn.Module):
+    """Inverted dropout (kept units scale by 1 / (1 - p)): in training each unit is dropped independently
+    with probability p, drawn from `generator`, the training client's own, which lora.training sets for
+    its block (so a client's draws do not depend on which clients trained before it).
 
-    A CPU draws about one random number per 2.5 ns, so one per element of x costs a small model's
-    LoRA step as much as all its matmuls. Draw where the drops fall instead: in a sequence of
-    independent Bernoulli(p) trials the gaps between successes are independent Geometric(p), so about
-    p * numel draws give exactly the distribution of numel (20x fewer at p = 0.05). GPUs draw cheaply
-    (and the check below would wait on the device), so they use F.dropout. Optional to port: F.dropout
-    is the plain equivalent, with the same distribution (tested).
+    The draws are the gaps between drops: in a sequence of Bernoulli(p) trials they are independent
+    Geometric(p), so about p * numel draws give exactly the distribution of numel (20x fewer at p = 0.05;
+    a CPU draws one number per ~2.5 ns, and one per unit would cost a small model's LoRA step as much as
+    its matmuls). The masks are those of the whole padded batch, so fast.py, which runs a layer on the
+    real tokens only, drops the same units (mask(), then its rows).
     """
-    sigmas = 4.0  # gaps drawn beyond the expected count, in standard deviations of the drop count
+    sigmas = 4.0  # gaps drawn at first beyond the expected count, in standard deviations of the drop count
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.generator = None  # set by lora.training for its block
 
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
-        p, n = self.p, x.numel()
-        k = max(1, int(n * p + self.sigmas * math.sqrt(n * p)) + 1)
-        # keep[1:] is x's mask: the sums of the gaps are the drop positions plus one, increasing
-        drops = torch.empty(k, dtype=torch.long).geometric_(p).cumsum_(0)      # (k,)
-        last = int(drops[-1])
-        keep = torch.full((max(n, last) + 1,), 1 / (1 - p), dtype=x.dtype)     # drops past the end land in the tail
-        keep.index_fill_(0, drops, 0)
-        if last < n:  # the k gaps ended before x did (a 4-sigma event): draw the rest one by one
-            keep[last + 1:n + 1].bernoulli_(1 - p).div_(1 - p)
-        return x * keep.narrow(0, 1, n).view(x.shape)
+        return x * self.mask(x.shape, x.dtype).to(x.device)
+
+    def mask(self, shape, dtype):
+        """A tensor of `shape`: 0 where a unit drops, 1 / (1 - p) where it is kept (on the CPU)."""
+        if self.generator is None:
+            raise RuntimeError("LoRA dropout draws from the training client's generator: train inside lora.training")
+        p, n = self.p, math.prod(shape)
+        drops, end = [], 0                    # end: the first position not yet decided
+        while end < n:
+            k = max(1, int((n - end) * p + self.sigmas * math.sqrt((n - end) * p)) + 1)
+            at = end - 1 + torch.empty(k, dtype=torch.long).geometric_(p, generator=self.generator).cumsum(0)
+            drops.append(at)                  # (k,) increasing drop positions
+            end = int(at[-1]) + 1
+        at = torch.cat(drops)
+        keep = torch.full((n,), 1 / (1 - p), dtype=dtype)
+        return keep.index_fill_(0, at[at < n], 0).view(shape)
 
 
 class LoRALinear(nn.Module):
@@ -92,26 +102,28 @@ class LoRALinear(nn.Module):
     def a_bound(self) -> float:
         return 1 / math.sqrt(self.base_layer.in_features)
 
-    def forward(self, x):                                   # x: (B, T, in), or packed (N, in)
+    def forward(self, x):                                   # x: (B, T, in)
         out = self.base_layer(x)                            # (B, T, out)
         if self.merged is not None:
             return out
         for name, w in self.weights.items():
-            if not torch.is_tensor(w) and w == 0:
-                continue
-            A, B = self.lora_A[name].weight, self.lora_B[name].weight   # (r, in), (out, r)
-            # an adapter that is not training is a constant here: no graph, no gradient
-            with torch.set_grad_enabled(torch.is_grad_enabled() and A.requires_grad):
-                h = F.linear(self.lora_dropout[name](x.to(A.dtype)), A)  # (B, T, r)
-                if torch.is_tensor(w):                      # one weight per example: (B,) -> (B, 1, 1)
-                    if x.dim() != 3 or len(w) != len(x):
-                        raise ValueError(f"per-example weights ({len(w)}) need a padded batch (B, T, features) "
-                                         f"of as many examples, got input {tuple(x.shape)}")
-                    w = w.to(h.dtype).view(-1, 1, 1)
-                # w * scaling scales the rank-r activations: a pass over r features, not out_features
-                delta = F.linear(h * (w * self.scaling), B)
-            out = out + delta.to(out.dtype)
+            if torch.is_tensor(w) or w != 0:
+                out = out + self.update(name, w, x, self.lora_dropout[name]).to(out.dtype)
         return out
+
+    def update(self, name: str, w, x, dropout):
+        """Adapter `name`'s term w * scaling * B A dropout(x), (..., out); w a float or (B,) per example."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight   # (r, in), (out, r)
+        # an adapter that is not training is a constant here: no graph, no gradient
+        with torch.set_grad_enabled(torch.is_grad_enabled() and A.requires_grad):
+            h = F.linear(dropout(x.to(A.dtype)), A)         # (B, T, r)
+            if torch.is_tensor(w):                          # one weight per example: (B,) -> (B, 1, 1)
+                if x.dim() != 3 or len(w) != len(x):
+                    raise ValueError(f"per-example weights ({len(w)}) need a padded batch (B, T, features) "
+                                     f"of as many examples, got input {tuple(x.shape)}")
+                w = w.to(h.dtype).view(-1, 1, 1)
+            # w * scaling scales the rank-r activations: a pass over r features, not out_features
+            return F.linear(h * (w * self.scaling), B)
 
     def delta_weight(self, name: str):
         """The adapter as a dense update of the base weight, (out, in)."""
@@ -149,7 +161,7 @@ def inject(model: nn.Module, targets=("q_proj", "v_proj"), *, r: int = 8, lora_a
     for parent in list(model.modules()):
         for attr, child in list(parent.named_children()):
             if attr in targets and isinstance(child, nn.Linear):
-                wrapped = LoRALinear(child, r=r, lora_alpha=lora_alpha, dropout=dropout, dtype=dtype)
+                wrapped = LoRALinear(child, r=r, lora_alpha=lora_alpha, dropout=dropout, dtype=dtype).train(model.training)
                 for n in ADAPTERS:
                     wrapped.reset(n, gen)
                 setattr(parent, attr, wrapped)
@@ -212,17 +224,23 @@ def using(model: nn.Module, adapters: dict, weights: dict | None = None):
 
 
 @contextmanager
-def training(model: nn.Module, name: str):
-    """Inside the block adapter `name` (only it) trains, in training mode (dropout on); after it, the
-    model is back in the mode it had and no adapter trains."""
+def training(model: nn.Module, name: str, generator: torch.Generator):
+    """Inside the block adapter `name` (only it) trains, in training mode, its dropout drawing from
+    `generator` (the client's); after it, the model is back in the mode it had, no adapter trains and
+    no dropout holds a generator."""
     was_training = model.training
+    dropouts = [d for _, layer in lora_layers(model) for d in layer.lora_dropout.values()]
     set_trainable(model, name)
     model.train()
+    for d in dropouts:
+        d.generator = generator
     try:
         yield list(adapter_tensors(model, name).values())
     finally:
         model.train(was_training)
         set_trainable(model, None)
+        for d in dropouts:
+            d.generator = None
 
 
 def adapter_tensors(model: nn.Module, name: str) -> dict:

@@ -173,12 +173,14 @@ def stepper(m, is_hf: bool, bf16: bool = False, lr: float = 3e-3):
     tokens, loss)."""
     # fused AdamW for both: what fed.train_adapter uses, and transformers' Trainer default (adamw_torch_fused)
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr, fused=True)
+    g = torch.Generator().manual_seed(1)  # ours: LoRA dropout's draws, the same for every run (as a client's)
 
     def step(batch):
         m.train()
         t0 = time.perf_counter()
-        loss = loss_of(m, is_hf, batch, bf16)
-        loss.backward()
+        with contextlib.nullcontext() if is_hf else lora.training(m, "global", g):
+            loss = loss_of(m, is_hf, batch, bf16)
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0, int(batch[1].sum()), int((batch[2][:, 1:] != IGNORE_INDEX).sum()), loss.item()
@@ -189,7 +191,7 @@ def train(m, is_hf: bool, batches, steps: int, warmup: int = 2, bf16: bool = Fal
     """AdamW steps over batches (cycled); the (seconds, tokens, labelled, loss) of the last `steps`.
     Ours runs as train.py runs it, with fast.py's forwards."""
     step = stepper(m, is_hf, bf16)
-    torch.manual_seed(1)  # the same LoRA dropout masks for every run
+    torch.manual_seed(1)  # the same LoRA dropout masks for every run (transformers + peft: torch's generator)
     with contextlib.nullcontext() if is_hf else fast.enabled(m, rows=512):
         return [step(batches[i % len(batches)]) for i in range(warmup + steps)][warmup:]
 

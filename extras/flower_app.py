@@ -165,7 +165,6 @@ def train_step(msg: Message, context: Context) -> Message:
     phase_name, round_ = str(run["phase"]), int(run["round"])
     received = from_record(msg.content["global"])
     model, tok = node.model()
-    torch.manual_seed(cfg.seed * 7919 + 101 * (feddpa.PHASES[phase_name].stream + 1) + 10_007 * round_ + node.id)  # dropout
     encoded = [[] for _ in node.fd.clients]  # this client's records only: the others are not its to train on
     encoded[node.id] = data.encode_clients([node.records], tok, cfg.cutoff, cfg.max_dropped)[0]
     phase = feddpa.setup_phase(phase_name, model, pad_id=tok.pad_id, recipe=train.recipe(cfg), datasets=encoded,

@@ -87,7 +87,7 @@ def compute() -> dict:
     start = {k: v if "lora_A" in k else weight(v.shape, 50 + i, 0.2) for i, (k, v) in enumerate(sorted(init.items()))}
     lora.load_adapter(model, "global", start)
     ids, mask, labels = fed.collate(datasets[0], pad)
-    with lora.mixed(model, {"global": 1.0}), lora.training(model, "global") as params:
+    with lora.mixed(model, {"global": 1.0}), lora.training(model, "global", torch.Generator().manual_seed(0)) as params:
         loss = model(ids, mask, labels)[1]
         loss.backward()
         grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params)).item()

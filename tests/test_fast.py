@@ -74,6 +74,36 @@ def test_fast_forwards_equal_the_plain_ones_in_float64(lengths):
         assert close(faster[key], plain[key], 1e-12), key
 
 
+@pytest.mark.parametrize("lengths", [(5, 9, 7), (9, 9, 9)])
+def test_lora_dropout_drops_the_same_units_on_both_paths(lengths):
+    """In training, with LoRA dropout on q, v and the MLP (whose inputs the fast path packs, and whose last
+    block it runs at labelled rows only), the loss and gradients of both paths agree in float64: each
+    layer's mask is the padded batch's, drawn from the client's generator, at the rows a path computes."""
+    torch.manual_seed(0)
+    m = model.Llama(model.PRESETS["tiny"]).double().eval()
+    lora.inject(m, targets=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), dropout=0.3,
+                dtype=torch.float64)
+    for _, layer in lora.lora_layers(m):
+        torch.nn.init.normal_(layer.lora_B["global"].weight, std=0.1)
+    ids, mask = left_padded(1024, lengths=lengths)
+    labels = ids.masked_fill(mask == 0, model.IGNORE_INDEX)
+    labels[0, -2:] = model.IGNORE_INDEX
+    local = [p for n, p in m.named_parameters() if ".local" in n]
+
+    def step():
+        g = torch.Generator().manual_seed(5)
+        with lora.mixed(m, {"global": 0.5, "local": 0.5}), lora.training(m, "local", g):
+            loss = m(ids, mask, labels)[1]
+            return loss, torch.autograd.grad(loss, local), g.get_state()
+    plain = step()
+    with fast.enabled(m, rows=64):
+        faster = step()
+    assert close(faster[0], plain[0], 1e-12) and close(faster[1], plain[1], 1e-12)
+    assert torch.equal(faster[2], plain[2])  # as many draws
+    with torch.no_grad(), lora.mixed(m, {"global": 0.5, "local": 0.5}):
+        assert not close(plain[0], m(ids, mask, labels)[1], 1e-6)  # the check has teeth: dropout changed the loss
+
+
 def test_the_chunked_loss_equals_cross_entropy_in_every_chunking():
     g = torch.Generator().manual_seed(0)
     h = torch.randn(10, 16, generator=g, dtype=torch.float64, requires_grad=True)
@@ -143,12 +173,11 @@ def test_the_block_leaves_nothing_behind_however_it_ends():
 
 
 def test_a_plain_run_gives_the_fast_run_in_float64(tiny_run, tmp_path, monkeypatch):
-    """python train.py --plain (no fast.py) and the default path, every method of a small float64 run:
-    the same scores and lambdas, and adapters and losses within test_runs.RTOL. LoRA dropout is off: its
-    CPU sampler (lora.Dropout) draws over the tokens a layer sees, and the fast path packs them."""
+    """python train.py --plain (no fast.py) and the default path, every method of a small float64 run with
+    LoRA dropout: the same scores and lambdas, and adapters and losses within test_runs.RTOL."""
     import test_runs
     model_dir, data_dir, args = tiny_run
-    args = [*args[:args.index("--methods")], "--dtype", "float64", "--lora-dropout", "0", "--quiet"]
+    args = [*args[:args.index("--methods")], "--dtype", "float64", "--lora-dropout", "0.2", "--quiet"]
     got, entered, enabled = {}, [], fast.enabled
     monkeypatch.setattr(fast, "enabled", lambda *a, **k: entered.append(1) or enabled(*a, **k))
     for name, extra in (("fast", []), ("plain", ["--plain"])):

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 
 # the root's library files (the core: python train.py needs exactly these), then the extras
-CORE = [{"model"}, {"lora", "hf", "fast"}, {"generate"}, {"data"}, {"builtin"}, {"pretrain", "fed"}, {"feddpa"}, {"evaluation"},
+CORE = [{"model"}, {"lora", "hf"}, {"fast"}, {"generate"}, {"data"}, {"builtin"}, {"pretrain", "fed"}, {"feddpa"}, {"evaluation"},
         {"runs"}, {"train"}]
 EXTRAS = [{"extras.export", "extras.bench_infer", "extras.plot", "extras.fetch"},
           {"extras.bench", "extras.flower_app", "extras.flower_run"}]

@@ -145,10 +145,17 @@ def test_per_example_weights_refuse_packed_training_batches():
 def test_dropout_masks_are_independent_bernoulli(p, shape, sigmas):
     """lora.Dropout draws the gaps between drops rather than a number per element; the masks must still
     be independent Bernoulli(p) per element, kept values scaled by 1 / (1 - p), and nothing dropped in
-    eval mode. sigmas < 0 draws too few gaps on purpose: the rare path, where the tail is drawn plainly."""
-    torch.manual_seed(0)
+    eval mode. sigmas < 0 draws too few gaps at first on purpose: the path that draws more. The draws
+    are the generator's: the same generator state gives the same mask, and none draws from torch's."""
     d, x, n = lora.Dropout(p), torch.ones(shape), 4000
     d.sigmas = sigmas
+    d.generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(1)
+    before = torch.random.get_rng_state()
+    state = d.generator.get_state()
+    first = d(x)
+    d.generator.set_state(state)
+    assert torch.equal(d(x), first) and torch.equal(torch.random.get_rng_state(), before)
     out = torch.stack([d(x) for _ in range(n)]).flatten(1)              # (n, numel)
     assert torch.allclose(out[out != 0], torch.tensor(1 / (1 - p)))
     drop = (out == 0).double()

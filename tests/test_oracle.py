@@ -13,8 +13,9 @@ test_every_setting_equals_the_oracle then varies, one at a time, every setting a
 (SETTINGS): the mix a, micro-batches, epoch budgets, FedAvg's weights, partial participation,
 FedDPA-F's fine-tuning budget, LoRA dropout, beam search, pooling, the adapter lambda goes to.
 """
+import hashlib
+import json
 import math
-import random
 from dataclasses import dataclass, replace
 
 import pytest
@@ -128,6 +129,13 @@ class Oracle:
         return tok.decode(row[:row.index(tok.eos_id)] if tok.eos_id in row else row).strip()
 
 
+def seeded(*names) -> torch.Generator:
+    """The generator of one stream of draws, as a port must seed it (docs/conformance.md): sha256 of the
+    JSON list [seed, *names], its first 8 bytes little-endian, less the top bit."""
+    digest = hashlib.sha256(json.dumps([SEED, *names]).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
+
+
 def fedavg(updates):
     """n_k / n-weighted mean of each tensor, A and B separately."""
     total = sum(n for _, n in updates)
@@ -138,10 +146,10 @@ def oracle_run(model_dir, datasets, init, fresh, pad_id) -> dict:
     """Every method's adapters, computed plainly. fresh[i]: client i's initial FedDPA-T local adapter."""
     o, n = Oracle(model_dir), len(datasets)
 
-    def generators():
-        return [torch.Generator().manual_seed(SEED * 1000 + i) for i in range(n)]
+    def generators(phase):  # each client's draws in a phase: data order and dropout
+        return [seeded(phase, "client", i) for i in range(n)]
     out = {}
-    g, glob = generators(), init                                        # FedIT
+    g, glob = generators("fedit"), init                                 # FedIT
     for _ in range(ROUNDS):
         updates = []
         for i, examples in enumerate(datasets):
@@ -150,13 +158,13 @@ def oracle_run(model_dir, datasets, init, fresh, pad_id) -> dict:
             updates.append((o.get("global"), len(examples)))
         glob = fedavg(updates)
     out["fedit"] = {"global": glob, "locals": [None] * n}
-    g, locals_ = generators(), []                                       # FedDPA-F: one round of fine-tuning
+    g, locals_ = generators("feddpa-f"), []                             # FedDPA-F: one round of fine-tuning
     for i, examples in enumerate(datasets):
         o.load("local", out["fedit"]["global"])
         o.train("local", examples, {"local": 1.0}, g[i], STEPS, pad_id)
         locals_.append(o.get("local"))
     out["feddpa-f"] = {"global": out["fedit"]["global"], "locals": locals_}
-    g, glob, locals_ = generators(), init, [None] * n                    # FedDPA-T
+    g, glob, locals_ = generators("feddpa-t"), init, [None] * n          # FedDPA-T
     for r in range(ROUNDS):
         updates = []
         for i, examples in enumerate(datasets):
@@ -169,14 +177,14 @@ def oracle_run(model_dir, datasets, init, fresh, pad_id) -> dict:
             updates.append((o.get("global"), len(examples)))
         glob = fedavg(updates)
     out["feddpa-t"] = {"global": glob, "locals": locals_}
-    g, locals_ = generators(), [init] * n                                # Local
+    g, locals_ = generators("local"), [init] * n                         # Local
     for _ in range(ROUNDS):
         for i, examples in enumerate(datasets):
             o.load("local", locals_[i])
             o.train("local", examples, {"local": 1.0}, g[i], STEPS, pad_id)
             locals_[i] = o.get("local")
     out["local"] = {"global": {}, "locals": locals_}
-    g, glob = generators(), init                                         # Centralized: one client, all steps
+    g, glob = generators("centralized"), init                            # Centralized: one client, all steps
     pooled = [e for examples in datasets for e in examples]
     for _ in range(ROUNDS):
         o.load("global", glob)
@@ -259,7 +267,7 @@ def test_dynamic_weighting_equals_the_oracle_one_instance_at_a_time(setting, run
     o = Oracle(str(tiny_dir))
     o.load("global", trained["global"])
     o.load("local", trained["local"])
-    g = torch.Generator().manual_seed(SEED * 1_000_003 + 1)             # the client's references, drawn once
+    g = seeded("references", 1)                                         # the client's references, drawn once
     ref_reps = [o.represent(data.encode_prompt(tok, world.clients[1][j]))
                 for j in torch.randperm(len(world.clients[1]), generator=g)[:K].tolist()]
     other = "global" if to == "local" else "local"
@@ -304,7 +312,7 @@ def test_every_method_is_evaluated_with_its_own_adapters_and_mix(setting, tiny_d
         o.load("global", phase["global"] or init)
         o.load("local", local or init)
         records = world.clients[client]
-        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(SEED * 1_000_003 + client)).tolist()
+        order = torch.randperm(len(records), generator=seeded("references", client)).tolist()
         if method.endswith("-calibrated"):  # the calibrated weight, restated
             centre = torch.stack([o.represent(data.encode_prompt(tok, {"instruction": t})) for t in feddpa.GENERIC_INSTRUCTIONS]).mean(0)
             refs = F.normalize(torch.stack([o.represent(data.encode_prompt(tok, records[j])) for j in order[:40]]) - centre, dim=-1)
@@ -399,9 +407,9 @@ SETTINGS = {
 
 
 def sampled(n: int, fraction: float, round_: int) -> list:
-    """The clients of a round, the seeded draw a port must make as the project does: max(1, round(f n))
-    of them, Python's random.Random(seed * 100003 + round).sample."""
-    return sorted(random.Random(SEED * 100_003 + round_).sample(range(n), max(1, round(fraction * n))))
+    """The clients of a round, the seeded draw a port must make as the project does: the first
+    max(1, round(f n)) of torch.randperm(n) from the stream ("clients", round), sorted."""
+    return sorted(torch.randperm(n, generator=seeded("clients", round_))[:max(1, round(fraction * n))].tolist())
 
 
 def budget(s: Setting, n_examples: int, factor: float = 1.0) -> int:
@@ -424,7 +432,7 @@ def oracle_phases(o: Oracle, s: Setting, datasets, init, fresh, pad_id) -> dict:
         return o.get(name)
 
     for phase in s.phases:
-        g = [torch.Generator().manual_seed(SEED * 1000 + i) for i in range(n)]
+        g = [seeded(phase, "client", i) for i in range(n)]
         if phase == "fedit":
             glob = init
             for r in range(s.rounds):
@@ -509,8 +517,9 @@ def test_every_setting_equals_the_oracle(setting, tiny_dir, name):
     against the oracle's, adapter by adapter; where s.answers, client 1's lambdas and answers (FedDPA's
     dynamic weight, the given pooling and decoding) against the oracle's, one instance at a time.
 
-    LoRA dropout draws its masks in the project's own layout (the real tokens packed), which the oracle,
-    on transformers' padded layout, cannot reproduce; it is checked statistically instead: in training
+    LoRA dropout draws its masks from each client's generator, as gaps between drops, which peft's
+    nn.Dropout (torch's global generator, one draw per unit) cannot reproduce; it is checked
+    statistically instead: in training
     its modules zero a fraction p of their inputs' elements (within 5 standard deviations) and scale the
     rest by 1 / (1 - p), the adapters differ from a dropout-free run's, and at evaluation the model is in
     evaluation mode and equals the oracle's, which has no dropout."""
@@ -571,7 +580,7 @@ def test_every_setting_equals_the_oracle(setting, tiny_dir, name):
 
     o.load("global", glob)
     o.load("local", local)
-    order = torch.randperm(len(world.clients[1]), generator=torch.Generator().manual_seed(SEED * 1_000_003 + 1))
+    order = torch.randperm(len(world.clients[1]), generator=seeded("references", 1))
     refs = [o.represent(data.encode_prompt(tok, world.clients[1][j]), s.pool) for j in order[:K].tolist()]
     other = "global" if s.to == "local" else "local"
     swapped = greedy = 0  # instances whose answer the other assignment of lambda, or greedy decoding, changes

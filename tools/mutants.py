@@ -131,7 +131,7 @@ MUTANTS = [  # (fault, file, text, replacement)
     ("A is drawn within sqrt(3 / in), not peft's 1 / sqrt(in)", "lora.py",
      "return 1 / math.sqrt(self.base_layer.in_features)", "return math.sqrt(3 / self.base_layer.in_features)"),
     ("every client's fresh local adapter is the same draw", "feddpa.py",
-     "seed * 1_000_003 + 500_000 + client_id", "seed * 1_000_003 + 500_000"),
+     'seeded(seed, "fresh local adapter", client_id)', 'seeded(seed, "fresh local adapter")'),
     ("LoRA dropout is not applied in training", "lora.py",
      "if not self.training or self.p == 0:", "if True:"),
     ("LoRA dropout is applied at evaluation too", "lora.py",
