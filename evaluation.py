@@ -114,12 +114,12 @@ def answer(ev: Evaluator, records: list, *, weights: dict | None = None, dynamic
     model, tok, dec, device = ev.model, ev.tok, ev.dec, ev.device
     out, lams = [None] * len(records), [None] * len(records)
     reps = {} if reps is None else reps
-    for idx, ids, mask in prompt_batches(tok, records, dec.batch_size, dec.cutoff):
+    for idx, ids, mask in prompt_batches(tok, records, dec.batch_size, cutoff=dec.cutoff):
         ids, mask = ids.to(device), mask.to(device)
         if dynamic is not None:
             key = (dynamic.pool, tuple(idx))
             if key not in reps:
-                reps[key] = represent(model, ids, mask, dynamic.pool)             # (B, dim)
+                reps[key] = represent(model, ids, mask, pool=dynamic.pool)        # (B, dim)
             lam = dynamic.lam(reps[key])                                          # (B,)
             batch_weights = mix(lam.repeat_interleave(dec.num_beams), dynamic.to)  # beams: example-major
             for i, v in zip(idx, lam.tolist()):
@@ -164,7 +164,7 @@ def global_source(method: str) -> str | None:
     return phase and (PHASES[phase].starts_from or phase)
 
 
-def answer_key(method: str, client_id: int, has_local: bool, weighting: str | None = None) -> tuple:
+def answer_key(method: str, client_id: int, has_local: bool, *, weighting: str | None = None) -> tuple:
     """The answer set of `method` for one client, with `weighting` in place of the method's own (the
     -oracle rows' parts). has_local: whether the client trained a local adapter (without one it is
     scored with the global adapter alone; Local: the base model)."""
@@ -179,7 +179,7 @@ def answer_key(method: str, client_id: int, has_local: bool, weighting: str | No
     return (weighting, method, client_id)  # the dynamic rows
 
 
-def answer_keys(method: str, n_clients: int, has_local, own_tasks: bool = True) -> list:
+def answer_keys(method: str, n_clients: int, has_local, *, own_tasks: bool = True) -> list:
     """Every answer set `method` needs, in the order evaluate_method generates them. has_local(phase,
     client) -> bool; own_tasks False: test sets no client trained on (the -oracle rows then use the
     global adapter alone)."""
@@ -190,17 +190,17 @@ def answer_keys(method: str, n_clients: int, has_local, own_tasks: bool = True) 
     for i in range(n_clients):
         mine = has_local(m.phase, i)
         parts = (("fixed", "global") if own_tasks else ("global",)) if m.weighting == "oracle" else (None,)
-        keys += [answer_key(method, i, mine, w) for w in parts]
+        keys += [answer_key(method, i, mine, weighting=w) for w in parts]
     return list(dict.fromkeys(keys))
 
 
-def answers_needed(methods: list, tests: dict, n_clients: int, has_local=lambda phase, i: True, known=(),
+def answers_needed(methods: list, tests: dict, n_clients: int, *, has_local=lambda phase, i: True, known=(),
                    own_tasks: bool = True) -> dict:
     """How many answers evaluating `methods` in turn generates, per method: each answer set not yet
     generated (not in `known`, nor made by a method before it) answers every test instance once."""
     seen, n, counts = set(known), sum(map(len, tests.values())), {}
     for method in methods:
-        new = [k for k in answer_keys(method, n_clients, has_local, own_tasks) if k not in seen]
+        new = [k for k in answer_keys(method, n_clients, has_local, own_tasks=own_tasks) if k not in seen]
         seen.update(new)
         counts[method] = n * len(new)
     return counts
@@ -217,7 +217,7 @@ def evaluate_client(method: str, ev: Evaluator, tests: dict, client: EvalClient,
 
     def scored(weighting):
         """The scores of one fixed-mix answer set, generated only if not answered before."""
-        key = answer_key(method, client.id, has_local, weighting)
+        key = answer_key(method, client.id, has_local, weighting=weighting)
         if key not in ev.answered:
             adapters = {"base": {}, "global": {"global": g}, "local": {"local": loc}, "fixed": {"global": g, "local": loc}}
             weights = {"base": {}, "global": {"global": 1.0}, "local": {"local": 1.0}, "fixed": mix(recipe.local_weight)}
@@ -262,10 +262,10 @@ def evaluate_method(method: str, ev: Evaluator, tests: dict, *, client_data: lis
                                                                     phase["global"], phase["locals"][i]), progress)
                       for i, records in enumerate(client_data)]
     no_local = [] if m.shared else [i for i, local in enumerate(phase["locals"]) if local is None]
-    return summarize(per_client, client_tasks, no_local, time.time() - t0)
+    return summarize(per_client, client_tasks, no_local=no_local, seconds=time.time() - t0)
 
 
-def summarize(per_client: list, client_tasks: list | None, no_local: list, seconds: float) -> dict:
+def summarize(per_client: list, client_tasks: list | None, *, no_local: list, seconds: float) -> dict:
     """A method's result from its clients' scores: P and TTP (ROUGE-1 and exact match; P None on unseen
     tasks, client_tasks None), the clients that never trained a local adapter ("no_local"), and the
     lambda diagnostics of a dynamic row."""
@@ -309,7 +309,7 @@ def lambda_diagnostics(per_client: list, client_tasks: list) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Is one method above another beyond the noise of the test sample? A paired bootstrap over instances
 
-def paired_difference(runs_a: list, runs_b: list, client_tasks: list, metric: str, n_boot: int = 4000,
+def paired_difference(runs_a: list, runs_b: list, *, client_tasks: list, metric: str, n_boot: int = 4000,
                       seed: int = 0) -> dict:
     """Method A's P or TTP (ROUGE-1, metric "P" or "TTP") minus method B's, with a 95% interval.
 

@@ -117,7 +117,7 @@ def nbytes(state: dict) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def sample_clients(n: int, fraction: float, seed: int, round_: int) -> list:
+def sample_clients(n: int, fraction: float, *, seed: int, round_: int) -> list:
     """Clients taking part in a round: a seeded draw of max(1, round(fraction * n)) of them."""
     k = max(1, round(fraction * n))
     return sorted(torch.randperm(n, generator=seeded(seed, "clients", round_))[:k].tolist())
@@ -171,7 +171,7 @@ def run_rounds(federation: Federation, train_round, *, rounds: int, fraction: fl
                total=rounds, disable=progress is None)
     for r in bar:
         t0 = time.time()
-        chosen = sample_clients(federation.n_clients, fraction, seed, r)
+        chosen = sample_clients(federation.n_clients, fraction, seed=seed, round_=r)
         sent = nbytes(federation.global_adapter) * len(chosen)
         replies = train_round(r, chosen, federation.global_adapter)
         came = [c for c in chosen if c in replies]

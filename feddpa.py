@@ -115,7 +115,7 @@ def mix(lam, to: str = "local") -> dict:
 # They return the Update message (global adapter + example count), the client's local adapter (which
 # it keeps: None where it has none) and local metrics. The model holds nothing between them.
 
-def fedit_step(model, pad_id, train: LocalTrain, recipe=None, start=None):
+def fedit_step(model, pad_id, train: LocalTrain, *, recipe=None, start=None):
     """FedIT (plain federated LoRA) and FedDPA-T's round 0: train the global adapter alone."""
     def step(round_, client: Client, global_adapter):
         trained, metrics = train_adapter(model, client, adapters={"global": global_adapter}, weights={"global": 1.0},
@@ -130,7 +130,7 @@ def fresh_local(model, seed: int, client_id: int) -> dict:
     return lora.new_adapter(model, seeded(seed, "fresh local adapter", client_id))
 
 
-def feddpa_t_step(model, pad_id, train: LocalTrain, recipe: "Recipe", start=None):
+def feddpa_t_step(model, pad_id, train: LocalTrain, *, recipe: "Recipe", start=None):
     """FedDPA-T (iterative learning): local adapter with the frozen global one mixed in (recipe.local_weight),
     then the global alone."""
     global_step = fedit_step(model, pad_id, train)
@@ -148,7 +148,7 @@ def feddpa_t_step(model, pad_id, train: LocalTrain, recipe: "Recipe", start=None
     return step
 
 
-def local_step(model, pad_id, train: LocalTrain, recipe=None, start: dict | None = None):
+def local_step(model, pad_id, train: LocalTrain, *, recipe=None, start: dict | None = None):
     """Train the client's own adapter alone; nothing is sent (an empty Update). Used for FedDPA-F's
     second stage (start = the final global adapter, one round) and the Local baseline (start = the
     initial adapter, R rounds). The adapter carries over between rounds."""
@@ -165,7 +165,7 @@ def local_step(model, pad_id, train: LocalTrain, recipe=None, start: dict | None
 @dataclass(frozen=True)
 class PhaseSpec:
     """A training phase: the client step its clients take, the adapter it starts from, and its schedule."""
-    client_step: Callable          # fedit_step, feddpa_t_step or local_step: (model, pad_id, train, recipe, start) -> step
+    client_step: Callable          # fedit_step, feddpa_t_step or local_step: (model, pad_id, train, *, recipe, start) -> step
     starts_from: str | None = None # a phase whose final global adapter it starts from and keeps as its own; None: init
     sends: bool = True             # the server sends the global adapter (Local's clients train alone)
     finetune: bool = False         # one round of recipe.finetune_rounds' local training, every client (FedDPA-F)
@@ -223,7 +223,7 @@ def setup_phase(name: str, model, *, pad_id: int, recipe: Recipe, datasets: list
     clients = [Client(i, d, seeded(recipe.seed, name, "client", i)) for i, d in enumerate(sets)]
     rounds, _, train = phase_schedule(spec, recipe, len(datasets))
     fraction = recipe.fraction if not (spec.finetune or spec.pooled) else 1.0
-    step = spec.client_step(model, pad_id, train, recipe, start)
+    step = spec.client_step(model, pad_id, train, recipe=recipe, start=start)
     return Phase(clients, step, rounds, fraction, start if spec.sends else {}, recipe.seed, recipe.weighting)
 
 
@@ -235,7 +235,7 @@ def schedule(name: str, recipe: Recipe, n_clients: int) -> str:
     return f"{rounds} round{'s' * (rounds != 1)} x {k} client{'s' * (k != 1)} x {work}{PHASES[name].note}"
 
 
-def phase_result(name: str, global_adapter: dict, clients: list, trained: dict) -> dict:
+def phase_result(name: str, global_adapter: dict, clients: list, *, trained: dict) -> dict:
     """What a finished phase leaves for evaluation: its global adapter (a phase that starts from another's
     keeps that one's: FedDPA-F's is FedIT's) and each client's local adapter (None where it trained none)."""
     spec = PHASES[name]
@@ -259,7 +259,7 @@ def run_phase(name: str, phase: Phase, *, federation=None, train_round=None, on_
 # ----------------------------------------------------------------------------------------------
 # Instance-wise dynamic weighting mechanism (inference)
 
-def prompt_batches(tok, records, batch_size, cutoff=512):
+def prompt_batches(tok, records, batch_size, *, cutoff=512):
     """Encoded, left-padded prompts in batches of similar length; yields (indices, ids, mask)."""
     enc = [encode_prompt(tok, r, cutoff) for r in records]
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
@@ -270,25 +270,25 @@ def prompt_batches(tok, records, batch_size, cutoff=512):
 
 
 @torch.no_grad()
-def represent(model, ids, mask, pool):
+def represent(model, ids, mask, *, pool):
     """r(x): the instruction's representation with only the local adapter active, (B, dim); the
     caller's mix is untouched."""
     with lora.mixed(model, {"local": 1.0}):
         return model.pooled(ids, mask, pool)
 
 
-def draw_references(records, k: int, seed: int, client_id: int) -> list:
+def draw_references(records, k: int, *, seed: int, client_id: int) -> list:
     """The K training instructions a client compares test instances with: drawn once, seeded."""
     order = torch.randperm(len(records), generator=seeded(seed, "references", client_id))
     return [records[i] for i in order[:k].tolist()]
 
 
 @torch.no_grad()
-def reference_reps(model, tok, refs, pool, device, cutoff=512) -> torch.Tensor:
+def reference_reps(model, tok, refs, *, pool, device, cutoff=512) -> torch.Tensor:
     """Cached representations of the client's reference instructions, (K, dim); local adapter loaded."""
     reps = torch.empty(len(refs), model.config.dim, device=device, dtype=precise(model.lm_head.weight.dtype))
-    for idx, ids, mask in prompt_batches(tok, refs, len(refs), cutoff):
-        reps[idx] = represent(model, ids.to(device), mask.to(device), pool).to(reps.dtype)
+    for idx, ids, mask in prompt_batches(tok, refs, len(refs), cutoff=cutoff):
+        reps[idx] = represent(model, ids.to(device), mask.to(device), pool=pool).to(reps.dtype)
     return reps
 
 
@@ -306,8 +306,8 @@ def dynamic_lambda(reps, ref_reps, scale: float):
 def paper_weight(model, tok, records, *, recipe: Recipe, client_id: int, device, cutoff=512) -> "Dynamic":
     """A client's dynamic weight as the paper has it, from K of its training instructions (drawn once,
     seeded); its local adapter must be loaded."""
-    refs = draw_references(records, recipe.k_refs, recipe.seed, client_id)
-    return Dynamic(reference_reps(model, tok, refs, recipe.pool, device, cutoff), recipe.lambda_scale, recipe.pool,
+    refs = draw_references(records, recipe.k_refs, seed=recipe.seed, client_id=client_id)
+    return Dynamic(reference_reps(model, tok, refs, pool=recipe.pool, device=device, cutoff=cutoff), recipe.lambda_scale, recipe.pool,
                    recipe.lambda_to)
 
 
@@ -372,10 +372,11 @@ class Calibrated:
 def calibrated(model, tok, records, *, recipe: Recipe, client_id: int, device, cutoff=512) -> Calibrated:
     """A client's calibrated weight, from M of its training instructions (drawn once, seeded) and the
     generic instructions; its local adapter must be loaded."""
-    refs = draw_references(records, min(recipe.calibration_refs, len(records)), recipe.seed, client_id)
+    refs = draw_references(records, min(recipe.calibration_refs, len(records)), seed=recipe.seed, client_id=client_id)
     k = max(1, min(recipe.k_refs, len(refs) - 1))
-    centre = reference_reps(model, tok, [{"instruction": g} for g in GENERIC_INSTRUCTIONS], recipe.pool, device, cutoff).mean(0)
-    unit = F.normalize(reference_reps(model, tok, refs, recipe.pool, device, cutoff) - centre, dim=-1)  # (M, dim)
+    generic = [{"instruction": g} for g in GENERIC_INSTRUCTIONS]
+    centre = reference_reps(model, tok, generic, pool=recipe.pool, device=device, cutoff=cutoff).mean(0)
+    unit = F.normalize(reference_reps(model, tok, refs, pool=recipe.pool, device=device, cutoff=cutoff) - centre, dim=-1)  # (M, dim)
     loo = unit @ unit.T                                                    # (M, M)
     loo.fill_diagonal_(-2.0)                                               # leave each one out
     own = loo.topk(k, dim=-1).values.mean(-1) if len(refs) > 1 else torch.ones(1)

@@ -327,7 +327,7 @@ def run_phase(name: str, phase, state: dict, save, *, out: str, progress: bool =
     hist = federation.history
     print(f"{name:>12}: {phase.rounds} round(s), loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}, "
           f"{sum(h['bytes_up'] + h['bytes_down'] for h in hist) / 1e6:.2f} MB sent, {sum(h['seconds'] for h in hist):.1f}s")
-    result = feddpa.phase_result(name, federation.global_adapter, phase.clients, state["trained"])
+    result = feddpa.phase_result(name, federation.global_adapter, phase.clients, trained=state["trained"])
     state["trained"][name] = {**result, "history": hist, "seconds": sum(h["seconds"] for h in hist)}
     state["current"] = None
     save(state)
@@ -443,6 +443,6 @@ def paired_differences(runs: list, key: str = "methods") -> list:
         rows = [[r[key][m]["per_client"] for r in runs] for m in (a, b)]
         if not all("rouge1_each" in s for row in rows for per_client in row for c in per_client for s in c.values()):
             continue
-        d = evaluation.paired_difference(*rows, [r["client_tasks"] for r in runs], metric)
+        d = evaluation.paired_difference(*rows, client_tasks=[r["client_tasks"] for r in runs], metric=metric)
         out.append({"a": a, "b": b, "metric": metric, **d})
     return out

@@ -40,7 +40,7 @@ def test_feddpa_t_phases_change_exactly_their_adapter_and_send_no_local(tiny, mo
     monkeypatch.setattr(feddpa, "train_adapter", spy)
     init = lora.get_adapter(m, "global")
     client = fed.Client(0, [data.encode_example(tok, r) for r in world.clients[0]], torch.Generator().manual_seed(0))
-    step = feddpa.feddpa_t_step(m, tok.pad_id, train, feddpa.Recipe(local_weight=0.5, seed=0))
+    step = feddpa.feddpa_t_step(m, tok.pad_id, train, recipe=feddpa.Recipe(local_weight=0.5, seed=0))
     before = snapshot(m)
     _, local, _ = step(0, client, init)       # round 0: the global adapter only
     assert phases == [("global", ["global"], True)] and local is None
@@ -77,15 +77,15 @@ def test_references_and_lambda_are_deterministic_and_in_range(tiny):
     refs = feddpa.draw_references(world.clients[2], 5, seed=3, client_id=2)
     assert refs == feddpa.draw_references(world.clients[2], 5, seed=3, client_id=2)
     assert refs != feddpa.draw_references(world.clients[2], 5, seed=4, client_id=2)
-    reps = feddpa.reference_reps(m, tok, refs, "last", "cpu")
-    assert torch.equal(reps, feddpa.reference_reps(m, tok, refs, "last", "cpu"))
+    reps = feddpa.reference_reps(m, tok, refs, pool="last", device="cpu")
+    assert torch.equal(reps, feddpa.reference_reps(m, tok, refs, pool="last", device="cpu"))
     tests = [r for recs in world.tests.values() for r in recs]
     lams = []
     for _, ids, mask in feddpa.prompt_batches(tok, tests, 16):
-        lams.append(feddpa.dynamic_lambda(feddpa.represent(m, ids, mask, "last"), reps, scale=0.5))
+        lams.append(feddpa.dynamic_lambda(feddpa.represent(m, ids, mask, pool="last"), reps, scale=0.5))
     lam = torch.cat(lams)
     assert lam.min() >= 0 and lam.max() <= 0.5 and lam.std() > 0
-    own = feddpa.dynamic_lambda(feddpa.represent(m, *feddpa.pad_left([data.encode_prompt(tok, refs[0])], tok.pad_id), "last"), reps, 0.5)
+    own = feddpa.dynamic_lambda(feddpa.represent(m, *feddpa.pad_left([data.encode_prompt(tok, refs[0])], tok.pad_id), pool="last"), reps, 0.5)
     assert own.item() > lam.mean().item()  # an instance from the client's own data leans on its local adapter
 
 
@@ -96,7 +96,8 @@ def test_batched_dynamic_weighting_equals_one_instance_at_a_time(tiny, beams):
     for _, layer in lora.lora_layers(m):
         for n in lora.ADAPTERS:
             layer.lora_B[n].weight.data.normal_(0, 0.3)
-    refs = feddpa.reference_reps(m, tok, feddpa.draw_references(world.clients[0], 5, 0, 0), "last", "cpu")
+    refs = feddpa.reference_reps(m, tok, feddpa.draw_references(world.clients[0], 5, seed=0, client_id=0), pool="last",
+                                 device="cpu")
     dynamic = feddpa.Dynamic(refs, scale=0.5, pool="last", to="local")
     tests = [recs[0] for recs in world.tests.values()]
     dec = evaluation.Decode(max_new_tokens=6, num_beams=beams, batch_size=8)
@@ -299,9 +300,9 @@ def test_no_answer_is_generated_twice_and_shared_answers_are_the_rows_own(tiny, 
         return real(ev, records, weights=weights, dynamic=dynamic, progress=progress, reps=reps)
     real_represent, represented = evaluation.represent, []
 
-    def spy_represent(model, ids, mask, pool):  # a test instance's r(x): which local adapter, which prompt
+    def spy_represent(model, ids, mask, *, pool):  # a test instance's r(x): which local adapter, which prompt
         represented.extend((fingerprint("local"), pool, row[m_.bool()].numpy().tobytes()) for row, m_ in zip(ids, mask))
-        return real_represent(model, ids, mask, pool)
+        return real_represent(model, ids, mask, pool=pool)
     monkeypatch.setattr(evaluation, "answer", spy)
     monkeypatch.setattr(evaluation, "represent", spy_represent)
     one = evaluation.Evaluator(m, tok, dec, "cpu", recipe)
@@ -312,7 +313,7 @@ def test_no_answer_is_generated_twice_and_shared_answers_are_the_rows_own(tiny, 
     n_dynamic = sum(trained[p]["locals"][i] is not None for p in ("feddpa-t", "feddpa-f") for i in range(3))
     assert len(represented) == len(set(represented)) == n_dynamic * sum(map(len, tests.values())), "an r(x) computed twice"
     has_local = lambda phase, i: trained[phase]["locals"][i] is not None  # noqa: E731
-    assert len(generated) == sum(evaluation.answers_needed(list(feddpa.METHODS), tests, 3, has_local).values())
+    assert len(generated) == sum(evaluation.answers_needed(list(feddpa.METHODS), tests, 3, has_local=has_local).values())
     assert len(generated) < 3 * len(feddpa.METHODS) * sum(map(len, tests.values()))  # something was shared
     strip = lambda r: {k: v for k, v in r.items() if k != "eval_seconds"}  # noqa: E731
     for method in feddpa.METHODS:
@@ -324,7 +325,7 @@ def test_local_adapters_stay_on_their_clients_through_rounds_they_sit_out(tiny):
     train = fed.LocalTrain(lr=1e-2, max_steps=1, batch_size=4, micro_batch_size=4)
     clients = [fed.Client(i, [data.encode_example(tok, r) for r in recs], torch.Generator().manual_seed(i))
                for i, recs in enumerate(world.clients[:3])]
-    step = feddpa.feddpa_t_step(m, tok.pad_id, train, feddpa.Recipe(local_weight=0.5, seed=0))
+    step = feddpa.feddpa_t_step(m, tok.pad_id, train, recipe=feddpa.Recipe(local_weight=0.5, seed=0))
     kept = []
 
     def after_round(f):
@@ -364,7 +365,7 @@ def test_representing_training_and_answering_leave_the_callers_mix_and_mode_as_t
         before = layer_state(m)
         with torch.no_grad():
             want = m(ids, mask)[0]
-        reps = feddpa.represent(m, ids, mask, "last")
+        reps = feddpa.represent(m, ids, mask, pool="last")
         assert layer_state(m) == before
         with torch.no_grad(), lora.mixed(m, {"local": 1.0}):  # represent's own mix: the local adapter alone
             assert torch.equal(reps, m.pooled(ids, mask, "last"))
@@ -405,10 +406,10 @@ def every_step(m, tok, world):
             phase = feddpa.setup_phase(name, m, pad_id=tok.pad_id, recipe=recipe, datasets=examples,
                                        init=lora.get_adapter(m, "global"), trained=trained)
             federation = feddpa.run_phase(name, phase)
-            trained[name] = feddpa.phase_result(name, federation.global_adapter, phase.clients, trained)
+            trained[name] = feddpa.phase_result(name, federation.global_adapter, phase.clients, trained=trained)
     steps = {
-        "represent": lambda m: feddpa.represent(m, ids, mask, "mean"),
-        "reference_reps": lambda m: feddpa.reference_reps(m, tok, records[:3], "last", "cpu"),
+        "represent": lambda m: feddpa.represent(m, ids, mask, pool="mean"),
+        "reference_reps": lambda m: feddpa.reference_reps(m, tok, records[:3], pool="last", device="cpu"),
         "paper_weight": lambda m: feddpa.paper_weight(m, tok, records, recipe=recipe, client_id=0, device="cpu"),
         "calibrated": lambda m: feddpa.calibrated(m, tok, records, recipe=recipe, client_id=0, device="cpu"),
         "train_adapter": lambda m: fed.train_adapter(m, fed.Client(0, examples[0], torch.Generator().manual_seed(0)),

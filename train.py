@@ -338,7 +338,8 @@ def run(cfg: Config, args):
                                                ("unseen", unseen, None, todo_unseen)):
             ev = evaluation.Evaluator(model, tok, dec, device, rec)  # one per test set: its answer sets shared
             for method in todo:
-                n = evaluation.answers_needed([method], tests, len(fd.clients), has_local, ev.answered, client_tasks is not None)
+                n = evaluation.answers_needed([method], tests, len(fd.clients), has_local=has_local, known=ev.answered,
+                                              own_tasks=client_tasks is not None)
                 bar = tqdm(total=n[method], unit="answer", leave=False,
                            desc=f"evaluating {method}{' on unseen tasks' if key == 'unseen' else ''}", disable=not progress)
                 with bar, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

@@ -26,7 +26,7 @@ def one_at_a_time(m, tok, records, train_records, dec: evaluation.Decode, recipe
     for rec in records:
         prompts = [data.encode_prompt(tok, r, dec.cutoff) for r in rng.sample(train_records, recipe.k_refs) + [rec]]
         ids, mask = data.pad_left(prompts, tok.pad_id)
-        reps = feddpa.represent(m, ids, mask, recipe.pool).float()
+        reps = feddpa.represent(m, ids, mask, pool=recipe.pool).float()
         lam = feddpa.dynamic_lambda(reps[-1:], reps[:-1], recipe.lambda_scale).item()
         prompt = torch.tensor([prompts[-1]])
         out.append(generate(m, prompt, torch.ones_like(prompt), dec.max_new_tokens, tok.eos_id, tok.pad_id,

@@ -402,7 +402,7 @@ def main(grid: Grid, context: Context) -> None:
         globals_ = {p: state["trained"][p]["global"] for p in {feddpa.METHODS[m].phase for m in todo}}  # FedDPA-F's: FedIT's
         per_client, no_local, seconds = nodes.evaluate(todo, globals_)
         for m in todo:
-            state["results"][m] = evaluation.summarize(per_client[m], tasks, no_local[m], seconds[m])
+            state["results"][m] = evaluation.summarize(per_client[m], tasks, no_local=no_local[m], seconds=seconds[m])
         runs.save_state(cfg.out, state)
     res = runs.write_results(cfg.out, asdict(cfg), state, tasks, time.time() - t_start)
     runs.print_table(state["results"], json.loads(nodes.info[0]["tasks"]), tasks, args.verbose)

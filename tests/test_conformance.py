@@ -106,7 +106,7 @@ def compute() -> dict:
         for name in feddpa.PHASES:
             phase = feddpa.setup_phase(name, model, pad_id=pad, recipe=recipe, datasets=datasets, init=init, trained=trained)
             federation = feddpa.run_phase(name, phase)
-            trained[name] = feddpa.phase_result(name, federation.global_adapter, phase.clients, trained)
+            trained[name] = feddpa.phase_result(name, federation.global_adapter, phase.clients, trained=trained)
     finally:
         feddpa.fresh_local = real_fresh
     out["init"] = plain(init)
@@ -119,8 +119,8 @@ def compute() -> dict:
     lora.load_adapter(model, "local", trained["feddpa-t"]["locals"][1])
     refs = feddpa.pad_left([p for p, _ in CASE["clients"][1]], pad)
     inst = feddpa.pad_left(CASE["instances"], pad)
-    out["lambda"] = {pool: feddpa.dynamic_lambda(feddpa.represent(model, *inst, pool),
-                                                 feddpa.represent(model, *refs, pool), CASE["lambda_scale"]).tolist()
+    out["lambda"] = {pool: feddpa.dynamic_lambda(feddpa.represent(model, *inst, pool=pool),
+                                                 feddpa.represent(model, *refs, pool=pool), CASE["lambda_scale"]).tolist()
                      for pool in ("last", "mean")}
 
     # the scores of the tiny evaluation, P and TTP

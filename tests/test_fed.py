@@ -36,7 +36,7 @@ def test_run_rounds_messages_carry_only_the_global_adapter(tiny):
     clients = [fed.Client(i, [data.encode_example(tok, r) for r in recs], torch.Generator().manual_seed(i))
                for i, recs in enumerate(world.clients[:3])]
     sent = []
-    step = feddpa.feddpa_t_step(m, tok.pad_id, train, feddpa.Recipe(local_weight=0.5, seed=0))
+    step = feddpa.feddpa_t_step(m, tok.pad_id, train, recipe=feddpa.Recipe(local_weight=0.5, seed=0))
 
     def recording(r, c, g):
         update, local, metrics = step(r, c, g)

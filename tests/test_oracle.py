@@ -218,7 +218,7 @@ def runs(setting, tiny_dir):
                                    trained=ours)
         federation = fed.run_rounds(fed.Federation(phase.start, len(phase.clients)), fed.in_process(phase.clients, phase.step),
                                     rounds=phase.rounds, fraction=phase.fraction, seed=SEED)
-        ours[name] = feddpa.phase_result(name, federation.global_adapter, phase.clients, ours)
+        ours[name] = feddpa.phase_result(name, federation.global_adapter, phase.clients, trained=ours)
     fresh = [feddpa.fresh_local(model, SEED, i) for i in range(len(datasets))]
     return ours, oracle_run(str(tiny_dir), datasets, init, fresh, tok.pad_id), init
 
@@ -258,8 +258,8 @@ def test_dynamic_weighting_equals_the_oracle_one_instance_at_a_time(setting, run
                for name, adapter in (("global", ours["feddpa-t"]["global"]), ("local", ours["feddpa-t"]["locals"][1]))}
     lora.load_adapter(model, "global", trained["global"])
     lora.load_adapter(model, "local", trained["local"])
-    refs = feddpa.draw_references(world.clients[1], K, SEED, 1)
-    dynamic = feddpa.Dynamic(feddpa.reference_reps(model, tok, refs, "last", "cpu"), 0.5, "last", to)
+    refs = feddpa.draw_references(world.clients[1], K, seed=SEED, client_id=1)
+    dynamic = feddpa.Dynamic(feddpa.reference_reps(model, tok, refs, pool="last", device="cpu"), 0.5, "last", to)
     tests = [recs[i] for recs in world.tests.values() for i in range(2)]
     dec = evaluation.Decode(max_new_tokens=6, num_beams=1, batch_size=8)
     answers, lams = evaluation.answer(evaluation.Evaluator(model, tok, dec, "cpu"), tests, dynamic=dynamic)
@@ -540,7 +540,7 @@ def test_every_setting_equals_the_oracle(setting, tiny_dir, name):
         run = feddpa.setup_phase(phase, model, pad_id=tok.pad_id, recipe=recipe, datasets=datasets, init=init,
                                  trained=ours)
         federation = feddpa.run_phase(phase, run)
-        ours[phase] = feddpa.phase_result(phase, federation.global_adapter, run.clients, ours)
+        ours[phase] = feddpa.phase_result(phase, federation.global_adapter, run.clients, trained=ours)
     rate.close()
     assert not model.training, "training left the model in training mode"
     fresh = [feddpa.fresh_local(model, SEED, i) for i in range(len(datasets))]

@@ -511,36 +511,36 @@ def test_paired_difference_on_hand_computed_cases():
     b = scores({"x": [0, 100, 20, 80], "y": [50, 0, 100, 10]}, {"x": [90, 10, 0, 40], "y": [0, 0, 100, 100]})
     a = [{t: {"rouge1_each": [v + 5 for v in s["rouge1_each"]]} for t, s in c.items()} for c in b]
     for metric in ("P", "TTP"):
-        assert pd([a], [b], [["x", "y"]], metric) == {"diff": 5.0, "ci95": [5.0, 5.0], "per_seed": [5.0]}
+        assert pd([a], [b], client_tasks=[["x", "y"]], metric=metric) == {"diff": 5.0, "ci95": [5.0, 5.0], "per_seed": [5.0]}
     # 2. the clients answered the same instances: +d_i for client 0 and -d_i for client 1 on each instance i
     #    cancel in every replicate only if one draw serves both clients
     b = scores({"x": [0, 0, 0]}, {"x": [50, 50, 50]})
     a = scores({"x": [30, 0, 90]}, {"x": [20, 50, -40]})
-    assert pd([a], [b], [["x", "x"]], "P") == {"diff": 0.0, "ci95": [0.0, 0.0], "per_seed": [0.0]}
+    assert pd([a], [b], client_tasks=[["x", "x"]], metric="P") == {"diff": 0.0, "ci95": [0.0, 0.0], "per_seed": [0.0]}
     # 3. one client, differences 0 and 10: a replicate's mean is 0, 5 or 10 with probability 1/4, 1/2, 1/4,
     #    so the 2.5th and 97.5th percentiles are 0 and 10 and about half the replicates are 5
     a, b = scores({"x": [10, 30]}), scores({"x": [10, 20]})
-    assert pd([a], [b], [["x"]], "P", n_boot=4000) == {"diff": 5.0, "ci95": [0.0, 10.0], "per_seed": [5.0]}
+    assert pd([a], [b], client_tasks=[["x"]], metric="P", n_boot=4000) == {"diff": 5.0, "ci95": [0.0, 10.0], "per_seed": [5.0]}
     #    differences 0, 3, 9: of the 27 equally likely draws one has mean 0 and one mean 9 (3.7% each, more
     #    than 2.5% and less than 5%: 148 +- 12 of 4000), so the 95% interval is exactly [0, 9]
     a, b = scores({"x": [0, 3, 9]}), scores({"x": [0, 0, 0]})
-    assert pd([a], [b], [["x"]], "P", n_boot=4000) == {"diff": 4.0, "ci95": [0.0, 9.0], "per_seed": [4.0]}
+    assert pd([a], [b], client_tasks=[["x"]], metric="P", n_boot=4000) == {"diff": 4.0, "ci95": [0.0, 9.0], "per_seed": [4.0]}
     #    differences 0, 4, 8, 12: P(mean <= 1) = 5/256 = 1.95% (390 +- 20 of 20000, under 2.5%), P(mean <= 2)
     #    = 15/256 = 5.9%: the interval is exactly [2, 10], not the 1st and 99th percentiles' [1, 11]
     a, b = scores({"x": [0, 4, 8, 12]}), scores({"x": [0, 0, 0, 0]})
-    assert pd([a], [b], [["x"]], "P", n_boot=20000) == {"diff": 6.0, "ci95": [2.0, 10.0], "per_seed": [6.0]}
+    assert pd([a], [b], client_tasks=[["x"]], metric="P", n_boot=20000) == {"diff": 6.0, "ci95": [2.0, 10.0], "per_seed": [6.0]}
     # 4. seeds are combined by averaging: constant differences 2 and 6 give 4, every replicate too
     runs = [(scores({"x": [v + 2] * 3}), scores({"x": [v] * 3})) for v in (10, 70)]
     runs[1] = (scores({"x": [76] * 3}), runs[1][1])
-    got = pd([r[0] for r in runs], [r[1] for r in runs], [["x"], ["x"]], "TTP")
+    got = pd([r[0] for r in runs], [r[1] for r in runs], client_tasks=[["x"], ["x"]], metric="TTP")
     assert got == {"diff": 4.0, "ci95": [4.0, 4.0], "per_seed": [2.0, 6.0]}
     # 5. TTP weighs every task alike for each client: tasks x (+10) and y (0) give +5 whatever their sizes
     a = scores({"x": [20], "y": [0, 0, 0, 0, 0]})
     b = scores({"x": [10], "y": [0, 0, 0, 0, 0]})
-    assert pd([a], [b], [["y"]], "TTP") == {"diff": 5.0, "ci95": [5.0, 5.0], "per_seed": [5.0]}
-    assert pd([a], [b], [["y"]], "P")["diff"] == 0.0
+    assert pd([a], [b], client_tasks=[["y"]], metric="TTP") == {"diff": 5.0, "ci95": [5.0, 5.0], "per_seed": [5.0]}
+    assert pd([a], [b], client_tasks=[["y"]], metric="P")["diff"] == 0.0
     with pytest.raises(ValueError, match="P or TTP"):
-        pd([a], [b], [["y"]], "ROUGE")
+        pd([a], [b], client_tasks=[["y"]], metric="ROUGE")
 
 
 def test_seed_summary_takes_a_minus_b_on_each_comparison_s_own_metric():
