@@ -105,7 +105,7 @@ def answer(ev: Evaluator, records: list, *, weights: dict | None = None, dynamic
            reps: dict | None = None):
     """Answers to records, in order, and the lambda used for each (None without a dynamic weight).
 
-    weights: a fixed mix {adapter: weight}; or dynamic: a feddpa.Dynamic or feddpa.Calibrated weight,
+    weights: a fixed mix {adapter: weight}; or dynamic: a feddpa.PaperWeight or feddpa.Calibrated weight,
     lambda per instance, applied per example inside each batch, never one instance at a time. progress:
     a tqdm bar to advance by each batch's answers. reps: the instances' representations r(x) by batch,
     read and filled in: a client's two dynamic weights (the paper's and the calibrated one) weigh the
@@ -164,19 +164,19 @@ def global_source(method: str) -> str | None:
     return phase and (PHASES[phase].starts_from or phase)
 
 
-def answer_key(method: str, client_id: int, has_local: bool, *, weighting: str | None = None) -> tuple:
-    """The answer set of `method` for one client, with `weighting` in place of the method's own (the
+def answer_key(method: str, client_id: int, has_local: bool, *, mixing: str | None = None) -> tuple:
+    """The answer set of `method` for one client, with `mixing` in place of the method's own (the
     -oracle rows' parts). has_local: whether the client trained a local adapter (without one it is
     scored with the global adapter alone; Local: the base model)."""
     m, g = METHODS[method], global_source(method)
-    weighting = weighting or m.weighting
-    if weighting == "none" or (m.phase == "local" and not has_local):
+    mixing = mixing or m.mixing
+    if mixing == "none" or (m.phase == "local" and not has_local):
         return ("base",)
-    if weighting == "global" or not has_local:
+    if mixing == "global" or not has_local:
         return ("global", g)
-    if weighting in ("local", "fixed"):
-        return (weighting, g, m.phase, client_id)
-    return (weighting, method, client_id)  # the dynamic rows
+    if mixing in ("local", "fixed"):
+        return (mixing, g, m.phase, client_id)
+    return (mixing, method, client_id)  # the dynamic rows
 
 
 def answer_keys(method: str, n_clients: int, has_local, *, own_tasks: bool = True) -> list:
@@ -189,8 +189,8 @@ def answer_keys(method: str, n_clients: int, has_local, *, own_tasks: bool = Tru
     keys = []
     for i in range(n_clients):
         mine = has_local(m.phase, i)
-        parts = (("fixed", "global") if own_tasks else ("global",)) if m.weighting == "oracle" else (None,)
-        keys += [answer_key(method, i, mine, weighting=w) for w in parts]
+        parts = (("fixed", "global") if own_tasks else ("global",)) if m.mixing == "oracle" else (None,)
+        keys += [answer_key(method, i, mine, mixing=w) for w in parts]
     return list(dict.fromkeys(keys))
 
 
@@ -212,12 +212,12 @@ def evaluate_client(method: str, ev: Evaluator, tests: dict, client: EvalClient,
     set is generated once per test set (ev.answered), and a client's dynamic rows share its test
     instances' representations r(x), kept there under ("represented", phase, client)."""
     has_local = client.local_adapter is not None
-    weighting = METHODS[method].weighting
+    mixing = METHODS[method].mixing
     g, loc, recipe = client.global_adapter, client.local_adapter, ev.recipe
 
-    def scored(weighting):
+    def scored(mixing):
         """The scores of one fixed-mix answer set, generated only if not answered before."""
-        key = answer_key(method, client.id, has_local, weighting=weighting)
+        key = answer_key(method, client.id, has_local, mixing=mixing)
         if key not in ev.answered:
             adapters = {"base": {}, "global": {"global": g}, "local": {"local": loc}, "fixed": {"global": g, "local": loc}}
             weights = {"base": {}, "global": {"global": 1.0}, "local": {"local": 1.0}, "fixed": mix(recipe.local_weight)}
@@ -225,14 +225,14 @@ def evaluate_client(method: str, ev: Evaluator, tests: dict, client: EvalClient,
                 ev.answered[key] = evaluate(ev, tests, weights=weights[key[0]], progress=progress)
         return ev.answered[key]
 
-    if weighting in ("none", "global", "local", "fixed") or not has_local:
-        return scored(weighting)
-    if weighting == "oracle":  # a bound: it reads the test instance's task
+    if mixing in ("none", "global", "local", "fixed") or not has_local:
+        return scored(mixing)
+    if mixing == "oracle":  # a bound: it reads the test instance's task
         own, other = (scored("fixed") if client.task else None), scored("global")
         return {task: dict((own if task == client.task else other)[task]) for task in tests}
     if progress is not None:
         progress.set_postfix_str(f"client {client.id}: encoding its references")
-    weigh = calibrated if weighting == "calibrated" else paper_weight
+    weigh = calibrated if mixing == "calibrated" else paper_weight
     with lora.using(ev.model, {"global": g, "local": loc}):
         weight = weigh(ev.model, ev.tok, client.records, recipe=recipe, client_id=client.id, device=ev.device,
                        cutoff=ev.dec.cutoff)

@@ -53,22 +53,22 @@ from fed import Client, Federation, LocalTrain, Update, in_process, run_rounds, 
 @dataclass(frozen=True)
 class Method:
     """A row of the comparison: the training phase whose adapters it is evaluated with, and how it
-    weighs them at inference (evaluation.evaluate_client reads `weighting`)."""
+    mixes them at inference (evaluation.evaluate_client reads `mixing`)."""
     phase: str | None     # None: the base model, no adapter
-    weighting: str        # one of WEIGHTINGS
+    mixing: str           # one of MIXINGS
     shared: bool = False  # one model for every client (no local adapter): evaluated once
 
     def __post_init__(self):
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown weighting {self.weighting!r}; choose from {', '.join(WEIGHTINGS)}")
+        if self.mixing not in MIXINGS:
+            raise ValueError(f"unknown mixing {self.mixing!r}; choose from {', '.join(MIXINGS)}")
 
 
-# How a method weighs its adapters at inference: "none" (the base model); "global" or "local" alone;
+# How a method mixes its adapters at inference (its mixing): "none" (the base model); "global" or "local" alone;
 # "fixed", the training mix a for every instance (the paper's ablation); "paper", the paper's
 # instance-wise dynamic weight; "calibrated", the calibrated dynamic weight (beyond the paper, below);
 # "oracle", the training mix on the client's own task and the global adapter alone on the others: it
-# reads the test instance's task, so it is a bound on any weighting rule, not a method.
-WEIGHTINGS = ("none", "global", "local", "fixed", "paper", "calibrated", "oracle")
+# reads the test instance's task, so it is a bound on any mixing rule, not a method.
+MIXINGS = ("none", "global", "local", "fixed", "paper", "calibrated", "oracle")
 
 # Every method, in the table's order. Adding a method is one entry here.
 METHODS = {
@@ -303,16 +303,16 @@ def dynamic_lambda(reps, ref_reps, scale: float):
     return (scale * cos.mean(-1)).clamp(0.0, 1.0)
 
 
-def paper_weight(model, tok, records, *, recipe: Recipe, client_id: int, device, cutoff=512) -> "Dynamic":
+def paper_weight(model, tok, records, *, recipe: Recipe, client_id: int, device, cutoff=512) -> "PaperWeight":
     """A client's dynamic weight as the paper has it, from K of its training instructions (drawn once,
     seeded); its local adapter must be loaded."""
     refs = draw_references(records, recipe.k_refs, seed=recipe.seed, client_id=client_id)
-    return Dynamic(reference_reps(model, tok, refs, pool=recipe.pool, device=device, cutoff=cutoff), recipe.lambda_scale, recipe.pool,
+    return PaperWeight(reference_reps(model, tok, refs, pool=recipe.pool, device=device, cutoff=cutoff), recipe.lambda_scale, recipe.pool,
                    recipe.lambda_to)
 
 
 @dataclass
-class Dynamic:
+class PaperWeight:
     """A client's dynamic weight: its cached reference representations and how lambda is applied."""
     ref_reps: torch.Tensor     # (K, dim)
     scale: float               # lambda_scale

@@ -274,7 +274,7 @@ def print_table(results: dict, tasks: list, client_tasks: list, verbose: bool):
         lam = r.get("lambda")
         diag = f"   {lam['own']:5.2f}/{lam['other']:<5.2f} {lam['auroc']:5.2f}" if lam and lam["clients"] else ""
         print(f"{name:<22}{r['P']:7.1f}{r['TTP']:7.1f}{r['exact']['P']:7.1f}{r['exact']['TTP']:8.1f}{diag}")
-    if any(feddpa.METHODS[m].weighting == "oracle" for m in results):
+    if any(feddpa.METHODS[m].mixing == "oracle" for m in results):
         print("-oracle rows: a bound, not a method: the training mix on the client's own task, the global adapter "
               "alone on the others (they read the test instance's task)")
     for method, r in results.items():

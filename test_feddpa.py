@@ -98,7 +98,7 @@ def test_batched_dynamic_weighting_equals_one_instance_at_a_time(tiny, beams):
             layer.lora_B[n].weight.data.normal_(0, 0.3)
     refs = feddpa.reference_reps(m, tok, feddpa.draw_references(world.clients[0], 5, seed=0, client_id=0), pool="last",
                                  device="cpu")
-    dynamic = feddpa.Dynamic(refs, scale=0.5, pool="last", to="local")
+    dynamic = feddpa.PaperWeight(refs, scale=0.5, pool="last", to="local")
     tests = [recs[0] for recs in world.tests.values()]
     dec = evaluation.Decode(max_new_tokens=6, num_beams=beams, batch_size=8)
     ev = evaluation.Evaluator(m, tok, dec, "cpu")

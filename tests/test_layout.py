@@ -2,6 +2,7 @@
 imports only files of lower layers (no cycles, no arrow upwards), the core none of the extras, and
 states what it is in its docstring. The layers, lowest first, as the README's reading order has them."""
 import ast
+import re
 import tomllib
 
 import pytest
@@ -67,3 +68,12 @@ def test_the_package_installs_every_library_module():
         setup = tomllib.load(f)["tool"]["setuptools"]
     assert set(setup["py-modules"]) == {n for names in CORE for n in names}
     assert setup["packages"] == ["extras"]
+
+
+def test_the_reference_is_plain_pytorch_and_the_model_short():
+    """Only the optional speed layer (fast.py) calls torch's private API (torch.ops, torch._*); the model
+    stays a plain Llama of about 300 lines, as the design card asks."""
+    for path in ROOT.glob("*.py"):
+        if path.name != "fast.py":
+            assert not re.search(r"torch\.ops\.|torch\._[A-Za-z]", path.read_text()), f"{path.name} calls private torch"
+    assert len((ROOT / "model.py").read_text().splitlines()) <= 320

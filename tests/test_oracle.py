@@ -259,7 +259,7 @@ def test_dynamic_weighting_equals_the_oracle_one_instance_at_a_time(setting, run
     lora.load_adapter(model, "global", trained["global"])
     lora.load_adapter(model, "local", trained["local"])
     refs = feddpa.draw_references(world.clients[1], K, seed=SEED, client_id=1)
-    dynamic = feddpa.Dynamic(feddpa.reference_reps(model, tok, refs, pool="last", device="cpu"), 0.5, "last", to)
+    dynamic = feddpa.PaperWeight(feddpa.reference_reps(model, tok, refs, pool="last", device="cpu"), 0.5, "last", to)
     tests = [recs[i] for recs in world.tests.values() for i in range(2)]
     dec = evaluation.Decode(max_new_tokens=6, num_beams=1, batch_size=8)
     answers, lams = evaluation.answer(evaluation.Evaluator(model, tok, dec, "cpu"), tests, dynamic=dynamic)

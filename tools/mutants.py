@@ -144,14 +144,14 @@ MUTANTS = [  # (fault, file, text, replacement)
      '    has_local = client.local_adapter is not None\n',
      '    has_local = True\n    client = __import__("dataclasses").replace(client, local_adapter=client.local_adapter if client.local_adapter is not None else lora.get_adapter(ev.model, "local"))\n'),
     ("a client without a local adapter is scored with the base model", "evaluation.py",
-     'if weighting == "none" or (m.phase == "local" and not has_local):',
-     'if weighting == "none" or not has_local:'),
+     'if mixing == "none" or (m.phase == "local" and not has_local):',
+     'if mixing == "none" or not has_local:'),
     ("FedDPA-F's global adapter alone is not recognised as FedIT's: its answers are generated again", "evaluation.py",
      'return phase and (PHASES[phase].starts_from or phase)',
      'return phase'),
     ("an answer set is shared by every client of a phase", "evaluation.py",
-     'return (weighting, g, m.phase, client_id)',
-     'return (weighting, g, m.phase)'),
+     'return (mixing, g, m.phase, client_id)',
+     'return (mixing, g, m.phase)'),
     ("a test instance's r(x) is computed again for each of a client's dynamic rows", "evaluation.py",
      "    reps = {} if reps is None else reps\n", "    reps = {}\n"),
     ("the test instances' representations are shared by every client of a phase", 'evaluation.py',
@@ -162,6 +162,8 @@ MUTANTS = [  # (fault, file, text, replacement)
     ("beam search encodes the prompts with the first examples' mixes, not each example's own", "generate.py",
      "first_beams = torch.arange(0, B * k, k, device=dev)",
      "first_beams = torch.arange(B, device=dev)"),
+    ("a client's dynamic rows read the local adapter left in its slot instead of loading the client's", "evaluation.py",
+     'with lora.using(ev.model, {"global": g, "local": loc}):', 'with lora.using(ev.model, {"global": g}):'),
 ]
 
 

@@ -17,10 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 PATH = {  # file: the top-level names (functions, classes, assignments) on the path, in reading order
     "train.py": ["run", "open_run", "recipe", "load_data", "base_and_tokenizer", "load_model", "choose_device"],
-    "feddpa.py": ["Method", "WEIGHTINGS", "METHODS", "Recipe", "mix",
+    "feddpa.py": ["Method", "MIXINGS", "METHODS", "Recipe", "mix",
                   "fedit_step", "fresh_local", "feddpa_t_step", "local_step", "PhaseSpec", "PHASES", "phases_of", "Phase",
                   "scaled", "phase_schedule", "setup_phase", "phase_result", "run_phase", "prompt_batches", "represent", "draw_references", "reference_reps",
-                  "precise", "dynamic_lambda", "paper_weight", "Dynamic"],
+                  "precise", "dynamic_lambda", "paper_weight", "PaperWeight"],
     "fed.py": ["LocalTrain", "Diverged", "train_adapter", "Client", "Update", "fedavg", "nbytes", "sample_clients",
                "seeded", "Federation", "in_process", "NoReplies", "run_rounds"],
     "runs.py": ["run_phase"],
