@@ -206,7 +206,7 @@ def answers_needed(methods: list, tests: dict, n_clients: int, *, has_local=lamb
     return counts
 
 
-def evaluate_client(method: str, ev: Evaluator, tests: dict, client: EvalClient, progress=None) -> dict:
+def evaluate_client(method: str, ev: Evaluator, tests: dict, *, client: EvalClient, progress=None) -> dict:
     """One client's scores on every task with the adapters and mix of `method` (feddpa.METHODS): a client
     without a local adapter is scored with the global adapter alone (Local: the base model). Each answer
     set is generated once per test set (ev.answered), and a client's dynamic rows share its test
@@ -255,11 +255,12 @@ def evaluate_method(method: str, ev: Evaluator, tests: dict, *, client_data: lis
     m = METHODS[method]
     phase = trained.get(m.phase, {"global": {}, "locals": [None] * len(client_data)})
     if m.shared:
-        scores = evaluate_client(method, ev, tests, EvalClient(0, [], "", phase["global"], None), progress)
+        scores = evaluate_client(method, ev, tests, client=EvalClient(0, [], "", phase["global"], None), progress=progress)
         per_client = [scores] * len(client_data)
     else:
-        per_client = [evaluate_client(method, ev, tests, EvalClient(i, records, client_tasks[i] if client_tasks else "",
-                                                                    phase["global"], phase["locals"][i]), progress)
+        per_client = [evaluate_client(method, ev, tests, progress=progress,
+                                      client=EvalClient(i, records, client_tasks[i] if client_tasks else "",
+                                                        phase["global"], phase["locals"][i]))
                       for i, records in enumerate(client_data)]
     no_local = [] if m.shared else [i for i, local in enumerate(phase["locals"]) if local is None]
     return summarize(per_client, client_tasks, no_local=no_local, seconds=time.time() - t0)

@@ -146,7 +146,7 @@ def project(layer, x, packing: Packing | None):
                 dropout = lambda v, mask=mask.to(x.device).index_select(0, packing.index): v * mask  # noqa: E731
             else:
                 dropout = lambda v: v  # noqa: E731
-            out = out + layer.update(name, w, x, dropout).to(out.dtype)
+            out = out + layer.update(name, w, x, dropout=dropout).to(out.dtype)
     return out
 
 

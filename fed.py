@@ -162,16 +162,21 @@ class NoReplies(Exception):
     """No chosen client answered in a round: there is nothing to average."""
 
 
-def run_rounds(federation: Federation, train_round, *, rounds: int, fraction: float = 1.0, seed: int = 0,
-               weighting: str = "count", on_round_end=None, progress: str | None = None):
-    """Run rounds federation.round .. rounds-1. train_round(round, chosen, global_adapter) -> {client:
-    (Update, metrics)} reaches the chosen clients (in_process, or over a network, where some may not answer); the
-    server here only samples, sends, and averages what came back. progress: a bar on stderr so labelled."""
+def every_client(n: int, round_: int) -> list:
+    return list(range(n))
+
+
+def run_rounds(federation: Federation, train_round, *, rounds: int, sample=every_client, weighting: str = "count",
+               on_round_end=None, progress: str | None = None):
+    """Run rounds federation.round .. rounds-1. sample(n_clients, round) -> the clients chosen (e.g.
+    sample_clients with a fraction and a seed); train_round(round, chosen, global_adapter) -> {client:
+    (Update, metrics)} reaches them (in_process, or over a network, where some may not answer); the server
+    here only samples, sends, and averages what came back. progress: a bar on stderr so labelled."""
     bar = tqdm(range(federation.round, rounds), desc=progress, leave=False, unit="round", initial=federation.round,
                total=rounds, disable=progress is None)
     for r in bar:
         t0 = time.time()
-        chosen = sample_clients(federation.n_clients, fraction, seed=seed, round_=r)
+        chosen = sample(federation.n_clients, r)
         sent = nbytes(federation.global_adapter) * len(chosen)
         replies = train_round(r, chosen, federation.global_adapter)
         came = [c for c in chosen if c in replies]

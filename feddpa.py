@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 import lora
 from data import encode_prompt, pad_left
-from fed import Client, Federation, LocalTrain, Update, in_process, run_rounds, seeded, train_adapter
+from fed import Client, Federation, LocalTrain, Update, in_process, run_rounds, sample_clients, seeded, train_adapter
 
 
 @dataclass(frozen=True)
@@ -252,8 +252,10 @@ def run_phase(name: str, phase: Phase, *, federation=None, train_round=None, on_
     leaves for evaluation."""
     federation = federation or Federation(phase.start, len(phase.clients))
     reach = train_round or in_process(phase.clients, phase.step, progress)
-    return run_rounds(federation, reach, rounds=phase.rounds, fraction=phase.fraction, seed=phase.seed,
-                      weighting=phase.weighting, on_round_end=on_round_end, progress=name if progress else None)
+    def sample(n, round_):  # the clients of a round: a seeded draw of a fraction of them
+        return sample_clients(n, phase.fraction, seed=phase.seed, round_=round_)
+    return run_rounds(federation, reach, rounds=phase.rounds, sample=sample, weighting=phase.weighting,
+                      on_round_end=on_round_end, progress=name if progress else None)
 
 
 # ----------------------------------------------------------------------------------------------

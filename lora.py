@@ -108,10 +108,10 @@ class LoRALinear(nn.Module):
             return out
         for name, w in self.weights.items():
             if torch.is_tensor(w) or w != 0:
-                out = out + self.update(name, w, x, self.lora_dropout[name]).to(out.dtype)
+                out = out + self.update(name, w, x, dropout=self.lora_dropout[name]).to(out.dtype)
         return out
 
-    def update(self, name: str, w, x, dropout):
+    def update(self, name: str, w, x, *, dropout):
         """Adapter `name`'s term w * scaling * B A dropout(x), (..., out); w a float or (B,) per example."""
         A, B = self.lora_A[name].weight, self.lora_B[name].weight   # (r, in), (out, r)
         # an adapter that is not training is a constant here: no graph, no gradient

@@ -331,7 +331,8 @@ def test_local_adapters_stay_on_their_clients_through_rounds_they_sit_out(tiny):
     def after_round(f):
         kept.append([None if c.local is None else {k: v.clone() for k, v in c.local.items()} for c in clients])
     federation = fed.run_rounds(fed.Federation(lora.get_adapter(m, "global"), len(clients)), fed.in_process(clients, step),
-                                rounds=6, fraction=1 / 3, seed=0, on_round_end=after_round)
+                                rounds=6, sample=lambda n, r: fed.sample_clients(n, 1 / 3, seed=0, round_=r),
+                                on_round_end=after_round)
     sat_out = 0
     for r in range(2, 6):
         for cid in set(range(3)) - set(federation.history[r]["clients"]):
@@ -420,7 +421,7 @@ def every_step(m, tok, world):
     for method in feddpa.METHODS:
         steps[f"evaluate_client {method}"] = lambda m, method=method: evaluation.evaluate_client(
             method, evaluation.Evaluator(m, tok, dec, "cpu", recipe), tests,
-            evaluation.EvalClient(0, records, world.client_tasks[0], adapter, adapter))
+            client=evaluation.EvalClient(0, records, world.client_tasks[0], adapter, adapter))
     return steps
 
 

@@ -211,7 +211,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         with speed(model, cfg, rows=cfg.eval_batch_size * cfg.num_beams), \
                 torch.autocast(node.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
             scores[method] = evaluation.evaluate_client(
-                method, ev, node.fd.tests, evaluation.EvalClient(node.id, node.records, node.task, globals_[phase], local))
+                method, ev, node.fd.tests,
+                client=evaluation.EvalClient(node.id, node.records, node.task, globals_[phase], local))
         if local is None and not feddpa.METHODS[method].shared:
             no_local.append(method)
         seconds[method] = time.time() - t0

@@ -47,7 +47,7 @@ def test_run_rounds_messages_carry_only_the_global_adapter(tiny):
         sent.append((c, update))
         return update, local, metrics
     federation = fed.run_rounds(fed.Federation(init, len(clients)), fed.in_process(clients, recording), rounds=2,
-                                fraction=2 / 3, seed=0)
+                                sample=lambda n, r: fed.sample_clients(n, 2 / 3, seed=0, round_=r))
     assert len(federation.history) == 2 and all(len(h["clients"]) == 2 for h in federation.history)
     for c, update in sent:
         assert set(update.adapter) == set(init)

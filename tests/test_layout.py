@@ -77,3 +77,14 @@ def test_the_reference_is_plain_pytorch_and_the_model_short():
         if path.name != "fast.py":
             assert not re.search(r"torch\.ops\.|torch\._[A-Za-z]", path.read_text()), f"{path.name} calls private torch"
     assert len((ROOT / "model.py").read_text().splitlines()) <= 320
+
+
+@pytest.mark.parametrize("name", ["feddpa", "fed", "evaluation", "lora"])
+def test_the_method_s_functions_take_few_parameters(name):
+    """Every function of the method's files takes at most 7 parameters, at most 3 of them positional (the
+    rest keyword-only): what a call passes is named at the call."""
+    for node in ast.walk(ast.parse(path_of(name).read_text())):
+        if isinstance(node, ast.FunctionDef):
+            positional = [a.arg for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "fn")]
+            n = len(positional) + len(node.args.kwonlyargs)
+            assert n <= 7 and len(positional) <= 3, f"{name}.py: {node.name} takes {n}, {len(positional)} positional"

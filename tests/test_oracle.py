@@ -217,7 +217,8 @@ def runs(setting, tiny_dir):
         phase = feddpa.setup_phase(name, model, pad_id=tok.pad_id, recipe=recipe, datasets=datasets, init=init,
                                    trained=ours)
         federation = fed.run_rounds(fed.Federation(phase.start, len(phase.clients)), fed.in_process(phase.clients, phase.step),
-                                    rounds=phase.rounds, fraction=phase.fraction, seed=SEED)
+                                    rounds=phase.rounds,
+                                    sample=lambda n, r: fed.sample_clients(n, phase.fraction, seed=SEED, round_=r))
         ours[name] = feddpa.phase_result(name, federation.global_adapter, phase.clients, trained=ours)
     fresh = [feddpa.fresh_local(model, SEED, i) for i in range(len(datasets))]
     return ours, oracle_run(str(tiny_dir), datasets, init, fresh, tok.pad_id), init
