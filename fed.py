@@ -1,14 +1,15 @@
 """The federated loop as plain functions over in-memory state (FedAvg, McMahan et al. 2017, as FedDPA uses it).
 
 One frozen foundation model lives in memory; its LoRA layers hold two adapter slots, `global` and
-`local` (lora.py). A client's adapters are plain state dicts that it loads into those slots when it
-trains. The boundary between client and server is the `Update` message: the server only ever sees
+`local` (lora.py). A client's adapters are plain state dicts, given to each training at the call
+(lora.using) and returned trained; the model keeps none between calls. The boundary between client and server is the `Update` message: the server only ever sees
 a client's copy of the global adapter and its example count — never its data, never its local
 adapter, never its optimizer.
 
 Contents: local training (AdamW, linear decay, micro-batches with gradient accumulation); the
-client/server state and message; FedAvg; the round loop with client sampling and per-round metrics,
-which reaches its clients through a `train_round` function: in_process here, over Flower in flower_app.py.
+client/server state and message; FedAvg; the seeds (one generator per stream of draws, `seeded`); the
+round loop with client sampling and per-round metrics, which reaches its clients through a
+`train_round` function: in_process here, over Flower in flower_app.py.
 """
 import hashlib
 import json

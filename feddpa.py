@@ -34,10 +34,10 @@ training instructions and public text: representations centred on the mean of ge
 this file ships, the top-k similarity to M of the client's instructions, and a scale set by the
 client's own instructions' leave-one-out similarities, so that lambda spans [0, s].
 
-Top to bottom: the methods (one table) and the training phases; the recipe and the mix; the client
-steps; each phase's clients, step and schedule, and run_phase; the paper's dynamic weight and the
-calibrated one. Not here: the LoRA layers (lora.py), the round loop, local training and FedAvg
-(fed.py), scoring (evaluation.py), checkpoints and resume (runs.py).
+Top to bottom: the methods (one table); the recipe and the mix; the client steps; the training
+phases (one table), each phase's clients, schedule and result, and run_phase; the paper's dynamic
+weight and the calibrated one. Not here: the LoRA layers (lora.py), the round loop, local training,
+FedAvg and the seeds (fed.py), scoring (evaluation.py), checkpoints and resume (runs.py), speed (fast.py).
 """
 from dataclasses import dataclass, field, replace
 from typing import Callable
