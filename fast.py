@@ -136,8 +136,6 @@ def project(layer, x, packing: Packing | None):
     if packing is None or not isinstance(layer, lora.LoRALinear):
         return layer(x)
     out = layer.base_layer(x)                                                   # (N, out)
-    if layer.merged is not None:
-        return out
     for name, w in layer.weights.items():
         if torch.is_tensor(w) or w != 0:
             d = layer.lora_dropout[name]

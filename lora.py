@@ -91,7 +91,6 @@ class LoRALinear(nn.Module):
         for n in names:
             self.reset(n)
         self.weights = {}                       # the mix, set only inside lora.mixed: floats or (batch,) tensors
-        self.merged = None                      # the fixed mix folded into base_layer, if any
 
     def reset(self, name: str, generator=None):
         # A as nn.Linear's default (kaiming-uniform, a=sqrt(5)), as peft does; B = 0 so the update starts at 0
@@ -104,8 +103,6 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):                                   # x: (B, T, in)
         out = self.base_layer(x)                            # (B, T, out)
-        if self.merged is not None:
-            return out
         for name, w in self.weights.items():
             if torch.is_tensor(w) or w != 0:
                 out = out + self.update(name, w, x, dropout=self.lora_dropout[name]).to(out.dtype)
@@ -128,23 +125,6 @@ class LoRALinear(nn.Module):
     def delta_weight(self, name: str):
         """The adapter as a dense update of the base weight, (out, in)."""
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling
-
-    def merge(self, weights: dict):
-        """Fold a fixed mix into the base weight (inference only): y = (W + sum w dW) x."""
-        if self.merged is not None:
-            raise RuntimeError("adapters are already merged; unmerge first")
-        if any(torch.is_tensor(w) for w in weights.values()):
-            raise ValueError("per-example weights cannot be merged into one weight matrix")
-        with torch.no_grad():
-            for name, w in weights.items():
-                self.base_layer.weight += w * self.delta_weight(name).to(self.base_layer.weight.dtype)
-        self.merged = dict(weights)
-
-    def unmerge(self):
-        with torch.no_grad():
-            for name, w in self.merged.items():
-                self.base_layer.weight -= w * self.delta_weight(name).to(self.base_layer.weight.dtype)
-        self.merged = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,13 +262,3 @@ def load_adapter(model: nn.Module, name: str, state: dict):
     with torch.no_grad():
         for key, p in own.items():
             p.copy_(state[key])
-
-
-def merge(model: nn.Module, weights: dict):
-    for _, layer in lora_layers(model):
-        layer.merge(weights)
-
-
-def unmerge(model: nn.Module):
-    for _, layer in lora_layers(model):
-        layer.unmerge()

@@ -41,12 +41,14 @@ def write_peft(adapter: dict, d: str, base: str, settings: dict):
 
 
 def merged_model(model, weights: dict) -> Llama:
-    """A plain Llama whose weights are model's base weights plus the mix of its adapters, folded in."""
-    lora.merge(model, weights)
-    try:
-        sd = {k.replace(".base_layer.", "."): v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
-    finally:
-        lora.unmerge(model)
+    """A plain Llama whose weights are model's base weights plus a fixed mix {adapter: weight} of the
+    adapters in its slots folded in, W + sum_name weight * scaling * B A; model is not changed."""
+    sd = {k.replace(".base_layer.", "."): v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    with torch.no_grad():
+        for path, layer in lora.lora_layers(model):
+            w = sd[f"{path}.weight"]
+            for name, weight in weights.items():
+                w += weight * layer.delta_weight(name).to(w.dtype)
     plain = Llama(model.config)
     plain.load_state_dict(sd, strict=False)
     if model.config.tie_embeddings:
