@@ -38,11 +38,12 @@ from model import IGNORE_INDEX, Llama, apply_rope
 
 
 @contextmanager
-def enabled(model: Llama, rows: int):
+def enabled(model: Llama, rows: int, on: bool = True):
     """Inside the block, model's forward, hidden and pooled run the faster paths below, and on CPU its
     frozen products run through oneDNN, reordered for products of about `rows` rows; after it, however
-    it ends, the model is the plain one. A block inside another changes nothing."""
-    if "hidden" in model.__dict__:
+    it ends, the model is the plain one. A block inside another changes nothing, nor one with on False
+    (train.py --plain)."""
+    if not on or "hidden" in model.__dict__:
         yield model
         return
     model.forward = lambda input_ids, attention_mask=None, labels=None: forward(model, input_ids, attention_mask, labels)

@@ -5,7 +5,6 @@ corpus (builtin.corpus), cached as an HF directory.
 A porter can skip this file: with a real checkpoint (--model DIR) nothing here runs. bench.py times
 the same loop.
 """
-import contextlib
 import hashlib
 import json
 import math
@@ -57,7 +56,7 @@ def pretrain(model: Llama, rows: torch.Tensor, steps: int, seed: int = 0, bf16: 
     device = model.lm_head.weight.device
     log = []
     bar = tqdm(range(steps), desc="pretraining the built-in base", leave=False, disable=not progress)
-    with contextlib.nullcontext() if plain else fast.enabled(model, rows=batch * rows.shape[1]):
+    with fast.enabled(model, rows=batch * rows.shape[1], on=not plain):
         for _ in bar:
             t0 = time.perf_counter()
             x = rows[torch.randint(len(rows), (batch,), generator=g)].to(device)  # (batch, T)

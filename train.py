@@ -9,7 +9,6 @@ methods need (feddpa.setup_phase, checkpointed by runs.run_phase), each method's
 (evaluation.evaluate_method), the table and results.json; run_seeds: the same per seed, mean ± std.
 """
 import argparse
-import contextlib
 import math
 import os
 import random
@@ -321,9 +320,9 @@ def run(cfg: Config, args):
     print("work ahead: " + "; ".join(f"{p} {feddpa.schedule(p, rec, len(fd.clients))}" for p in todo_phases)
           + f"{'; ' if todo_phases else ''}{answers:,} answers of up to {cfg.max_new_tokens} tokens for {len(todo_methods)} methods")
 
-    def speed(rows):  # fast.py's forwards, entered once for training and once for evaluation (--plain: never)
-        return contextlib.nullcontext() if cfg.plain else fast.enabled(model, rows)
-    with speed(rows=64 * cfg.micro_batch_size):  # a layout hint: about a micro-batch's real tokens
+    # fast.py's forwards, entered once for training and once for evaluation (--plain: never); rows is a
+    # layout hint: about a micro-batch's real tokens, then a generation batch's rows
+    with fast.enabled(model, rows=64 * cfg.micro_batch_size, on=not cfg.plain):
         for name in todo_phases:
             phase = feddpa.setup_phase(name, model, pad_id=tok.pad_id, recipe=rec, datasets=encoded, init=state["init"],
                                        trained=state["trained"])
@@ -333,7 +332,7 @@ def run(cfg: Config, args):
         return state["trained"][phase]["locals"][i] is not None
     # each method on the data set's own tests, then (--test-data) on the unseen tasks' tests; the answer
     # sets a method shares with one before it are generated once (evaluation.answer_key)
-    with speed(rows=cfg.eval_batch_size * cfg.num_beams):
+    with fast.enabled(model, rows=cfg.eval_batch_size * cfg.num_beams, on=not cfg.plain):
         for key, tests, client_tasks, todo in (("results", fd.tests, fd.client_tasks, todo_methods),
                                                ("unseen", unseen, None, todo_unseen)):
             ev = evaluation.Evaluator(model, tok, dec, device, rec)  # one per test set: its answer sets shared

@@ -29,7 +29,6 @@ the base model, Local and Centralized need no federation: run them with train.py
 Top to bottom: the settings; the node (its data and model, its state files, train, describe,
 evaluate); the server (finding the nodes, a round over Flower, the phases, the evaluation).
 """
-import contextlib
 import glob
 import hashlib
 import json
@@ -150,11 +149,6 @@ def describe(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
 
 
-def speed(model, cfg, rows: int):
-    """fast.py's forwards, as train.py enters them (--plain: none)."""
-    return contextlib.nullcontext() if cfg.plain else fast.enabled(model, rows)
-
-
 @client.train()
 def train_step(msg: Message, context: Context) -> Message:
     """One round of one phase on this client: the phase's client step (feddpa.setup_phase) from the
@@ -177,7 +171,7 @@ def train_step(msg: Message, context: Context) -> Message:
     print(f"client {node.id}: {phase_name} round {round_ + 1}, "
           f"{'local adapter from round ' + str(last[0] + 1) + ' on disk' if last and last[1] else 'no local adapter yet'}",
           flush=True)
-    with speed(model, cfg, rows=64 * cfg.micro_batch_size):
+    with fast.enabled(model, rows=64 * cfg.micro_batch_size, on=not cfg.plain):  # as train.py
         try:
             update, local, metrics = phase.step(round_, me, received)
         except fed.Diverged as e:
@@ -208,7 +202,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         t0 = time.time()
         phase = feddpa.METHODS[method].phase
         local = last[phase][1] if last[phase] else None
-        with speed(model, cfg, rows=cfg.eval_batch_size * cfg.num_beams), \
+        with fast.enabled(model, rows=cfg.eval_batch_size * cfg.num_beams, on=not cfg.plain), \
                 torch.autocast(node.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
             scores[method] = evaluation.evaluate_client(
                 method, ev, node.fd.tests,
