@@ -206,12 +206,12 @@ def scaled(train: LocalTrain, factor: float) -> LocalTrain:
 
 
 def phase_schedule(spec: PhaseSpec, recipe: Recipe, n_clients: int) -> tuple:
-    """(rounds, clients per round, local training) of a phase on n_clients clients."""
+    """(rounds, fraction of its clients sampled per round, local training) of a phase on n_clients clients."""
     if spec.finetune:
-        return 1, n_clients, scaled(recipe.train, recipe.finetune_rounds)
+        return 1, 1.0, scaled(recipe.train, recipe.finetune_rounds)
     if spec.pooled:  # the same total number of optimizer steps as the clients' (an epoch budget: its pooled data's)
-        return recipe.rounds, 1, scaled(recipe.train, n_clients) if recipe.train.max_steps else recipe.train
-    return recipe.rounds, max(1, round(recipe.fraction * n_clients)), recipe.train
+        return recipe.rounds, 1.0, scaled(recipe.train, n_clients) if recipe.train.max_steps else recipe.train
+    return recipe.rounds, recipe.fraction, recipe.train
 
 
 def setup_phase(name: str, model, *, pad_id: int, recipe: Recipe, datasets: list, init: dict, trained: dict) -> Phase:
@@ -221,18 +221,19 @@ def setup_phase(name: str, model, *, pad_id: int, recipe: Recipe, datasets: list
     start = trained[spec.starts_from]["global"] if spec.starts_from else init
     sets = [[e for d in datasets for e in d]] if spec.pooled else datasets
     clients = [Client(i, d, seeded(recipe.seed, name, "client", i)) for i, d in enumerate(sets)]
-    rounds, _, train = phase_schedule(spec, recipe, len(datasets))
-    fraction = recipe.fraction if not (spec.finetune or spec.pooled) else 1.0
+    rounds, fraction, train = phase_schedule(spec, recipe, len(datasets))
     step = spec.client_step(model, pad_id, train, recipe=recipe, start=start)
     return Phase(clients, step, rounds, fraction, start if spec.sends else {}, recipe.seed, recipe.weighting)
 
 
 def schedule(name: str, recipe: Recipe, n_clients: int) -> str:
     """The work of phase `name` in words, for the line that states a run's work ahead."""
-    rounds, k, t = phase_schedule(PHASES[name], recipe, n_clients)
+    spec = PHASES[name]
+    rounds, fraction, t = phase_schedule(spec, recipe, n_clients)
+    k = max(1, round(fraction * (1 if spec.pooled else n_clients)))  # as fed.sample_clients draws them
     work = (f"{t.max_steps} step{'s' * (t.max_steps != 1)}" if t.max_steps
             else f"{t.epochs:g} epoch{'s' * (t.epochs != 1)}")
-    return f"{rounds} round{'s' * (rounds != 1)} x {k} client{'s' * (k != 1)} x {work}{PHASES[name].note}"
+    return f"{rounds} round{'s' * (rounds != 1)} x {k} client{'s' * (k != 1)} x {work}{spec.note}"
 
 
 def phase_result(name: str, global_adapter: dict, clients: list, *, trained: dict) -> dict:
