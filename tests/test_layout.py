@@ -12,7 +12,7 @@ from conftest import ROOT
 # the root's library files (the core: python train.py needs exactly these), then the extras
 CORE = [{"model"}, {"lora", "hf"}, {"fast"}, {"generate"}, {"data"}, {"builtin"}, {"pretrain", "fed"}, {"feddpa"}, {"evaluation"},
         {"runs"}, {"train"}]
-EXTRAS = [{"extras.export", "extras.bench_infer", "extras.plot", "extras.fetch"},
+EXTRAS = [{"extras.export", "extras.bench_infer", "extras.plot", "extras.fetch", "extras.table"},
           {"extras.bench", "extras.flower_app", "extras.flower_run"}]
 LAYER = {name: i for i, names in enumerate(CORE + EXTRAS) for name in names}
 
