@@ -92,7 +92,7 @@ def checked(res: dict, path: str) -> dict:
     except (KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{path}: not the results of a finished run ({type(e).__name__}: {e})") from None
     if not whole:
-        raise UserError(f"{path}: not the results of a finished run (a seed, a score or a client's scores missing)")
+        raise UserError(f"{path}: not the results of a finished run (a seed, a client's scores or a score of the wrong kind)")
     return res
 
 
