@@ -101,29 +101,16 @@ class EvalClient:
 
 
 @torch.no_grad()
-def answer(ev: Evaluator, records: list, *, weights: dict | None = None, dynamic=None, progress=None,
-           reps: dict | None = None):
-    """Answers to records, in order, and the lambda used for each (None without a dynamic weight).
-
-    weights: a fixed mix {adapter: weight}; or dynamic: a feddpa.PaperWeight or feddpa.Calibrated weight,
-    lambda per instance, applied per example inside each batch, never one instance at a time. progress:
-    a tqdm bar to advance by each batch's answers. reps: the instances' representations r(x) by batch,
-    read and filled in: a client's two dynamic weights (the paper's and the calibrated one) weigh the
-    same r(x), from the same local adapter, so it is computed once (the caller scopes it to one local
-    adapter, these records, dec's batch size and cutoff, and one model state: device, dtype, autocast)."""
+def answer(ev: Evaluator, records: list, *, weights: dict | None = None, lams=None, to: str = "local", progress=None):
+    """Answers to records, in order: with the fixed mix `weights` ({adapter: weight}), or with lambda per
+    instance, lams (N,) (records[i]'s is lams[i]): adapter `to` gets it, the other 1 - lambda (feddpa.mix),
+    per example inside each batch. progress: a tqdm bar to advance by each batch's answers."""
     model, tok, dec, device = ev.model, ev.tok, ev.dec, ev.device
-    out, lams = [None] * len(records), [None] * len(records)
-    reps = {} if reps is None else reps
+    out = [None] * len(records)
     for idx, ids, mask in prompt_batches(tok, records, dec.batch_size, cutoff=dec.cutoff):
         ids, mask = ids.to(device), mask.to(device)
-        if dynamic is not None:
-            key = (dynamic.pool, tuple(idx))
-            if key not in reps:
-                reps[key] = represent(model, ids, mask, pool=dynamic.pool)        # (B, dim)
-            lam = dynamic.lam(reps[key])                                          # (B,)
-            batch_weights = mix(lam.repeat_interleave(dec.num_beams), dynamic.to)  # beams: example-major
-            for i, v in zip(idx, lam.tolist()):
-                lams[i] = v
+        if lams is not None:
+            batch_weights = mix(lams[idx].repeat_interleave(dec.num_beams), to)  # beams: example-major
         else:
             batch_weights = weights or {}
         gen = generate(model, ids, mask, dec.max_new_tokens, tok.stop_ids, tok.pad_id, dec.num_beams, batch_weights)
@@ -132,22 +119,46 @@ def answer(ev: Evaluator, records: list, *, weights: dict | None = None, dynamic
             out[i] = tok.decode(row).strip()
         if progress is not None:
             progress.update(len(idx))
-    return out, lams
+    return out
 
 
-def evaluate(ev: Evaluator, tests: dict, *, weights=None, dynamic=None, progress=None, reps: dict | None = None) -> dict:
-    """Scores of one model (its adapters loaded by the caller's lora.using) on every task's test set. All tasks' instances
-    are answered together, in batches of similar prompt length, so that a batch is full even where a
-    task's test set is smaller than it. reps: as for answer()."""
-    records = [r for recs in tests.values() for r in recs]
-    preds, lams = answer(ev, records, weights=weights, dynamic=dynamic, progress=progress, reps=reps)
+@torch.no_grad()
+def represented(ev: Evaluator, records: list, pool: str) -> list:
+    """r(x) of every record (feddpa.represent: the local adapter the caller loaded, alone), as
+    [(indices, (B, dim))] in answer()'s batches (a batch's representations are those its prompts get together)."""
+    return [(idx, represent(ev.model, ids.to(ev.device), mask.to(ev.device), pool=pool))
+            for idx, ids, mask in prompt_batches(ev.tok, records, ev.dec.batch_size, cutoff=ev.dec.cutoff)]
+
+
+def lambdas(weight, reps: list, n: int) -> torch.Tensor:
+    """lambda of each of n instances, (n,), from their representations (represented) and a client's
+    dynamic weight (feddpa.PaperWeight or feddpa.Calibrated), batch by batch."""
+    lams = None
+    for idx, r in reps:
+        lam = weight.lam(r)                                                   # (B,)
+        lams = torch.empty(n, dtype=lam.dtype, device=lam.device) if lams is None else lams
+        lams[idx] = lam
+    return lams
+
+
+def answer_dynamic(ev: Evaluator, records: list, weight, *, reps: list | None = None, progress=None) -> tuple:
+    """Answers to records with a client's dynamic weight, in plain steps: every instance's r(x) (reps,
+    or represented), then its lambda, then the answers; returns (answers, lambdas as floats). The
+    client's global and local adapters must be loaded."""
+    lams = lambdas(weight, reps if reps is not None else represented(ev, records, weight.pool), len(records))
+    return answer(ev, records, lams=lams, to=weight.to, progress=progress), lams.tolist()
+
+
+def scores_by_task(tests: dict, preds: list, lams=None) -> dict:
+    """{task: score()} of answers preds to every task's test instances in turn (as evaluate_client orders
+    them), with each instance's lambda and their mean where lams (a list of floats) are given."""
     result, start = {}, 0
     for task, recs in tests.items():
         end = start + len(recs)
         result[task] = score(preds[start:end], [r["output"] for r in recs])
-        if dynamic is not None:
-            result[task]["lambda"] = sum(lams[start:end]) / max(len(recs), 1)
-            result[task]["lambdas"] = lams[start:end]
+        if lams is not None:
+            mine = lams[start:end]
+            result[task]["lambda"], result[task]["lambdas"] = sum(mine) / max(len(recs), 1), mine
         start = end
     return result
 
@@ -156,7 +167,7 @@ def evaluate(ev: Evaluator, tests: dict, *, weights=None, dynamic=None, progress
 # mix) answering every test instance; answer_key names it by where its adapters come from, so that
 # FedDPA-F's global adapter alone is FedIT's row, and an -oracle row is its -fixed row on the client's
 # own task and its global adapter alone on the others. The dynamic rows' mixes are the client's own,
-# per instance: never shared.
+# per instance: never shared; their representations r(x) are, by a client's paper and calibrated rows.
 
 def global_source(method: str) -> str | None:
     """The training phase whose global adapter `method` loads (FedDPA-F's is FedIT's)."""
@@ -171,82 +182,92 @@ def answer_key(method: str, client_id: int, has_local: bool, *, mixing: str | No
     m, g = METHODS[method], global_source(method)
     mixing = mixing or m.mixing
     if mixing == "none" or (m.phase == "local" and not has_local):
-        return ("base",)
+        return ("none",)
     if mixing == "global" or not has_local:
         return ("global", g)
-    if mixing in ("local", "fixed"):
+    if mixing in ("local", "fixed", "sum"):
         return (mixing, g, m.phase, client_id)
     return (mixing, method, client_id)  # the dynamic rows
 
 
-def answer_keys(method: str, n_clients: int, has_local, *, own_tasks: bool = True) -> list:
+def answer_keys(method: str, client_ids: list, has_local, *, own_tasks: bool = True) -> list:
     """Every answer set `method` needs, in the order evaluate_method generates them. has_local(phase,
-    client) -> bool; own_tasks False: test sets no client trained on (the -oracle rows then use the
-    global adapter alone)."""
+    k) -> bool for the k-th client; own_tasks False: test sets no client trained on (the -oracle rows
+    then use the global adapter alone)."""
     m = METHODS[method]
     if m.shared:
         return [answer_key(method, 0, False)]
     keys = []
-    for i in range(n_clients):
-        mine = has_local(m.phase, i)
+    for k, i in enumerate(client_ids):
+        mine = has_local(m.phase, k)
         parts = (("fixed", "global") if own_tasks else ("global",)) if m.mixing == "oracle" else (None,)
         keys += [answer_key(method, i, mine, mixing=w) for w in parts]
     return list(dict.fromkeys(keys))
 
 
-def answers_needed(methods: list, tests: dict, n_clients: int, *, has_local=lambda phase, i: True, known=(),
+def answers_needed(methods: list, tests: dict, client_ids: list, *, has_local=lambda phase, k: True, known=(),
                    own_tasks: bool = True) -> dict:
     """How many answers evaluating `methods` in turn generates, per method: each answer set not yet
     generated (not in `known`, nor made by a method before it) answers every test instance once."""
     seen, n, counts = set(known), sum(map(len, tests.values())), {}
     for method in methods:
-        new = [k for k in answer_keys(method, n_clients, has_local, own_tasks=own_tasks) if k not in seen]
+        new = [k for k in answer_keys(method, client_ids, has_local, own_tasks=own_tasks) if k not in seen]
         seen.update(new)
         counts[method] = n * len(new)
     return counts
 
 
+FIXED_MIXES = {  # mixing -> (the client's adapters it loads, their mix); "fixed": the training mix a
+    "none": ((), {}), "global": (("global",), {"global": 1.0}), "local": (("local",), {"local": 1.0}),
+    "fixed": (("global", "local"), None), "sum": (("global", "local"), {"global": 1.0, "local": 1.0})}
+
+
 def evaluate_client(method: str, ev: Evaluator, tests: dict, *, client: EvalClient, progress=None) -> dict:
     """One client's scores on every task with the adapters and mix of `method` (feddpa.METHODS): a client
     without a local adapter is scored with the global adapter alone (Local: the base model). Each answer
-    set is generated once per test set (ev.answered), and a client's dynamic rows share its test
-    instances' representations r(x), kept there under ("represented", phase, client)."""
+    set is generated once per test set (ev.answered, by answer_key)."""
     has_local = client.local_adapter is not None
-    mixing = METHODS[method].mixing
-    g, loc, recipe = client.global_adapter, client.local_adapter, ev.recipe
+    mixing, recipe = METHODS[method].mixing, ev.recipe
+    given = {"global": client.global_adapter, "local": client.local_adapter}
+    records = [r for recs in tests.values() for r in recs]  # all tasks together: full batches
 
     def scored(mixing):
         """The scores of one fixed-mix answer set, generated only if not answered before."""
         key = answer_key(method, client.id, has_local, mixing=mixing)
         if key not in ev.answered:
-            adapters = {"base": {}, "global": {"global": g}, "local": {"local": loc}, "fixed": {"global": g, "local": loc}}
-            weights = {"base": {}, "global": {"global": 1.0}, "local": {"local": 1.0}, "fixed": mix(recipe.local_weight)}
-            with lora.using(ev.model, adapters[key[0]]):
-                ev.answered[key] = evaluate(ev, tests, weights=weights[key[0]], progress=progress)
+            names, weights = FIXED_MIXES[key[0]]
+            weights = mix(recipe.local_weight) if key[0] == "fixed" else weights
+            with lora.using(ev.model, {n: given[n] for n in names}):
+                preds = answer(ev, records, weights=weights, progress=progress)
+            ev.answered[key] = scores_by_task(tests, preds)
         return ev.answered[key]
 
-    if mixing in ("none", "global", "local", "fixed") or not has_local:
+    if mixing in FIXED_MIXES or not has_local:
         return scored(mixing)
     if mixing == "oracle":  # a bound: it reads the test instance's task
         own, other = (scored("fixed") if client.task else None), scored("global")
         return {task: dict((own if task == client.task else other)[task]) for task in tests}
+    # a dynamic row: first the client's lambda for every test instance, then its answers
     if progress is not None:
-        progress.set_postfix_str(f"client {client.id}: encoding its references")
+        progress.set_postfix_str(f"client {client.id}: lambdas")
     weigh = calibrated if mixing == "calibrated" else paper_weight
-    with lora.using(ev.model, {"global": g, "local": loc}):
+    with lora.using(ev.model, given):
         weight = weigh(ev.model, ev.tok, client.records, recipe=recipe, client_id=client.id, device=ev.device,
                        cutoff=ev.dec.cutoff)
+        reps_key = ("represented", METHODS[method].phase, client.id, recipe.pool)  # r(x): the local adapter's
+        if reps_key not in ev.answered:
+            ev.answered[reps_key] = represented(ev, records, recipe.pool)
         if progress is not None:
             progress.set_postfix_str(f"client {client.id}")
-        reps = ev.answered.setdefault(("represented", METHODS[method].phase, client.id), {})
-        return evaluate(ev, tests, dynamic=weight, progress=progress, reps=reps)
+        preds, lams = answer_dynamic(ev, records, weight, reps=ev.answered[reps_key], progress=progress)
+    return scores_by_task(tests, preds, lams)
 
 
-def evaluate_method(method: str, ev: Evaluator, tests: dict, *, client_data: list, client_tasks: list | None,
+def evaluate_method(method: str, ev: Evaluator, tests: dict, *, client_data: dict, client_tasks: list | None,
                     trained: dict, progress=None) -> dict:
     """Every client's scores with `method` (evaluate_client), P and TTP (summarize).
 
-    client_data: each client's training records; client_tasks: each client's own task, or None for test
+    client_data: each client's training records by its id; client_tasks: each client's own task, or None for test
     sets of tasks no client trained on (the paper's unseen tasks: no P, and the -oracle rows answer
     every task with the global adapter alone); trained: as for feddpa.setup_phase; progress: a tqdm bar
     advanced by answers_needed() in all. Models that every client shares (base, FedIT, Centralized) are
@@ -259,10 +280,10 @@ def evaluate_method(method: str, ev: Evaluator, tests: dict, *, client_data: lis
         per_client = [scores] * len(client_data)
     else:
         per_client = [evaluate_client(method, ev, tests, progress=progress,
-                                      client=EvalClient(i, records, client_tasks[i] if client_tasks else "",
-                                                        phase["global"], phase["locals"][i]))
-                      for i, records in enumerate(client_data)]
-    no_local = [] if m.shared else [i for i, local in enumerate(phase["locals"]) if local is None]
+                                      client=EvalClient(i, records, client_tasks[k] if client_tasks else "",
+                                                        phase["global"], phase["locals"][k]))
+                      for k, (i, records) in enumerate(client_data.items())]
+    no_local = [] if m.shared else [i for i, local in zip(client_data, phase["locals"]) if local is None]
     return summarize(per_client, client_tasks, no_local=no_local, seconds=time.time() - t0)
 
 

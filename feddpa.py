@@ -14,10 +14,11 @@ The algorithm, each step named by the function that does it (fed.py holds the ge
                  fresh one of its own, fresh_local) with the frozen global one mixed in,
                      h = W x + (1 - a) * dW_global x + a * dW_local x,      a = 0.5  (mix),
                  then its copy of the global adapter alone, and sends that (feddpa_t_step)
-  inference      per test instance x, lambda(x) = clamp(s * mean_k cos(r(x), r(x_k)), 0, 1), s = 0.5,
+  inference      per test instance x, lambda(x) = clamp(s * mean_k sim(r(x), r(x_k)), 0, 1), s = 0.5,
                  r the representation with the local adapter (represent), x_1..x_K K = 5 of the
-                 client's training instructions drawn once (paper_weight, dynamic_lambda); the local
-                 adapter gets lambda, the global one 1 - lambda (mix), per example inside a batch
+                 client's training instructions drawn once (paper_weight, dynamic_lambda), sim the
+                 cosine (the paper's ablation: L2 and Pearson, see similarity); the local adapter
+                 gets lambda, the global one 1 - lambda (mix), per example inside a batch
                  (evaluation.answer)
 
 Each client owns a *global* adapter, averaged by the server every round (it learns what all clients
@@ -67,8 +68,9 @@ class Method:
 # "fixed", the training mix a for every instance (the paper's ablation); "paper", the paper's
 # instance-wise dynamic weight; "calibrated", the calibrated dynamic weight (beyond the paper, below);
 # "oracle", the training mix on the client's own task and the global adapter alone on the others: it
-# reads the test instance's task, so it is a bound on any mixing rule, not a method.
-MIXINGS = ("none", "global", "local", "fixed", "paper", "calibrated", "oracle")
+# reads the test instance's task, so it is a bound on any mixing rule, not a method; "sum", both adapters
+# at weight 1 (the rule most follow-up work on dual adapters uses).
+MIXINGS = ("none", "global", "local", "fixed", "paper", "calibrated", "oracle", "sum")
 
 # Every method, in the table's order. Adding a method is one entry here.
 METHODS = {
@@ -84,6 +86,8 @@ METHODS = {
     "feddpa-t-fixed": Method("feddpa-t", "fixed"),
     "feddpa-t-calibrated": Method("feddpa-t", "calibrated"),
     "feddpa-t-oracle": Method("feddpa-t", "oracle"),
+    # not for FedDPA-F: its local adapter is a fine-tuned copy of its global one, which a sum counts twice
+    "feddpa-t-sum": Method("feddpa-t", "sum"),
 }
 
 @dataclass
@@ -98,6 +102,7 @@ class Recipe:
     k_refs: int = 5                 # K training instructions per client for the dynamic weight
     calibration_refs: int = 40      # M training instructions per client for the calibrated weight
     pool: str = "last"              # instance representation: 'last' prompt token or 'mean'
+    similarity: str = "cosine"      # sim of the paper's lambda: 'cosine', 'l2' or 'pearson' (similarity)
     lambda_to: str = "local"        # which adapter gets lambda; 'global' is what the official code does
     weighting: str = "count"        # FedAvg's weights: by example count, or 'uniform'
     seed: int = 0
@@ -215,12 +220,14 @@ def phase_schedule(spec: PhaseSpec, recipe: Recipe, n_clients: int) -> tuple:
 
 
 def setup_phase(name: str, model, *, pad_id: int, recipe: Recipe, datasets: list, init: dict, trained: dict) -> Phase:
-    """Phase `name` on the clients' encoded datasets, every adapter starting from init; trained holds
-    the phases already run ({phase: {"global": adapter, "locals": [...]}}): FedDPA-F starts from FedIT's."""
+    """Phase `name` on the clients' encoded datasets ({client id: examples}: a client's id names its
+    seeds, so a client is the same in a run of a subset of the clients), every adapter starting from
+    init; trained holds the phases already run ({phase: {"global": adapter, "locals": [...]}}): FedDPA-F
+    starts from FedIT's."""
     spec = PHASES[name]
     start = trained[spec.starts_from]["global"] if spec.starts_from else init
-    sets = [[e for d in datasets for e in d]] if spec.pooled else datasets
-    clients = [Client(i, d, seeded(recipe.seed, name, "client", i)) for i, d in enumerate(sets)]
+    sets = {0: [e for d in datasets.values() for e in d]} if spec.pooled else datasets
+    clients = [Client(i, d, seeded(recipe.seed, name, "client", i)) for i, d in sets.items()]
     rounds, fraction, train = phase_schedule(spec, recipe, len(datasets))
     step = spec.client_step(model, pad_id, train, recipe=recipe, start=start)
     return Phase(clients, step, rounds, fraction, start if spec.sends else {}, recipe.seed, recipe.weighting)
@@ -300,18 +307,38 @@ def precise(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-def dynamic_lambda(reps, ref_reps, scale: float):
-    """lambda = clamp(scale * mean_k cos(r(x), r(x_k)), 0, 1), per instance: (B, dim), (K, dim) -> (B,)."""
-    cos = F.cosine_similarity(reps.to(ref_reps.dtype)[:, None, :], ref_reps[None, :, :], dim=-1)  # (B, K)
-    return (scale * cos.mean(-1)).clamp(0.0, 1.0)
+SIMILARITIES = ("cosine", "l2", "pearson")
+
+
+def similarity(a, b, kind: str = "cosine"):
+    """sim(a, b) of the paper's similarity-metric ablation, row by row, (B, 1, dim) with (1, K, dim) -> (B, K):
+      cosine   a.b / (|a| |b|), in [-1, 1] (the paper's choice)
+      pearson  the correlation of a's and b's coordinates: the cosine of a - mean(a) and b - mean(b), in [-1, 1]
+      l2       1 - |a - b| / (|a| + |b|), in [0, 1]: 1 where a = b, 0 where they point opposite ways. It
+               reads the raw representations, norms included (a distance on unit vectors would only
+               re-rank the cosine), and the triangle inequality keeps it in [0, 1] at any scale.
+    Each then enters lambda as the cosine does: clamp(scale * mean_k sim, 0, 1)."""
+    if kind == "cosine":
+        return F.cosine_similarity(a, b, dim=-1)
+    if kind == "pearson":
+        return F.cosine_similarity(a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True), dim=-1)
+    if kind == "l2":
+        return 1 - (a - b).norm(dim=-1) / (a.norm(dim=-1) + b.norm(dim=-1)).clamp_min(torch.finfo(a.dtype).tiny)
+    raise ValueError(f"unknown similarity {kind!r}; choose from {', '.join(SIMILARITIES)}")
+
+
+def dynamic_lambda(reps, ref_reps, scale: float, *, kind: str = "cosine"):
+    """lambda = clamp(scale * mean_k sim(r(x), r(x_k)), 0, 1), per instance: (B, dim), (K, dim) -> (B,)."""
+    sim = similarity(reps.to(ref_reps.dtype)[:, None, :], ref_reps[None, :, :], kind)  # (B, K)
+    return (scale * sim.mean(-1)).clamp(0.0, 1.0)
 
 
 def paper_weight(model, tok, records, *, recipe: Recipe, client_id: int, device, cutoff=512) -> "PaperWeight":
     """A client's dynamic weight as the paper has it, from K of its training instructions (drawn once,
     seeded); its local adapter must be loaded."""
     refs = draw_references(records, recipe.k_refs, seed=recipe.seed, client_id=client_id)
-    return PaperWeight(reference_reps(model, tok, refs, pool=recipe.pool, device=device, cutoff=cutoff), recipe.lambda_scale, recipe.pool,
-                   recipe.lambda_to)
+    return PaperWeight(reference_reps(model, tok, refs, pool=recipe.pool, device=device, cutoff=cutoff),
+                       recipe.lambda_scale, recipe.pool, recipe.lambda_to, recipe.similarity)
 
 
 @dataclass
@@ -321,10 +348,11 @@ class PaperWeight:
     scale: float               # lambda_scale
     pool: str
     to: str                    # the adapter that gets lambda
+    similarity: str = "cosine"
 
     def lam(self, r):
         """lambda per instance, (B,), from the instances' representations r (B, dim) = represent(...)."""
-        return dynamic_lambda(r, self.ref_reps, self.scale)
+        return dynamic_lambda(r, self.ref_reps, self.scale, kind=self.similarity)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -102,8 +102,8 @@ def test_batched_dynamic_weighting_equals_one_instance_at_a_time(tiny, beams):
     tests = [recs[0] for recs in world.tests.values()]
     dec = evaluation.Decode(max_new_tokens=6, num_beams=beams, batch_size=8)
     ev = evaluation.Evaluator(m, tok, dec, "cpu")
-    batched, lams = evaluation.answer(ev, tests, dynamic=dynamic)
-    alone = [evaluation.answer(ev, [r], dynamic=dynamic) for r in tests]
+    batched, lams = evaluation.answer_dynamic(ev, tests, dynamic)
+    alone = [evaluation.answer_dynamic(ev, [r], dynamic) for r in tests]
     assert [a[0][0] for a in alone] == batched
     assert all(abs(a[1][0] - l) < 1e-6 for a, l in zip(alone, lams))
     assert len(set(batched)) > 1 and len(set(round(l, 4) for l in lams)) > 1
@@ -159,7 +159,7 @@ def test_every_method_end_to_end_on_a_tiny_run(tiny_dir, tmp_path, capsys, dtype
     out = tmp_path / "out"
     train.main(["--data", str(tmp_path / "data"), "--model", str(tiny_dir), "--rounds", "2", "--local-steps", "2",
                 "--batch-size", "4", "--micro-batch-size", "2", "--test-per-task", "3", "--max-new-tokens", "4",
-                "--dtype", dtype, "--out", str(out), "-v"])
+                "--dtype", dtype, "--out", str(out), "-v", "--methods", ",".join(feddpa.METHODS)])
     # adapters train and are saved in float32 whatever the base's dtype
     assert {t.dtype for t in hf.read_safetensors(str(out / "adapters" / "fedit" / "global.safetensors")).values()} == {torch.float32}
     res = json.loads((out / "results.json").read_text())
@@ -229,7 +229,7 @@ def test_a_client_that_never_trained_a_local_adapter_is_scored_with_the_global_a
     records = [r for t in tasks for r in world.tests[t][:3]]
 
     def answers(weights):
-        return evaluation.answer(evaluation.Evaluator(m, tok, dec, "cpu"), records, weights=weights)[0]
+        return evaluation.answer(evaluation.Evaluator(m, tok, dec, "cpu"), records, weights=weights)
     alone = answers({"global": 1.0})
     for wrong in ({}, {"local": 1.0}, feddpa.mix(0.5)):  # the check has teeth: each gives other answers
         assert answers(wrong) != alone, wrong
@@ -240,7 +240,7 @@ def test_a_client_that_never_trained_a_local_adapter_is_scored_with_the_global_a
     assert len(rows) >= 4
     for method in rows:
         got = evaluation.evaluate_method(method, evaluation.Evaluator(m, tok, dec, "cpu", recipe), tests,
-                                         client_data=world.clients[:3], client_tasks=tasks, trained=trained)
+                                         client_data=dict(enumerate(world.clients[:3])), client_tasks=tasks, trained=trained)
         assert got["no_local"] == [1], method
         for task in tasks:
             assert got["per_client"][1][task]["exact"] == 100.0, (method, task)
@@ -274,11 +274,11 @@ def test_no_answer_is_generated_twice_and_shared_answers_are_the_rows_own(tiny, 
     lora.load_adapter(m, "global", fedit)
     lora.load_adapter(m, "local", trained["feddpa-f"]["locals"][0])
     records = [r for t in tasks for r in world.tests[t][:2]]
-    it = iter(evaluation.answer(evaluation.Evaluator(m, tok, dec, "cpu"), records, weights=feddpa.mix(0.3))[0])
+    it = iter(evaluation.answer(evaluation.Evaluator(m, tok, dec, "cpu"), records, weights=feddpa.mix(0.3)))
     tests = {t: [{**r, "output": next(it)} for r in world.tests[t][:2]] for t in tasks}
 
     def run(evaluator_of):
-        return {method: evaluation.evaluate_method(method, evaluator_of(method), tests, client_data=world.clients[:3],
+        return {method: evaluation.evaluate_method(method, evaluator_of(method), tests, client_data=dict(enumerate(world.clients[:3])),
                                                    client_tasks=tasks, trained=trained)
                 for method in feddpa.METHODS}
     alone = run(lambda method: evaluation.Evaluator(m, tok, dec, "cpu", recipe))  # each method with its own
@@ -290,14 +290,14 @@ def test_no_answer_is_generated_twice_and_shared_answers_are_the_rows_own(tiny, 
     def fingerprint(slot):
         return hash(tuple(v.numpy().tobytes() for _, v in sorted(lora.adapter_tensors(m, slot).items())))
 
-    def spy(ev, records, *, weights=None, dynamic=None, progress=None, reps=None):
-        if dynamic is None:  # which adapters, and how much of each, answer which instance
+    def spy(ev, records, *, weights=None, lams=None, to="local", progress=None):
+        if lams is None:  # which adapters, and how much of each, answer which instance
             model_ = tuple(sorted((slot, fingerprint(slot), float(w)) for slot, w in (weights or {}).items() if w))
             generated.extend((model_, json.dumps(r, sort_keys=True)) for r in records)
         else:  # a dynamic mix is the client's own: each call its own
-            calls.append(dynamic)
+            calls.append(lams)
             generated.extend(("dynamic", len(calls), i) for i in range(len(records)))
-        return real(ev, records, weights=weights, dynamic=dynamic, progress=progress, reps=reps)
+        return real(ev, records, weights=weights, lams=lams, to=to, progress=progress)
     real_represent, represented = evaluation.represent, []
 
     def spy_represent(model, ids, mask, *, pool):  # a test instance's r(x): which local adapter, which prompt
@@ -313,7 +313,7 @@ def test_no_answer_is_generated_twice_and_shared_answers_are_the_rows_own(tiny, 
     n_dynamic = sum(trained[p]["locals"][i] is not None for p in ("feddpa-t", "feddpa-f") for i in range(3))
     assert len(represented) == len(set(represented)) == n_dynamic * sum(map(len, tests.values())), "an r(x) computed twice"
     has_local = lambda phase, i: trained[phase]["locals"][i] is not None  # noqa: E731
-    assert len(generated) == sum(evaluation.answers_needed(list(feddpa.METHODS), tests, 3, has_local=has_local).values())
+    assert len(generated) == sum(evaluation.answers_needed(list(feddpa.METHODS), tests, [0, 1, 2], has_local=has_local).values())
     assert len(generated) < 3 * len(feddpa.METHODS) * sum(map(len, tests.values()))  # something was shared
     strip = lambda r: {k: v for k, v in r.items() if k != "eval_seconds"}  # noqa: E731
     for method in feddpa.METHODS:
@@ -373,7 +373,7 @@ def test_representing_training_and_answering_leave_the_callers_mix_and_mode_as_t
         assert layer_state(m) == before
         dec = evaluation.Decode(max_new_tokens=3, batch_size=2)
         dynamic = feddpa.paper_weight(m, tok, world.clients[0], recipe=feddpa.Recipe(k_refs=3), client_id=0, device="cpu")
-        evaluation.answer(evaluation.Evaluator(m, tok, dec, "cpu"), world.tests[world.client_tasks[1]][:3], dynamic=dynamic)
+        evaluation.answer_dynamic(evaluation.Evaluator(m, tok, dec, "cpu"), world.tests[world.client_tasks[1]][:3], dynamic)
         assert layer_state(m) == before
         examples = [data.encode_example(tok, r) for r in world.clients[0][:8]]
         client = fed.Client(0, examples, torch.Generator().manual_seed(0))
@@ -404,7 +404,7 @@ def every_step(m, tok, world):
     def phases(m):
         trained = {}
         for name in feddpa.PHASES:
-            phase = feddpa.setup_phase(name, m, pad_id=tok.pad_id, recipe=recipe, datasets=examples,
+            phase = feddpa.setup_phase(name, m, pad_id=tok.pad_id, recipe=recipe, datasets=dict(enumerate(examples)),
                                        init=lora.get_adapter(m, "global"), trained=trained)
             federation = feddpa.run_phase(name, phase)
             trained[name] = feddpa.phase_result(name, federation.global_adapter, phase.clients, trained=trained)

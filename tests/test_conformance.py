@@ -104,7 +104,7 @@ def compute() -> dict:
                                lambda_scale=CASE["lambda_scale"])
         trained = {}
         for name in feddpa.PHASES:
-            phase = feddpa.setup_phase(name, model, pad_id=pad, recipe=recipe, datasets=datasets, init=init, trained=trained)
+            phase = feddpa.setup_phase(name, model, pad_id=pad, recipe=recipe, datasets=dict(enumerate(datasets)), init=init, trained=trained)
             federation = feddpa.run_phase(name, phase)
             trained[name] = feddpa.phase_result(name, federation.global_adapter, phase.clients, trained=trained)
     finally:

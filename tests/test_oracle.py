@@ -18,6 +18,7 @@ import json
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -214,7 +215,7 @@ def runs(setting, tiny_dir):
     recipe = feddpa.Recipe(train=train, rounds=ROUNDS, local_weight=A_MIX, finetune_rounds=1.0, seed=SEED)
     ours = {}
     for name in feddpa.PHASES:
-        phase = feddpa.setup_phase(name, model, pad_id=tok.pad_id, recipe=recipe, datasets=datasets, init=init,
+        phase = feddpa.setup_phase(name, model, pad_id=tok.pad_id, recipe=recipe, datasets=dict(enumerate(datasets)), init=init,
                                    trained=ours)
         federation = fed.run_rounds(fed.Federation(phase.start, len(phase.clients)), fed.in_process(phase.clients, phase.step),
                                     rounds=phase.rounds,
@@ -263,7 +264,7 @@ def test_dynamic_weighting_equals_the_oracle_one_instance_at_a_time(setting, run
     dynamic = feddpa.PaperWeight(feddpa.reference_reps(model, tok, refs, pool="last", device="cpu"), 0.5, "last", to)
     tests = [recs[i] for recs in world.tests.values() for i in range(2)]
     dec = evaluation.Decode(max_new_tokens=6, num_beams=1, batch_size=8)
-    answers, lams = evaluation.answer(evaluation.Evaluator(model, tok, dec, "cpu"), tests, dynamic=dynamic)
+    answers, lams = evaluation.answer_dynamic(evaluation.Evaluator(model, tok, dec, "cpu"), tests, dynamic)
 
     o = Oracle(str(tiny_dir))
     o.load("global", trained["global"])
@@ -337,6 +338,8 @@ def test_every_method_is_evaluated_with_its_own_adapters_and_mix(setting, tiny_d
                     weights = {"local": 1.0}
                 elif method.endswith("-fixed"):
                     weights = {"local": 0.3, "global": 0.7}
+                elif method.endswith("-sum"):
+                    weights = {"local": 1.0, "global": 1.0}
                 elif method.endswith("-oracle"):
                     weights = {"local": 0.3, "global": 0.7} if task == client_tasks[client] else {"global": 1.0}
                 elif method.endswith("-calibrated"):
@@ -356,7 +359,7 @@ def test_every_method_is_evaluated_with_its_own_adapters_and_mix(setting, tiny_d
         tests = {task: [{**rec, "output": answers[0][task][i] or "-"} for i, rec in enumerate(world.tests[task][:2])]
                  for task in tasks}
         got = evaluation.evaluate_method(method, evaluation.Evaluator(model, tok, dec, "cpu", recipe), tests,
-                                         client_data=world.clients[:3], client_tasks=client_tasks, trained=trained)
+                                         client_data=dict(enumerate(world.clients[:3])), client_tasks=client_tasks, trained=trained)
         for c in range(3):
             for task in tasks:
                 want = evaluation.score(answers[c][task], [r["output"] for r in tests[task]])
@@ -389,6 +392,7 @@ class Setting:
     beams: int = 1           # --num-beams
     pool: str = "last"       # --pool
     to: str = "local"        # --lambda-to
+    similarity: str = "cosine"  # --similarity
     answers: bool = False    # compare client 1's lambdas and answers with the oracle's too
 
 
@@ -404,7 +408,20 @@ SETTINGS = {
     "4 beams": Setting(beams=4, answers=True),
     "4 beams, lambda to global": Setting(beams=4, to="global", answers=True),
     "mean pooling": Setting(pool="mean", answers=True),
+    "L2 similarity": Setting(similarity="l2", answers=True),
+    "Pearson similarity": Setting(similarity="pearson", answers=True),
 }
+
+
+def sim(a, b, kind: str) -> float:
+    """The similarity of two representations (dim,), restated: the cosine, Pearson's r of their
+    coordinates (numpy's corrcoef), or 1 - |a - b| / (|a| + |b|)."""
+    a, b = a.double().numpy(), b.double().numpy()
+    if kind == "pearson":
+        return float(np.corrcoef(a, b)[0, 1])
+    if kind == "l2":
+        return float(1 - np.linalg.norm(a - b) / (np.linalg.norm(a) + np.linalg.norm(b)))
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def sampled(n: int, fraction: float, round_: int) -> list:
@@ -534,11 +551,11 @@ def test_every_setting_equals_the_oracle(setting, tiny_dir, name):
                            max_grad_norm=CLIP)
     recipe = feddpa.Recipe(train=train, rounds=s.rounds, fraction=s.fraction, local_weight=s.a,
                            finetune_rounds=s.finetune, k_refs=K, pool=s.pool, lambda_to=s.to, weighting=s.weighting,
-                           seed=SEED)
+                           similarity=s.similarity, seed=SEED)
     rate = DropoutRate(model, s.dropout)
     ours = {}
     for phase in s.phases:
-        run = feddpa.setup_phase(phase, model, pad_id=tok.pad_id, recipe=recipe, datasets=datasets, init=init,
+        run = feddpa.setup_phase(phase, model, pad_id=tok.pad_id, recipe=recipe, datasets=dict(enumerate(datasets)), init=init,
                                  trained=ours)
         federation = feddpa.run_phase(phase, run)
         ours[phase] = feddpa.phase_result(phase, federation.global_adapter, run.clients, trained=ours)
@@ -575,7 +592,7 @@ def test_every_setting_equals_the_oracle(setting, tiny_dir, name):
     dynamic = feddpa.paper_weight(model, tok, world.clients[1], recipe=recipe, client_id=1, device="cpu")
     tests = [recs[0] for recs in world.tests.values()]
     dec = evaluation.Decode(max_new_tokens=8, num_beams=s.beams, batch_size=8)
-    answers, lams = evaluation.answer(evaluation.Evaluator(model, tok, dec, "cpu"), tests, dynamic=dynamic)
+    answers, lams = evaluation.answer_dynamic(evaluation.Evaluator(model, tok, dec, "cpu"), tests, dynamic)
     rate.close()
     assert rate.calls and rate.unchanged == rate.calls, "dropout at evaluation"
 
@@ -588,7 +605,7 @@ def test_every_setting_equals_the_oracle(setting, tiny_dir, name):
     for rec, answer, lam in zip(tests, answers, lams):
         prompt = data.encode_prompt(tok, rec)
         rep = o.represent(prompt, s.pool)
-        want = min(max(0.5 * sum(F.cosine_similarity(rep, r, dim=0).item() for r in refs) / K, 0.0), 1.0)
+        want = min(max(0.5 * sum(sim(rep, r, s.similarity) for r in refs) / K, 0.0), 1.0)
         assert abs(lam - want) < 1e-5, (rec["instruction"], lam, want)
         assert answer == o.answer(prompt, {s.to: want, other: 1 - want}, tok, dec.max_new_tokens, s.beams)
         swapped += answer != o.answer(prompt, {other: want, s.to: 1 - want}, tok, dec.max_new_tokens, s.beams)

@@ -484,7 +484,7 @@ def test_test_data_scores_every_method_on_the_unseen_tasks(tiny_run, tmp_path, c
         scored = r["unseen"][method]["per_client"][client]
         assert list(scored) == list(tests), method
         for task, recs in tests.items():
-            answers, _ = evaluation.answer(evaluation.Evaluator(model, tok, dec, "cpu"), recs, weights={slot: 1.0})
+            answers = evaluation.answer(evaluation.Evaluator(model, tok, dec, "cpu"), recs, weights={slot: 1.0})
             assert scored[task]["rouge1_each"] == pytest.approx(evaluation.score(answers, [x["output"] for x in recs])["rouge1_each"])
     for method, row in r["unseen"].items():
         assert row["TTP"] == pytest.approx(sum(sum(s["rouge1"] for s in c.values()) / len(c) for c in row["per_client"]) / 3)
