@@ -159,6 +159,10 @@ class FedData:
     client_tasks: list[str]        # each client's own task: the commonest category it trains on
     name: str
     notes: list[str] = field(default_factory=list)  # warnings worth showing the user
+    client_ids: list[int] = field(default_factory=list)  # each client's id (its seeds' name): its place in the full set
+
+    def __post_init__(self):
+        self.client_ids = self.client_ids or list(range(len(self.clients)))
 
 
 def federated_data(name: str, clients: list[list[dict]], test_records: list[dict]) -> FedData:
@@ -326,6 +330,24 @@ def dirichlet_split(records: list[dict], n_clients: int, alpha: float = 0.5, min
             return [[records[i] for i in sorted(share)] for share in shares]
     raise ValueError(f"no Dirichlet(alpha={alpha}) split of {len(records)} records gave all {n_clients} "
                      f"clients {min_size} records in {max_tries} draws; lower min_size or raise alpha")
+
+
+def select_tasks(fed: FedData, tasks: list, *, records: bool = False) -> FedData:
+    """Only tasks' test sets, and only the clients whose own task is one of them, each keeping its id (so
+    its seeds, and its data order, are those it has in the full set). records: keep instead every training
+    record of those tasks, on whichever client, for a re-split (partition); ValueError for a task the
+    data has not."""
+    known = list(dict.fromkeys([*fed.tests, *fed.client_tasks]))
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; the tasks are {', '.join(known)}")
+    tests = {t: recs for t, recs in fed.tests.items() if t in tasks}
+    if records:
+        clients = [kept for recs in fed.clients if (kept := [r for r in recs if r["category"] in tasks])]
+        return federated_data(f"{fed.name}, tasks {','.join(tasks)}", clients, [r for rs in tests.values() for r in rs])
+    keep = [k for k, t in enumerate(fed.client_tasks) if t in tasks]
+    return FedData([fed.clients[k] for k in keep], tests, [fed.client_tasks[k] for k in keep],
+                   f"{fed.name}, tasks {','.join(tasks)}", fed.notes, [fed.client_ids[k] for k in keep])
 
 
 def partition(fed: FedData, n_clients: int, alpha: float = 0.5, min_size: int = 10,

@@ -94,6 +94,26 @@ def start(out: str, config: dict, state: dict):
     atomic_write(os.path.join(out, "config.json"), [json.dumps(config, indent=1).encode()])
 
 
+def rescored_state(run: str, out: str, methods: list) -> dict:
+    """A re-scoring run's start: the adapters the run in `run` trained (its checkpoint), none of its
+    scores; refused (one line) where they cannot be had or do not cover `methods`."""
+    path = os.path.join(run, "checkpoint.pt")
+    if os.path.abspath(run) == os.path.abspath(out):
+        raise UserError(f"--out {out}: re-scoring writes a new run and never into {run}; choose another --out")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: not found; re-scoring reads the adapters a run's checkpoint holds (a carried "
+                        "study keeps only its results)")
+    state = load_state(run)
+    if state.get("flower"):
+        raise UserError(f"{run}: a Flower run; its local adapters live on its nodes: re-score it there")
+    for method in methods:
+        missing = [p for p in feddpa.phases_of(method) if p not in state.get("trained", {})]
+        if missing:
+            raise UserError(f"--methods {method}: {run} did not finish training its {missing[0]} phase "
+                            f"(finished: {', '.join(state.get('trained', {})) or 'none'})")
+    return {**state, "results": {}, "unseen": {}, "curves": {}, "current": None, "elapsed": 0.0}
+
+
 def remove_partial_writes(out: str):
     for tmp in glob.glob(os.path.join(glob.escape(out), "**", "*.tmp[0-9]*"), recursive=True):
         os.remove(tmp)  # what a killed atomic_write left behind
@@ -219,8 +239,11 @@ def budget(history: list, n_clients: int) -> dict:
     return {"steps": steps, "examples": examples}
 
 
-def write_results(out: str, config: dict, state: dict, client_tasks: list, seconds: float):
-    res = {"config": config, "client_tasks": client_tasks, "methods": {}, "training": {},
+def write_results(out: str, config: dict, state: dict, client_tasks: list, seconds: float, client_ids: list | None = None):
+    """OUT/results.json and OUT/adapters/<phase>/ (each client's local adapter named by its id, which
+    --tasks keeps: client_ids, by default 0..n-1)."""
+    client_ids = client_ids or list(range(len(client_tasks)))
+    res = {"config": config, "client_tasks": client_tasks, "client_ids": client_ids, "methods": {}, "training": {},
            "seconds": {"total": seconds, "pretrain": state.get("pretrain_seconds", 0.0),
                        "training": {p: t["seconds"] for p, t in state["trained"].items()},
                        "evaluation": {m: r["eval_seconds"] for m, r in state["results"].items()}}}
@@ -232,7 +255,7 @@ def write_results(out: str, config: dict, state: dict, client_tasks: list, secon
         os.makedirs(d, exist_ok=True)
         if t["global"]:
             write_safetensors(t["global"], os.path.join(d, "global.safetensors"))
-        for i, local in enumerate(t["locals"]):
+        for i, local in zip(client_ids, t["locals"]):
             if local is not None:
                 write_safetensors(local, os.path.join(d, f"client{i}_local.safetensors"))
     for method, r in state["results"].items():
@@ -245,6 +268,8 @@ def write_results(out: str, config: dict, state: dict, client_tasks: list, secon
                                   "per_client": r["per_client"],
                                   "budget": {"phases": phases, "steps_per_client": per_client[0],
                                              "examples_per_client": per_client[1]}}
+        if state.get("curves", {}).get(method):  # --eval-every
+            res["methods"][method]["curve"] = state["curves"][method]
     if state.get("unseen"):
         res["unseen"] = {method: {"TTP": r["TTP"], "TTP_exact": r["exact"]["TTP"], "eval_seconds": r["eval_seconds"],
                                   "per_client": r["per_client"]} for method, r in state["unseen"].items()}
@@ -293,11 +318,13 @@ def print_table(results: dict, tasks: list, client_tasks: list, verbose: bool):
 # ----------------------------------------------------------------------------------------------
 # One training phase, checkpointed after every round and resumed from the last complete one
 
-def run_phase(name: str, phase, state: dict, save, *, out: str, progress: bool = False, train_round=None):
+def run_phase(name: str, phase, state: dict, save, *, out: str, progress: bool = False, train_round=None,
+              on_round=None):
     """feddpa.run_phase, checkpointed: state["current"] holds the phase's progress after each round
     (continued from there if it is this phase's), state["trained"][name] its result at the end.
     train_round: how the clients are reached; by default phase.clients, in this process (a Flower server
-    passes its own, and its phase's clients are placeholders that never hold a local adapter)."""
+    passes its own, and its phase's clients are placeholders that never hold a local adapter).
+    on_round(name, phase, federation): after each round, before its checkpoint (train.py's curve)."""
     federation = None
     resume = state.get("current")
     if resume and resume["phase"] == name:  # continue from the last complete round
@@ -313,6 +340,8 @@ def run_phase(name: str, phase, state: dict, save, *, out: str, progress: bool =
             tqdm.write(f"{name:>12} round {h['round'] + 1:>2} of {phase.rounds}: loss {h['loss']:.3f}, "
                        f"{len(h['clients'])} clients, {(h['bytes_down'] + h['bytes_up']) / 1e6:.2f} MB, {h['seconds']:.1f}s",
                        file=sys.stderr)
+        if on_round is not None:
+            on_round(name, phase, f)
         state["current"] = {"phase": name, "global": f.global_adapter, "round": f.round, "history": f.history,
                             "clients": [(c.local, c.generator.get_state()) for c in phase.clients], "rng": get_rng()}
         save(state)
@@ -352,11 +381,12 @@ def mean_std(xs: list) -> tuple:
     return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
 
 
-def run_seeds(out: str, seeds: list, config: dict, run_one):
+def run_seeds(out: str, seeds: list, config: dict, run_one, defaults: dict | None = None):
     """run_one(seed, folder, begun) for each seed in OUT/seed<N> (begun: the folder holds a started run, to
     resume), then the summary over seeds. A seed whose folder holds its results.json has finished and is
     read, not run again: a study can be carried between machines as its config.json and each finished
-    seed's results.json alone (no checkpoints, no adapters)."""
+    seed's results.json alone (no checkpoints, no adapters). defaults: the value of a setting that a seed
+    written before it existed lacks."""
     os.makedirs(out, exist_ok=True)
     atomic_write(os.path.join(out, "config.json"), [json.dumps(config, indent=1).encode()])
     per_seed = {}
@@ -368,19 +398,21 @@ def run_seeds(out: str, seeds: list, config: dict, run_one):
         print(f"\n=== seed {seed}: {folder}{' (finished)' if finished else ' (resumed)' if begun else ''}")
         if not finished:
             run_one(seed, folder, begun)
-        per_seed[seed] = read_seed(path, {**config, "seed": seed, "seeds": ""})
+        per_seed[seed] = read_seed(path, {**config, "seed": seed, "seeds": ""}, defaults)
     write_seed_summary(out, config, per_seed)
 
 
-SEED_FREE = ("out", "device", "plain")  # a seed's settings that may differ from its study's: where, on what and how it ran
+SEED_FREE = ("out", "device", "plain", "rescore")  # a seed's settings that may differ from its study's: where, on what
+# and how it ran, and (re-scoring) which of the re-scored study's seeds it reads
 
 
-def read_seed(path: str, want: dict) -> dict:
-    """One seed's results.json, refused (one line) unless it was run with this study's settings."""
+def read_seed(path: str, want: dict, defaults: dict | None = None) -> dict:
+    """One seed's results.json, refused (one line) unless it was run with this study's settings (a
+    setting its config lacks, written before the setting existed, compared at its default)."""
     try:
         with open(path) as f:
             res = json.load(f)
-        got = res["config"]
+        got = {**(defaults or {}), **res["config"]}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: not a finished seed's results ({first_line(e)})") from None
     for key in sorted(set(want) | set(got)):

@@ -41,7 +41,8 @@ def opt(default, help):
 class Config:
     data: str = opt("builtin", "'builtin' benchmark or a directory in the paper's federated format")
     model: str = opt("builtin", "'builtin' tiny base (pretrained here, cached), an HF Llama folder, or a hub id")
-    methods: str = opt(",".join(feddpa.METHODS), "comma-separated methods to run")
+    methods: str = opt(",".join(m for m in feddpa.METHODS if m != "feddpa-t-sum"),  # the sum row: asked for by name
+                       "comma-separated methods to run")
     rounds: int = opt(12, "communication rounds R (the paper: 20)")
     local_epochs: float = opt(1.0, "epochs over a client's data per round (when --local-steps is 0)")
     local_steps: int = opt(3, "optimizer steps per client per round; 0 = use --local-epochs")
@@ -58,6 +59,8 @@ class Config:
     clients: int = opt(0, "0: one client per released client file / task; N: Dirichlet split over tasks")
     dirichlet_alpha: float = opt(0.5, "Dirichlet concentration for --clients N")
     min_client_size: int = opt(10, "minimum examples per client in a Dirichlet split")
+    tasks: str = opt("", "comma-separated tasks: only their clients take part (each keeping its id and seeds) and "
+                     "only they are tested; with --clients N their records are kept before the split")
     cutoff: int = opt(512, "maximum tokens per training example")
     max_dropped: float = opt(0.2, "refuse a run where a client loses more than this share of its records to --cutoff")
     local_weight: float = opt(0.5, "FedDPA-T: local adapter weight a while training it; the -fixed rows' weight")
@@ -65,6 +68,7 @@ class Config:
     k_refs: int = opt(5, "dynamic weighting: K training instructions per client")
     pool: str = opt("last", "instance representation: 'last' prompt token or 'mean'")
     lambda_to: str = opt("local", "adapter that gets lambda: 'local' (the paper's text) or 'global' (official code)")
+    similarity: str = opt("cosine", "dynamic weighting: the similarity lambda averages: cosine, l2 or pearson")
     finetune_rounds: float = opt(1.0, "FedDPA-F: local fine-tuning after FedIT, in rounds of local training (the paper: 1)")
     test_per_task: int = opt(15, "test instances per task (0 = all)")
     test_data: str = opt("", "a second federated folder whose test sets every method also answers: tasks no "
@@ -72,6 +76,11 @@ class Config:
     max_new_tokens: int = opt(24, "generation length (the paper: 80)")
     num_beams: int = opt(1, "beam search width (the paper: 4)")
     eval_batch_size: int = opt(64, "prompts per generation batch")
+    eval_every: int = opt(0, "score each running phase's adapters every N rounds and after its last, on "
+                          "--curve-per-task test instances per task: the convergence curve (0 = off)")
+    curve_per_task: int = opt(10, "test instances per task of the curve: a fixed seeded subset")
+    rescore: str = opt("", "evaluate the adapters the run in this folder trained, with the inference flags "
+                       "given, into --out (training flags are refused)")
     pretrain_steps: int = opt(200, "steps of pretraining for the built-in base model")
     init_adapter: str = opt("", "start every adapter from this PEFT adapter folder (e.g. one export.py wrote; "
                             "its adapter_config.json must give --lora-r, --lora-alpha and --targets)")
@@ -89,6 +98,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch
 ALIASES = {"lambda_scale": "alpha", "local_weight": "mix"}  # earlier flag and config.json names, still accepted
 ALIASES_BACK = {old: new for new, old in ALIASES.items()}
 RUNTIME = ("device", "plain")  # how a run is computed, not what: a resume may change them
+# what --rescore may change: how trained adapters are evaluated (FedDPA-T trains with --local-weight)
+INFERENCE = ("methods", "k_refs", "pool", "similarity", "lambda_scale", "lambda_to", "num_beams", "max_new_tokens",
+             "test_per_task", "test_data", "eval_batch_size")
 
 
 def parse_args(argv=None):
@@ -119,6 +131,19 @@ def check_flags(cfg: Config, args):
                         f"drop --{ignored[0].replace('_', '-')}")
     if "local_epochs" in args.given and cfg.local_steps:
         raise UserError(f"--local-epochs is used only with --local-steps 0 (now {cfg.local_steps})")
+    training = [n for n in args.given if n not in (*INFERENCE, *RUNTIME, "out", "rescore")]
+    if cfg.rescore and training:
+        raise UserError(f"--rescore changes only how {cfg.rescore}'s adapters are evaluated; --{training[0].replace('_', '-')} "
+                        f"is a training setting: drop it")
+    if cfg.rescore and args.resume:
+        raise UserError("--rescore starts a new run in --out; a re-scoring run is resumed with --resume alone")
+
+
+def rescored_config(cfg: Config, args) -> Config:
+    """The settings of the run in cfg.rescore, with the inference flags given (check_flags refused any other)."""
+    run = resumed_config(cfg, cfg.rescore)
+    return replace(run, **{name: getattr(cfg, name) for name in args.given if name in INFERENCE},
+                   out=cfg.out, rescore=cfg.rescore, eval_every=0)
 
 
 def resumed_config(cfg: Config, out: str) -> Config:
@@ -158,6 +183,9 @@ def check_config(cfg: Config):
                 (cfg.weighting not in ("count", "uniform"), f"--weighting {cfg.weighting!r}: count or uniform"),
                 (cfg.pool not in ("last", "mean"), f"--pool {cfg.pool!r}: last or mean"),
                 (cfg.lambda_to not in ("local", "global"), f"--lambda-to {cfg.lambda_to!r}: local or global"),
+                (cfg.similarity not in feddpa.SIMILARITIES,
+                 f"--similarity {cfg.similarity!r}: {', '.join(feddpa.SIMILARITIES)}"),
+                (cfg.eval_every < 0 or cfg.curve_per_task < 1, "--eval-every must be >= 0 and --curve-per-task >= 1"),
                 (cfg.dtype not in DTYPES, f"--dtype {cfg.dtype!r}: float32, bfloat16 or float64"),
                 (cfg.device not in ("auto", "cpu", "cuda"), f"--device {cfg.device!r}: auto, cpu or cuda"),
                 (cfg.k_refs < 1, f"--k-refs {cfg.k_refs} must be >= 1"),
@@ -193,15 +221,21 @@ def recipe(cfg: Config) -> feddpa.Recipe:
                            bf16=cfg.dtype == "bfloat16")
     return feddpa.Recipe(train=train, rounds=cfg.rounds, fraction=cfg.fraction, local_weight=cfg.local_weight,
                          finetune_rounds=cfg.finetune_rounds, lambda_scale=cfg.lambda_scale, k_refs=cfg.k_refs,
-                         pool=cfg.pool, lambda_to=cfg.lambda_to, weighting=cfg.weighting, seed=cfg.seed)
+                         pool=cfg.pool, lambda_to=cfg.lambda_to, similarity=cfg.similarity, weighting=cfg.weighting,
+                         seed=cfg.seed)
 
 
 # ----------------------------------------------------------------------------------------------
 # Data and model
 
 def load_data(name: str, seed: int, clients: int, dirichlet_alpha: float, min_client_size: int,
-              test_per_task: int) -> data.FedData:
+              test_per_task: int, tasks: str = "") -> data.FedData:
     fd = builtin.benchmark(seed) if name == "builtin" else data.load_federated(name)
+    if tasks:
+        try:
+            fd = data.select_tasks(fd, tasks.split(","), records=bool(clients))
+        except ValueError as e:
+            raise UserError(f"{name}: --tasks: {e}") from None
     if clients:
         try:
             fd = data.partition(fd, clients, dirichlet_alpha, min_client_size, seed)
@@ -256,8 +290,10 @@ def open_run(cfg: Config, args) -> tuple:
         cfg = resumed_config(cfg, args.resume)
         state = runs.load_state(cfg.out)
     else:
+        if cfg.rescore and "rescore" in args.given:  # (a seed of a re-scored study comes with its settings)
+            cfg = rescored_config(cfg, args)
+        state = runs.rescored_state(cfg.rescore, cfg.out, cfg.methods.split(",")) if cfg.rescore else None
         runs.check_new(cfg.out, args.overwrite)
-        state = None
     check_config(cfg)
     if state is None:
         check_init_adapter(cfg)
@@ -273,16 +309,17 @@ def run(cfg: Config, args):
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    fd = load_data(cfg.data, cfg.seed, cfg.clients, cfg.dirichlet_alpha, cfg.min_client_size, cfg.test_per_task)
+    fd = load_data(cfg.data, cfg.seed, cfg.clients, cfg.dirichlet_alpha, cfg.min_client_size, cfg.test_per_task, cfg.tasks)
     unseen = (load_data(cfg.test_data, cfg.seed, 0, cfg.dirichlet_alpha, cfg.min_client_size, cfg.test_per_task).tests
               if cfg.test_data else {})  # only its tests: clients 0, as released
     t0 = time.time()
     model_dir, tok = base_and_tokenizer(cfg, device, not args.quiet)
-    encoded = data.encode_clients(fd.clients, tok, cfg.cutoff, cfg.max_dropped)
+    encoded = dict(zip(fd.client_ids, data.encode_clients(fd.clients, tok, cfg.cutoff, cfg.max_dropped)))  # by client id
+    client_data = dict(zip(fd.client_ids, fd.clients))
     # keys kept apart: the two data sets may name a task alike
     every_test = {**fd.tests, **{f"{cfg.test_data}: {t}": recs for t, recs in unseen.items()}}
     data.check_lengths(cfg.model, tok, hf.config_from_hf(os.path.join(model_dir, "config.json")).context, every_test,
-                       encoded, cfg.cutoff, cfg.max_new_tokens)
+                       list(encoded.values()), cfg.cutoff, cfg.max_new_tokens)
     model = load_model(cfg, model_dir, device)
     pretrain_seconds = time.time() - t0
     bf16, progress = cfg.dtype == "bfloat16", not args.quiet
@@ -297,15 +334,18 @@ def run(cfg: Config, args):
         runs.save_state(cfg.out, s)
     if state is None:
         init = hf.read_peft(cfg.init_adapter, lora.adapter_tensors(model, "global")) if cfg.init_adapter else lora.get_adapter(model, "global")
-        state = {"init": init, "trained": {}, "results": {}, "unseen": {}, "current": None,
+        state = {"init": init, "trained": {}, "results": {}, "unseen": {}, "curves": {}, "current": None,
                  "pretrain_seconds": pretrain_seconds, "elapsed": time.time() - t_start}
+        runs.start(cfg.out, asdict(cfg), state)
+    elif cfg.rescore and not os.path.isfile(os.path.join(cfg.out, "checkpoint.pt")):  # a re-scoring run's start
+        runs.check_state(state, model, len(fd.clients), os.path.join(cfg.rescore, "checkpoint.pt"))
         runs.start(cfg.out, asdict(cfg), state)
     else:
         runs.check_state(state, model, len(fd.clients), os.path.join(cfg.out, "checkpoint.pt"))
         runs.remove_partial_writes(cfg.out)
     methods = cfg.methods.split(",")
     rec = recipe(cfg)
-    print(f"data: {fd.name}, {len(fd.clients)} clients, {sum(map(len, encoded))} training examples, "
+    print(f"data: {fd.name}, {len(fd.clients)} clients, {sum(map(len, encoded.values()))} training examples, "
           f"{len(fd.tests)} test tasks x <= {max(map(len, fd.tests.values()))}; model: {model_dir} "
           f"({sum(p.numel() for p in model.parameters() if not p.requires_grad):,} frozen parameters); device {device}")
     for note in fd.notes:
@@ -313,23 +353,27 @@ def run(cfg: Config, args):
     needed = {p for m in methods for p in feddpa.phases_of(m)}
     todo_phases = [p for p in feddpa.PHASES if p in needed and p not in state["trained"]]
     state.setdefault("unseen", {})  # a checkpoint written before --test-data existed has none
+    state.setdefault("curves", {})  # nor one written before --eval-every
     todo_methods = [m for m in methods if m not in state["results"]]
     todo_unseen = [m for m in methods if unseen and m not in state["unseen"]]
-    answers = (sum(evaluation.answers_needed(todo_methods, fd.tests, len(fd.clients)).values())
-               + sum(evaluation.answers_needed(todo_unseen, unseen, len(fd.clients), own_tasks=False).values()))
+    answers = (sum(evaluation.answers_needed(todo_methods, fd.tests, fd.client_ids).values())
+               + sum(evaluation.answers_needed(todo_unseen, unseen, fd.client_ids, own_tasks=False).values()))
     print("work ahead: " + "; ".join(f"{p} {feddpa.schedule(p, rec, len(fd.clients))}" for p in todo_phases)
           + f"{'; ' if todo_phases else ''}{answers:,} answers of up to {cfg.max_new_tokens} tokens for {len(todo_methods)} methods")
 
+    dec = evaluation.Decode(cfg.max_new_tokens, cfg.num_beams, cfg.eval_batch_size, cfg.cutoff)
     # fast.py's forwards, entered once for training and once for evaluation (--plain: never); rows is a
     # layout hint: about a micro-batch's real tokens, then a generation batch's rows
     with fast.enabled(model, rows=64 * cfg.micro_batch_size, on=not cfg.plain):
         for name in todo_phases:
             phase = feddpa.setup_phase(name, model, pad_id=tok.pad_id, recipe=rec, datasets=encoded, init=state["init"],
                                        trained=state["trained"])
-            runs.run_phase(name, phase, state, save, out=cfg.out, progress=progress)
-    dec = evaluation.Decode(cfg.max_new_tokens, cfg.num_beams, cfg.eval_batch_size, cfg.cutoff)
-    def has_local(phase, i):
-        return state["trained"][phase]["locals"][i] is not None
+            runs.run_phase(name, phase, state, save, out=cfg.out, progress=progress,
+                           on_round=curve(cfg, state, evaluation.Evaluator(model, tok, dec, device, rec), fd)
+                           if cfg.eval_every else None)
+
+    def has_local(phase, k):
+        return state["trained"][phase]["locals"][k] is not None
     # each method on the data set's own tests, then (--test-data) on the unseen tasks' tests; the answer
     # sets a method shares with one before it are generated once (evaluation.answer_key)
     with fast.enabled(model, rows=cfg.eval_batch_size * cfg.num_beams, on=not cfg.plain):
@@ -337,23 +381,48 @@ def run(cfg: Config, args):
                                                ("unseen", unseen, None, todo_unseen)):
             ev = evaluation.Evaluator(model, tok, dec, device, rec)  # one per test set: its answer sets shared
             for method in todo:
-                n = evaluation.answers_needed([method], tests, len(fd.clients), has_local=has_local, known=ev.answered,
+                n = evaluation.answers_needed([method], tests, fd.client_ids, has_local=has_local, known=ev.answered,
                                               own_tasks=client_tasks is not None)
                 bar = tqdm(total=n[method], unit="answer", leave=False,
                            desc=f"evaluating {method}{' on unseen tasks' if key == 'unseen' else ''}", disable=not progress)
                 with bar, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    state[key][method] = evaluation.evaluate_method(method, ev, tests, client_data=fd.clients,
+                    state[key][method] = evaluation.evaluate_method(method, ev, tests, client_data=client_data,
                                                                     client_tasks=client_tasks, trained=state["trained"],
                                                                     progress=bar)
                 save(state)
     if todo_phases or todo_methods or todo_unseen or "elapsed" not in state:  # (a checkpoint from before "elapsed")
         save(state)  # the total that results.json gives, kept for a resume of the finished run
-    res = runs.write_results(cfg.out, asdict(cfg), state, fd.client_tasks, state["elapsed"])
+    res = runs.write_results(cfg.out, asdict(cfg), state, fd.client_tasks, state["elapsed"], fd.client_ids)
     runs.print_table(state["results"], list(fd.tests), fd.client_tasks, args.verbose)
     if unseen:
         runs.print_unseen(state["unseen"], cfg.test_data, list(unseen))
     runs.print_times(res["seconds"])
     print(f"\nresults: {os.path.join(cfg.out, 'results.json')}  ({time.time() - t_start:.0f}s)")
+
+
+def curve(cfg: Config, state: dict, ev, fd: data.FedData):
+    """--eval-every's hook for runs.run_phase: after every cfg.eval_every rounds of a phase, and after its
+    last, the scores of the methods of that phase on a fixed seeded subset of cfg.curve_per_task test
+    instances per task, appended to state["curves"] (saved with the round's checkpoint). ev: an
+    Evaluator, copied for each point (its answer sets are a point's own). Evaluating draws nothing from
+    the clients' generators and leaves the model as it found it: training goes on as without it."""
+    tests = {task: [recs[i] for i in sorted(torch.randperm(len(recs), generator=fed.seeded(cfg.seed, "curve", task))
+                                            [:cfg.curve_per_task].tolist())] for task, recs in fd.tests.items()}
+
+    def point(name: str, phase, federation):
+        if federation.round % cfg.eval_every and federation.round != phase.rounds:
+            return
+        before = feddpa.PHASES[name].starts_from  # FedDPA-F's round comes after FedIT's
+        rounds = federation.round + (len(state["trained"][before]["history"]) if before else 0)
+        now = {**state["trained"],
+               name: feddpa.phase_result(name, federation.global_adapter, phase.clients, trained=state["trained"])}
+        one = replace(ev, answered={})
+        for method in (m for m in cfg.methods.split(",") if feddpa.METHODS[m].phase == name):
+            with torch.autocast(torch.device(ev.device).type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+                r = evaluation.evaluate_method(method, one, tests, client_data=dict(zip(fd.client_ids, fd.clients)),
+                                               client_tasks=fd.client_tasks, trained=now)
+            state["curves"].setdefault(method, []).append({"round": rounds, "P": r["P"], "TTP": r["TTP"]})
+    return point
 
 
 def run_seeds(cfg: Config, args):
@@ -363,19 +432,25 @@ def run_seeds(cfg: Config, args):
     if args.resume:
         cfg = resumed_config(cfg, args.resume)
     else:
+        cfg = rescored_config(cfg, args) if cfg.rescore else cfg
         runs.check_new(cfg.out, args.overwrite)
     check_config(cfg)
-    if not args.resume:  # before OUT/config.json is written (a resumed study's new seeds: in open_run)
+    if not args.resume and not cfg.rescore:  # before OUT/config.json is written (a resumed study's new seeds: in open_run)
         check_init_adapter(cfg)
-    runs.run_seeds(cfg.out, [int(s) for s in cfg.seeds.split(",")], asdict(cfg),
-                   lambda seed, out, begun: run(replace(cfg, seed=seed, seeds="", out=out), argparse.Namespace(
-                       **{**vars(args), "resume": out if begun else None, "given": []})))
+
+    def one(seed, out, begun):  # a re-scored study re-scores each of its seeds' runs
+        rescore = os.path.join(cfg.rescore, f"seed{seed}") if cfg.rescore else ""
+        run(replace(cfg, seed=seed, seeds="", out=out, rescore=rescore),
+            argparse.Namespace(**{**vars(args), "resume": out if begun else None, "given": []}))
+    runs.run_seeds(cfg.out, [int(s) for s in cfg.seeds.split(",")], asdict(cfg), one, defaults=asdict(Config()))
 
 
 def main(argv=None):
     cfg, args = parse_args(argv)
     try:
-        run_seeds(cfg, args) if cfg.seeds or (args.resume and runs.read_config(args.resume).get("seeds")) else run(cfg, args)
+        study = (cfg.seeds or (args.resume and runs.read_config(args.resume).get("seeds"))
+                 or (cfg.rescore and not args.resume and runs.read_config(cfg.rescore).get("seeds")))
+        run_seeds(cfg, args) if study else run(cfg, args)
     except KeyboardInterrupt:
         out = args.resume or cfg.out
         if os.path.isfile(os.path.join(out, "config.json")):

@@ -72,6 +72,9 @@ def settings(train_args: str) -> tuple:
         raise UserError("--seeds: start one Flower run per seed")
     if cfg.test_data:
         raise UserError("--test-data: a Flower run scores each client on its own data's tests only")
+    for flag in ("eval_every", "tasks", "rescore"):
+        if getattr(cfg, flag):
+            raise UserError(f"--{flag.replace('_', '-')}: not over Flower (a node keeps only its last local adapter); use train.py")
     return cfg, args
 
 
@@ -159,7 +162,7 @@ def train_step(msg: Message, context: Context) -> Message:
     phase_name, round_ = str(run["phase"]), int(run["round"])
     received = from_record(msg.content["global"])
     model, tok = node.model()
-    encoded = [[] for _ in node.fd.clients]  # this client's records only: the others are not its to train on
+    encoded = {i: [] for i in range(len(node.fd.clients))}  # this client's records only: the others are not its to train on
     encoded[node.id] = data.encode_clients([node.records], tok, cfg.cutoff, cfg.max_dropped)[0]
     phase = feddpa.setup_phase(phase_name, model, pad_id=tok.pad_id, recipe=train.recipe(cfg), datasets=encoded,
                                init=received, trained={p: {"global": received} for p in feddpa.PHASES})  # the adapter to start from
@@ -374,7 +377,9 @@ def main(grid: Grid, context: Context) -> None:
     nodes.discover(wait=float(conf["connect-timeout"]))
     if state is None:
         init = hf.read_peft(cfg.init_adapter, lora.adapter_tensors(model, "global")) if cfg.init_adapter else lora.get_adapter(model, "global")
-        state = {"init": init, "trained": {}, "results": {}, "current": None, "pretrain_seconds": time.time() - t0}
+        # "flower": its local adapters are on the nodes (train.py --rescore refuses it)
+        state = {"init": init, "trained": {}, "results": {}, "current": None, "pretrain_seconds": time.time() - t0,
+                 "flower": True}
         runs.start(cfg.out, asdict(cfg), state)
     else:
         runs.check_state(state, model, n, os.path.join(cfg.out, "checkpoint.pt"))
@@ -387,7 +392,7 @@ def main(grid: Grid, context: Context) -> None:
         if name not in needed or name in state["trained"]:
             continue
         # the server's phase: the schedule of feddpa.setup_phase, with placeholder clients that hold no data
-        phase = feddpa.setup_phase(name, model, pad_id=0, recipe=rec, datasets=[[] for _ in range(n)], init=state["init"],
+        phase = feddpa.setup_phase(name, model, pad_id=0, recipe=rec, datasets={i: [] for i in range(n)}, init=state["init"],
                                    trained=state["trained"])
         runs.run_phase(name, phase, state, lambda s: runs.save_state(cfg.out, s), out=cfg.out,
                        train_round=nodes.train_round(name, phase.rounds))
