@@ -1,7 +1,7 @@
 """Throughput benchmark: LoRA training and generation (ours vs transformers + peft), FedDPA inference, pretraining.
 
     python -m extras.bench                           # every scenario (several minutes on 2 cores)
-    python -m extras.bench --only a,infer --steps 3  # some: a b c d (31M / built-in), smol gen (SmolLM2), infer pretrain
+    python -m extras.bench --only a,infer --steps 3  # some: a b c d (31M / built-in), smol gen (SmolLM2), infer itime pretrain
     python -m extras.bench --e2e                     # also time the default `python train.py` (minutes)
     python -m extras.bench --only a --profile        # plus a torch.profiler table of our training step
 
@@ -49,7 +49,7 @@ except ImportError:
 MID = ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=1376, vocab_size=16000,
                         max_seq_len=512)
 QV = ("q_proj", "v_proj")  # the paper's targets
-SCENARIOS = ("a", "b", "c", "d", "infer", "gen", "smol", "pretrain")
+SCENARIOS = ("a", "b", "c", "d", "infer", "itime", "gen", "smol", "pretrain")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,7 +364,7 @@ def smollm2_rows(args, only, kinds: list):
         from transformers import AutoModelForCausalLM
         fp32_rows = {}
         for dtype, _ in kinds:
-            ours = hf.from_pretrained(args.smollm2, dtype=dtype).eval()
+            ours = hf.from_pretrained(args.smollm2, dtype=dtype).eval().requires_grad_(False)  # frozen, as train.py's base
             theirs = AutoModelForCausalLM.from_pretrained(args.smollm2, dtype=dtype).eval()
             for beams in (1, 4):
                 g = bench_infer.bench_generation(ours, theirs, tok, tests, beams, args.gen_tokens, args.gen_batch,
@@ -427,7 +427,7 @@ def main(argv=None):
               f"{'best':>7} {'median':>6}")
     if only & {"a", "b", "c"}:
         flan_rows(args, only, peak32, peak16, tmp.name)
-    if only & {"d", "infer", "pretrain"}:
+    if only & {"d", "infer", "itime", "pretrain"}:
         tok, fd = pretrain.train_tokenizer(os.path.join(tmp.name, "tok.model")), builtin.benchmark(0)
         d = save_base(PRESETS["base"], os.path.join(tmp.name, "base"))
     if "d" in only:
@@ -443,6 +443,12 @@ def main(argv=None):
               f"   batched per-example weights, cached references (ours)   {batched:8.2f} instances/s\n"
               f"   one at a time, references drawn per instance (official) {single:8.2f} instances/s"
               f"   ours {batched / single:.1f}x")
+    if "itime" in only:
+        times = bench_infer.inference_time(d, tok, fd)
+        print("\n2b. inference time per instance (the paper's table), default base, 64 instances of one task, "
+              "32 greedy tokens, nothing shared\n" + f"   {'':<24}{'batch 1':>12}{'batch 64':>12}")
+        for mode in bench_infer.INFERENCE_MODES:
+            print(f"   {mode:<24}" + "".join(f"{1000 * times[mode, b]:>9.1f} ms" for b in (1, 64)))
     if only & {"gen", "smol"}:
         smollm2_rows(args, only, dtypes(args.dtypes, peak32))
     if "pretrain" in only or args.e2e:

@@ -1,7 +1,9 @@
 """Inference benchmarks (bench.py runs them): FedDPA's instance-wise dynamic weighting as evaluation.answer
 does it, per-example weights inside batches with each client's references encoded once, against the
 official code's procedure, one test instance at a time with its references drawn and encoded afresh;
-and our generate against transformers' on a real checkpoint, with where each one's time goes.
+the paper's inference-time table (the global adapter alone, the fixed mix, the dynamic weight, at
+batch 1 and batched); and our generate against transformers' on a real checkpoint, with where each
+one's time goes.
 """
 import random
 import time
@@ -47,7 +49,7 @@ def bench_inference(d: str, tok, fd, n: int = 64):
 
     def ours():
         dynamic = feddpa.paper_weight(m, tok, fd.clients[0], recipe=recipe, client_id=0, device="cpu")
-        evaluation.answer(evaluation.Evaluator(m, tok, dec, "cpu", recipe), records, dynamic=dynamic)
+        evaluation.answer_dynamic(evaluation.Evaluator(m, tok, dec, "cpu", recipe), records, dynamic)
     rate = {}
     with fast.enabled(m, dec.batch_size):  # as train.py evaluates
         for name, run in (("batched", ours), ("single", lambda: one_at_a_time(m, tok, records, fd.clients[0], dec, recipe))):
@@ -56,6 +58,42 @@ def bench_inference(d: str, tok, fd, n: int = 64):
                 run()
                 rate[name] = max(rate.get(name, 0), n / (time.perf_counter() - t0))
     return rate["batched"], rate["single"]
+
+
+INFERENCE_MODES = ("global adapter alone", "fixed mix", "dynamic weight")
+
+
+def inference_time(d: str, tok, fd, n: int = 64, batches=(1, 64), max_new_tokens: int = 32) -> dict:
+    """The paper's inference-time table: seconds per test instance of answering n instances of client 0's
+    own task with the global adapter alone, the fixed mix a = 0.5, and the paper's dynamic weight, at
+    each batch size, greedy, nothing shared between runs (each dynamic run draws and encodes the
+    client's K references, then every instance's r(x), then answers). The default base model with all
+    seven projections adapted, random non-zero adapters; the faster of two runs. {(mode, batch): s}."""
+    m = lora.inject(hf.from_pretrained(d), lora.TARGETS, r=8, lora_alpha=16, dropout=0.05).eval()
+    g = torch.Generator().manual_seed(0)
+    for _, layer in lora.lora_layers(m):
+        for name in lora.ADAPTERS:
+            layer.lora_B[name].weight.data.normal_(0, 0.02, generator=g)
+    adapters = {name: lora.get_adapter(m, name) for name in lora.ADAPTERS}
+    records, recipe = fd.tests[fd.client_tasks[0]][:n], feddpa.Recipe()
+    times = {}
+    for batch in batches:
+        ev = evaluation.Evaluator(m, tok, evaluation.Decode(max_new_tokens=max_new_tokens, batch_size=batch), "cpu", recipe)
+
+        def dynamic():
+            weight = feddpa.paper_weight(m, tok, fd.clients[0], recipe=recipe, client_id=0, device="cpu")
+            evaluation.answer_dynamic(ev, records, weight)
+        runs = {"global adapter alone": ({"global": adapters["global"]}, lambda: evaluation.answer(ev, records, weights={"global": 1.0})),
+                "fixed mix": (adapters, lambda: evaluation.answer(ev, records, weights=feddpa.mix(recipe.local_weight))),
+                "dynamic weight": (adapters, dynamic)}
+        with fast.enabled(m, batch):  # as train.py evaluates
+            for mode, (loaded, run) in runs.items():
+                with lora.using(m, loaded):
+                    for _ in range(2):
+                        t0 = time.perf_counter()
+                        run()
+                        times[mode, batch] = min(times.get((mode, batch), float("inf")), (time.perf_counter() - t0) / n)
+    return times
 
 
 def until_eos(row, eos: int) -> list:

@@ -6,6 +6,8 @@
     lambda.png    for each dynamic-weight row, the distribution of lambda on the client's own task and
                   on the other tasks
     loss.png      the mean training loss per round of each phase
+    curve.png     the paper's convergence figure: P and TTP against the round, one line per method,
+                  mean ± std over seeds (a run with --eval-every; not drawn without one)
 
 Reads OUT/results.json as train.py writes it (one run, or --seeds: then every seed's scores are pooled
 or averaged as each figure says). matplotlib is an optional extra: pip install matplotlib.
@@ -105,6 +107,37 @@ def loss_figure(plt, runs: list, path: str):
     plt.close(fig)
 
 
+def curve_figure(plt, runs: list, path: str) -> bool:
+    """P and TTP against the round for every method with a curve (train.py --eval-every): the mean over
+    seeds, a band of ± one (sample) std where there are several. False where no method has a curve."""
+    methods = [m for m, r in runs[0]["methods"].items() if r.get("curve")]
+    if not methods:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    for ax, metric in zip(axes, ("P", "TTP")):
+        for method in methods:
+            points = {}  # round -> the seeds' values
+            for r in runs:
+                for pt in r["methods"][method].get("curve", []):
+                    points.setdefault(pt["round"], []).append(pt[metric])
+            rounds = sorted(points)
+            mean = [sum(points[x]) / len(points[x]) for x in rounds]
+            std = [(sum((v - m) ** 2 for v in points[x]) / (len(points[x]) - 1)) ** 0.5 if len(points[x]) > 1 else 0.0
+                   for x, m in zip(rounds, mean)]
+            line, = ax.plot(rounds, mean, marker="o", ms=3, label=method)
+            if len(runs) > 1:
+                ax.fill_between(rounds, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                color=line.get_color(), alpha=0.15)
+        ax.set_xlabel("communication round")
+        ax.set_ylabel(f"{metric}, ROUGE-1 F1 (%)")
+        ax.set_title(metric + (f" (mean ± std over {len(runs)} seeds)" if len(runs) > 1 else ""))
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", help="a finished run's folder (train.py --out)")
@@ -127,9 +160,9 @@ def main(argv=None) -> int:
     d = os.path.join(args.out, "figures")
     os.makedirs(d, exist_ok=True)
     for name, draw in (("scores", scores_figure), ("clients", clients_figure), ("lambda", lambda_figure),
-                       ("loss", loss_figure)):
-        draw(plt, runs, os.path.join(d, f"{name}.png"))
-        print(os.path.join(d, f"{name}.png"))
+                       ("loss", loss_figure), ("curve", curve_figure)):
+        if draw(plt, runs, os.path.join(d, f"{name}.png")) is not False:
+            print(os.path.join(d, f"{name}.png"))
     return 0
 
 

@@ -35,3 +35,32 @@ def test_smollm2_scenarios_give_each_ratio_and_the_bound_its_profile_sets(capsys
         assert len(gen) == 1 and re.search(r"ours \d+\.\d+x; \d+ tokens, identical", gen[0]), out
     assert len(re.findall(r"with these kernels at most \d+\.\d+x", out)) == 3, out
     assert re.search(r"a decoding step \(reads \d+ MB of weights: \d+\.\d+ GB/s\)", out), out
+
+
+def test_inference_time_table_times_each_mode_without_sharing(tiny_dir, monkeypatch):
+    """The paper's inference-time table (bench_infer.inference_time), shrunk: a time per instance for
+    each mode at each batch size, and nothing shared between runs: every dynamic run encodes the
+    client's references and the instances' r(x) afresh, and only the dynamic runs do."""
+    import builtin
+    import evaluation
+    import feddpa
+    import hf
+    from extras import bench_infer
+    calls = {"references": 0, "represented": 0}
+    real_refs, real_rep = feddpa.reference_reps, evaluation.represented
+
+    def refs(*args, **kwargs):
+        calls["references"] += 1
+        return real_refs(*args, **kwargs)
+
+    def rep(*args, **kwargs):
+        calls["represented"] += 1
+        return real_rep(*args, **kwargs)
+    monkeypatch.setattr(feddpa, "reference_reps", refs)
+    monkeypatch.setattr(evaluation, "represented", rep)
+    fd = builtin.benchmark(seed=0, n_train=10, n_test=4)
+    tok = hf.load_tokenizer(str(tiny_dir), hf.config_from_hf(str(tiny_dir / "config.json")))
+    times = bench_infer.inference_time(str(tiny_dir), tok, fd, n=4, batches=(1, 4), max_new_tokens=3)
+    assert set(times) == {(mode, b) for mode in bench_infer.INFERENCE_MODES for b in (1, 4)}
+    assert all(0 < t < 10 for t in times.values())
+    assert calls == {"references": 4, "represented": 4}  # 2 batch sizes x the faster of 2 runs, dynamic only
