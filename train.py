@@ -421,7 +421,8 @@ def curve(cfg: Config, state: dict, ev, fd: data.FedData):
             with torch.autocast(torch.device(ev.device).type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
                 r = evaluation.evaluate_method(method, one, tests, client_data=dict(zip(fd.client_ids, fd.clients)),
                                                client_tasks=fd.client_tasks, trained=now)
-            state["curves"].setdefault(method, []).append({"round": rounds, "P": r["P"], "TTP": r["TTP"]})
+            state["curves"].setdefault(method, []).append({"round": rounds, "P": r["P"], "TTP": r["TTP"],
+                                                           "P_exact": r["exact"]["P"], "TTP_exact": r["exact"]["TTP"]})
     return point
 
 

@@ -94,12 +94,27 @@ CURVE_RUN = ["--rounds", "3", "--local-steps", "2", "--batch-size", "4", "--micr
 
 @pytest.fixture(scope="module")
 def curve_runs(tiny_dir, tmp_path_factory):
+    """Three runs of the tiny model on three clients: without a curve and with one on every test instance,
+    where the test outputs are the base model's own answers (which hold no word, so ROUGE is 0: exact
+    match is the score that moves as the adapters train, and gives the checks teeth); and with a curve
+    on a subset, on the data's own outputs (where some answers score ROUGE-1 above 0)."""
+    import builtin
+    import data
+    import evaluation
     d = tmp_path_factory.mktemp("curves")
-    write_three_clients(d / "data", n_train=16, n_test=3)
+    world = builtin.benchmark(seed=0, n_train=16, n_test=3)
+    base = hf.from_pretrained(str(tiny_dir), dtype=torch.float64)
+    tok = hf.load_tokenizer(str(tiny_dir), base.config)
+    records = [r for recs in list(world.tests.values())[:3] for r in recs]
+    ev = evaluation.Evaluator(base, tok, evaluation.Decode(max_new_tokens=4, batch_size=16), "cpu")
+    tests = [{**r, "output": a} for r, a in zip(records, evaluation.answer(ev, records))]
+    data.write_federated(data.federated_data("tiny", world.clients[:3], tests), d / "data")
     common = ["--data", str(d / "data"), "--model", str(tiny_dir), *CURVE_RUN]
     train.main([*common, "--out", str(d / "plain")])
     train.main([*common, "--eval-every", "2", "--curve-per-task", "3", "--out", str(d / "curve")])
-    train.main([*common, "--eval-every", "1", "--curve-per-task", "2", "--out", str(d / "subset")])
+    write_three_clients(d / "real", n_train=16, n_test=3)
+    train.main(["--data", str(d / "real"), "--model", str(tiny_dir), *CURVE_RUN, "--eval-every", "1",
+                "--curve-per-task", "2", "--out", str(d / "subset")])
     return d
 
 
@@ -127,7 +142,44 @@ def test_the_curves_last_point_is_the_final_evaluation(curve_runs):
         assert rounds == ([4] if method == "feddpa-f" else [2, 3]), method
         assert res[method]["curve"][-1]["P"] == res[method]["P"], method
         assert res[method]["curve"][-1]["TTP"] == res[method]["TTP"], method
-    assert res["fedit"]["curve"][0] != res["fedit"]["curve"][1]  # the curve moves: the check has teeth
+        for k in ("P_exact", "TTP_exact"):
+            assert res[method]["curve"][-1][k] == res[method][k], (method, k)
+    points = [p[k] for m in res.values() for p in m.get("curve", []) for k in ("P_exact", "TTP_exact")]
+    assert len(set(points)) > 3  # the scores move: the check has teeth
+
+
+def test_a_curve_point_scores_the_rounds_adapters(tiny):
+    """A point of FedIT's curve answers with the round's global adapter, not the phase's starting one:
+    the test outputs are the answers of the round's adapter, so the point is those answers' score (100
+    but where an answer is empty), and the starting adapter's answers score otherwise (the check has teeth)."""
+    import data
+    import evaluation
+    import lora
+    m, tok, world = tiny
+    tasks = world.client_tasks[:3]
+    start = lora.get_adapter(m, "global")
+    g = torch.Generator().manual_seed(3)
+    now = {k: v + (torch.randn(v.shape, generator=g) if "lora_B" in k else 0) for k, v in start.items()}
+    records = [r for t in tasks for r in world.tests[t][:2]]
+    ev = evaluation.Evaluator(m, tok, evaluation.Decode(max_new_tokens=4, batch_size=8), "cpu", feddpa.Recipe())
+    answers = {}
+    for name, adapter in (("start", start), ("now", now)):
+        with lora.using(m, {"global": adapter}):
+            answers[name] = evaluation.answer(ev, records, weights={"global": 1.0})
+    assert answers["start"] != answers["now"]
+    it = iter(answers["now"])
+    fd = data.FedData(world.clients[:3], {t: [{**r, "output": next(it)} for r in world.tests[t][:2]] for t in tasks},
+                      list(tasks), "tiny")
+    cfg = train.Config(methods="fedit", eval_every=1, curve_per_task=2)
+    state = {"trained": {}, "curves": {}}
+    phase = feddpa.Phase([fed.Client(i, [], torch.Generator()) for i in range(3)], None, 1, 1.0, start, 0, "count")
+    train.curve(cfg, state, ev, fd)("fedit", phase, fed.Federation(now, 3, round=1))
+    refs = [r["output"] for t in tasks for r in fd.tests[t]]
+    want = {name: sum(evaluation.score(a[2 * k:2 * k + 2], refs[2 * k:2 * k + 2])["rouge1"] for k in range(3)) / 3
+            for name, a in answers.items()}
+    assert want["start"] != want["now"]
+    assert state["curves"] == {"fedit": [{"round": 1, "P": pytest.approx(want["now"]), "TTP": pytest.approx(want["now"]),
+                                          "P_exact": 100.0, "TTP_exact": 100.0}]}
 
 
 def test_a_curve_on_a_subset_scores_that_subset(curve_runs):
@@ -143,6 +195,7 @@ def test_a_curve_on_a_subset_scores_that_subset(curve_runs):
         p = sum(mean[t][k] for k, t in enumerate(own)) / len(own)
         ttp = sum(sum(mean[t][k] for t in tasks) / len(tasks) for k in range(len(own))) / len(own)
         assert r["curve"][-1]["P"] == pytest.approx(p, abs=1e-9) and r["curve"][-1]["TTP"] == pytest.approx(ttp, abs=1e-9)
+    assert any(c[t]["rouge1_each"][i] > 0 for c in res["methods"]["local"]["per_client"] for t in c for i in (0, 1, 2))
 
 
 def test_a_killed_and_resumed_run_draws_the_same_curve(tiny_run, tmp_path):
