@@ -72,9 +72,10 @@ def settings(train_args: str) -> tuple:
         raise UserError("--seeds: start one Flower run per seed")
     if cfg.test_data:
         raise UserError("--test-data: a Flower run scores each client on its own data's tests only")
-    for flag in ("eval_every", "tasks", "rescore"):
+    for flag, why in (("eval_every", "a node keeps only its last local adapter"), ("rescore", "its local adapters are on the nodes"),
+                      ("tasks", "a node is the client at its place in the data")):
         if getattr(cfg, flag):
-            raise UserError(f"--{flag.replace('_', '-')}: not over Flower (a node keeps only its last local adapter); use train.py")
+            raise UserError(f"--{flag.replace('_', '-')}: not over Flower ({why}); use train.py")
     return cfg, args
 
 

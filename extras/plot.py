@@ -115,7 +115,7 @@ def curve_figure(plt, runs: list, path: str) -> bool:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     for ax, metric in zip(axes, ("P", "TTP")):
-        for method in methods:
+        for i, method in enumerate(methods):
             points = {}  # round -> the seeds' values
             for r in runs:
                 for pt in r["methods"][method].get("curve", []):
@@ -124,7 +124,7 @@ def curve_figure(plt, runs: list, path: str) -> bool:
             mean = [sum(points[x]) / len(points[x]) for x in rounds]
             std = [(sum((v - m) ** 2 for v in points[x]) / (len(points[x]) - 1)) ** 0.5 if len(points[x]) > 1 else 0.0
                    for x, m in zip(rounds, mean)]
-            line, = ax.plot(rounds, mean, marker="o", ms=3, label=method)
+            line, = ax.plot(rounds, mean, marker="o", ms=3, label=method, color=plt.cm.tab20(i % 20))  # 10+ methods
             if len(runs) > 1:
                 ax.fill_between(rounds, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                                 color=line.get_color(), alpha=0.15)

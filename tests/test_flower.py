@@ -323,3 +323,13 @@ def test_flwr_is_found_beside_the_interpreter_or_named_in_one_line(tmp_path, mon
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "flwr's 'flwr' is neither beside" in err and "pip install flwr" in err
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("flag, why", [("--eval-every 1", "a node keeps only its last local adapter"),
+                                       ("--rescore runs/x", "its local adapters are on the nodes"),
+                                       ("--tasks entailment", "a node is the client at its place in the data")])
+def test_what_a_flower_run_cannot_do_is_refused_in_one_line(flag, why):
+    from runs import UserError
+    with pytest.raises(UserError) as e:
+        flower_app.settings(f"--methods fedit {flag}")
+    assert str(e.value) == f"{flag.split()[0]}: not over Flower ({why}); use train.py"
