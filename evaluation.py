@@ -133,10 +133,9 @@ def represented(ev: Evaluator, records: list, pool: str) -> list:
 def lambdas(weight, reps: list, n: int) -> torch.Tensor:
     """lambda of each of n instances, (n,), from their representations (represented) and a client's
     dynamic weight (feddpa.PaperWeight or feddpa.Calibrated), batch by batch."""
-    lams = None
-    for idx, r in reps:
-        lam = weight.lam(r)                                                   # (B,)
-        lams = torch.empty(n, dtype=lam.dtype, device=lam.device) if lams is None else lams
+    each = [(idx, weight.lam(r)) for idx, r in reps]                          # [(indices, (B,))]
+    lams = torch.empty(n, dtype=each[0][1].dtype, device=each[0][1].device)
+    for idx, lam in each:
         lams[idx] = lam
     return lams
 

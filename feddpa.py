@@ -219,7 +219,7 @@ def phase_schedule(spec: PhaseSpec, recipe: Recipe, n_clients: int) -> tuple:
     return recipe.rounds, recipe.fraction, recipe.train
 
 
-def setup_phase(name: str, model, *, pad_id: int, recipe: Recipe, datasets: list, init: dict, trained: dict) -> Phase:
+def setup_phase(name: str, model, *, pad_id: int, recipe: Recipe, datasets: dict, init: dict, trained: dict) -> Phase:
     """Phase `name` on the clients' encoded datasets ({client id: examples}: a client's id names its
     seeds, so a client is the same in a run of a subset of the clients), every adapter starting from
     init; trained holds the phases already run ({phase: {"global": adapter, "locals": [...]}}): FedDPA-F

@@ -408,6 +408,7 @@ def curve(cfg: Config, state: dict, ev, fd: data.FedData):
     the clients' generators and leaves the model as it found it: training goes on as without it."""
     tests = {task: [recs[i] for i in sorted(torch.randperm(len(recs), generator=fed.seeded(cfg.seed, "curve", task))
                                             [:cfg.curve_per_task].tolist())] for task, recs in fd.tests.items()}
+    client_data = dict(zip(fd.client_ids, fd.clients))
 
     def point(name: str, phase, federation):
         if federation.round % cfg.eval_every and federation.round != phase.rounds:
@@ -419,7 +420,7 @@ def curve(cfg: Config, state: dict, ev, fd: data.FedData):
         one = replace(ev, answered={})
         for method in (m for m in cfg.methods.split(",") if feddpa.METHODS[m].phase == name):
             with torch.autocast(torch.device(ev.device).type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-                r = evaluation.evaluate_method(method, one, tests, client_data=dict(zip(fd.client_ids, fd.clients)),
+                r = evaluation.evaluate_method(method, one, tests, client_data=client_data,
                                                client_tasks=fd.client_tasks, trained=now)
             state["curves"].setdefault(method, []).append({"round": rounds, "P": r["P"], "TTP": r["TTP"],
                                                            "P_exact": r["exact"]["P"], "TTP_exact": r["exact"]["TTP"]})

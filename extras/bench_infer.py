@@ -36,14 +36,20 @@ def one_at_a_time(m, tok, records, train_records, dec: evaluation.Decode, recipe
     return out
 
 
-def bench_inference(d: str, tok, fd, n: int = 64):
-    """Instances/s of both procedures on client 0's own task: the default base model with all seven
-    projections adapted, random non-zero global and local adapters, 32 greedy tokens."""
+def adapted_base(d: str):
+    """The model in folder d with all seven projections adapted, random non-zero global and local adapters."""
     m = lora.inject(hf.from_pretrained(d), lora.TARGETS, r=8, lora_alpha=16, dropout=0.05).eval()
     g = torch.Generator().manual_seed(0)
     for _, layer in lora.lora_layers(m):
         for name in lora.ADAPTERS:
             layer.lora_B[name].weight.data.normal_(0, 0.02, generator=g)
+    return m
+
+
+def bench_inference(d: str, tok, fd, n: int = 64):
+    """Instances/s of both procedures on client 0's own task: the default base model (adapted_base), 32
+    greedy tokens."""
+    m = adapted_base(d)
     records = fd.tests[fd.client_tasks[0]][:n]
     dec, recipe = evaluation.Decode(max_new_tokens=32, batch_size=64), feddpa.Recipe()
 
@@ -68,12 +74,8 @@ def inference_time(d: str, tok, fd, n: int = 64, batches=(1, 64), max_new_tokens
     own task with the global adapter alone, the fixed mix a = 0.5, and the paper's dynamic weight, at
     each batch size, greedy, nothing shared between runs (each dynamic run draws and encodes the
     client's K references, then every instance's r(x), then answers). The default base model with all
-    seven projections adapted, random non-zero adapters; the faster of two runs. {(mode, batch): s}."""
-    m = lora.inject(hf.from_pretrained(d), lora.TARGETS, r=8, lora_alpha=16, dropout=0.05).eval()
-    g = torch.Generator().manual_seed(0)
-    for _, layer in lora.lora_layers(m):
-        for name in lora.ADAPTERS:
-            layer.lora_B[name].weight.data.normal_(0, 0.02, generator=g)
+    seven projections adapted (adapted_base); the faster of two runs. {(mode, batch): s}."""
+    m = adapted_base(d)
     adapters = {name: lora.get_adapter(m, name) for name in lora.ADAPTERS}
     records, recipe = fd.tests[fd.client_tasks[0]][:n], feddpa.Recipe()
     times = {}

@@ -18,6 +18,8 @@ import json
 import os
 import sys
 
+from runs import mean_std
+
 
 def runs_of(res: dict) -> list:
     """The results.json of each run: one, or one per seed."""
@@ -29,8 +31,7 @@ def scores_figure(plt, runs: list, path: str):
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(methods) + 2), 4))
     for j, metric in enumerate(("P", "TTP")):
         values = [[r["methods"][m][metric] for r in runs] for m in methods]
-        mean = [sum(v) / len(v) for v in values]
-        std = [(sum((x - mu) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0 for v, mu in zip(values, mean)]
+        mean, std = zip(*(mean_std(v) for v in values))
         ax.bar([i + (j - 0.5) * 0.38 for i in range(len(methods))], mean, 0.38, yerr=std if len(runs) > 1 else None,
                capsize=3, label=metric)
     ax.set_xticks(range(len(methods)), methods, rotation=40, ha="right")
@@ -121,9 +122,7 @@ def curve_figure(plt, runs: list, path: str) -> bool:
                 for pt in r["methods"][method].get("curve", []):
                     points.setdefault(pt["round"], []).append(pt[metric])
             rounds = sorted(points)
-            mean = [sum(points[x]) / len(points[x]) for x in rounds]
-            std = [(sum((v - m) ** 2 for v in points[x]) / (len(points[x]) - 1)) ** 0.5 if len(points[x]) > 1 else 0.0
-                   for x, m in zip(rounds, mean)]
+            mean, std = zip(*(mean_std(points[x]) for x in rounds))
             line, = ax.plot(rounds, mean, marker="o", ms=3, label=method, color=plt.cm.tab20(i % 20))  # 10+ methods
             if len(runs) > 1:
                 ax.fill_between(rounds, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
