@@ -18,10 +18,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import lora
+from data import collate, encode_example
 from feddpa import METHODS, PHASES, Recipe, calibrated, mix, paper_weight, prompt_batches, represent
 from generate import generate
+from model import IGNORE_INDEX
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,6 +91,7 @@ class Evaluator:
     device: object
     recipe: Recipe = field(default_factory=Recipe)
     answered: dict = field(default_factory=dict)
+    losses: bool = False  # also each answer set's teacher-forced loss on the reference answers (the curves')
 
 
 @dataclass
@@ -123,6 +127,33 @@ def answer(ev: Evaluator, records: list, *, weights: dict | None = None, lams=No
 
 
 @torch.no_grad()
+def answer_losses(ev: Evaluator, records: list, *, weights: dict | None = None, lams=None, to: str = "local") -> list:
+    """Each record's teacher-forced loss on its reference answer, in order, as floats: the mean
+    cross-entropy of the answer's tokens (EOS included) each given the prompt and the answer before it,
+    with the mix answer() would use (weights, or lams per instance). A low-noise signal of how far the
+    adapters have learnt, beside the answers' ROUGE (the --eval-every curves)."""
+    model, dec = ev.model, ev.dec
+    # the prompt as encode_prompt keeps it (its end), then the answer, as training encodes them
+    enc = [encode_example(ev.tok, r, 1 << 30) for r in records]
+    enc = [{k: v[max(0, len(e["input_ids"]) - dec.cutoff - dec.max_new_tokens):] for k, v in e.items()} for e in enc]
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i]["input_ids"]))
+    out = [None] * len(records)
+    for s in range(0, len(order), dec.batch_size):
+        idx = order[s:s + dec.batch_size]
+        ids, mask, labels = (t.to(ev.device) for t in collate([enc[i] for i in idx], ev.tok.pad_id))
+        weights_now = mix(lams[idx], to) if lams is not None else (weights or {})
+        with lora.mixed(model, weights_now):
+            h = model.hidden(ids, mask)                                          # (B, T, dim)
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)                     # (B, T): the next token
+        keep = targets != IGNORE_INDEX
+        ce = F.cross_entropy(model.lm_head(h[keep]).float(), targets[keep], reduction="none")  # (M,)
+        per_row = torch.zeros(len(idx), dtype=ce.dtype, device=ce.device).index_add_(0, keep.nonzero()[:, 0], ce)
+        for i, v in zip(idx, (per_row / keep.sum(1)).tolist()):
+            out[i] = v
+    return out
+
+
+@torch.no_grad()
 def represented(ev: Evaluator, records: list, pool: str) -> list:
     """r(x) of every record (feddpa.represent: the local adapter the caller loaded, alone), as
     [(indices, (B, dim))] in answer()'s batches (a batch's representations are those its prompts get together)."""
@@ -148,9 +179,10 @@ def answer_dynamic(ev: Evaluator, records: list, weight, *, reps: list | None = 
     return answer(ev, records, lams=lams, to=weight.to, progress=progress), lams.tolist()
 
 
-def scores_by_task(tests: dict, preds: list, lams=None) -> dict:
+def scores_by_task(tests: dict, preds: list, lams=None, losses=None) -> dict:
     """{task: score()} of answers preds to every task's test instances in turn (as evaluate_client orders
-    them), with each instance's lambda and their mean where lams (a list of floats) are given."""
+    them), with each instance's lambda and their mean where lams (a list of floats) are given, and the
+    mean teacher-forced loss ("loss") where losses (answer_losses) are."""
     result, start = {}, 0
     for task, recs in tests.items():
         end = start + len(recs)
@@ -158,6 +190,8 @@ def scores_by_task(tests: dict, preds: list, lams=None) -> dict:
         if lams is not None:
             mine = lams[start:end]
             result[task]["lambda"], result[task]["lambdas"] = sum(mine) / max(len(recs), 1), mine
+        if losses is not None:
+            result[task]["loss"] = sum(losses[start:end]) / max(len(recs), 1)
         start = end
     return result
 
@@ -238,7 +272,8 @@ def evaluate_client(method: str, ev: Evaluator, tests: dict, *, client: EvalClie
             weights = mix(recipe.local_weight) if key[0] == "fixed" else weights
             with lora.using(ev.model, {n: given[n] for n in names}):
                 preds = answer(ev, records, weights=weights, progress=progress)
-            ev.answered[key] = scores_by_task(tests, preds)
+                losses = answer_losses(ev, records, weights=weights) if ev.losses else None
+            ev.answered[key] = scores_by_task(tests, preds, losses=losses)
         return ev.answered[key]
 
     if mixing in FIXED_MIXES or not has_local:
@@ -259,7 +294,8 @@ def evaluate_client(method: str, ev: Evaluator, tests: dict, *, client: EvalClie
         if progress is not None:
             progress.set_postfix_str(f"client {client.id}")
         preds, lams = answer_dynamic(ev, records, weight, reps=ev.answered[reps_key], progress=progress)
-    return scores_by_task(tests, preds, lams)
+        losses = (answer_losses(ev, records, lams=torch.tensor(lams, dtype=torch.float64), to=weight.to) if ev.losses else None)
+    return scores_by_task(tests, preds, lams, losses)
 
 
 def evaluate_method(method: str, ev: Evaluator, tests: dict, *, client_data: dict, client_tasks: list | None,

@@ -403,7 +403,8 @@ def run(cfg: Config, args):
 def curve(cfg: Config, state: dict, ev, fd: data.FedData):
     """--eval-every's hook for runs.run_phase: after every cfg.eval_every rounds of a phase, and after its
     last, the scores of the methods of that phase on a fixed seeded subset of cfg.curve_per_task test
-    instances per task, appended to state["curves"] (saved with the round's checkpoint). ev: an
+    instances per task (ROUGE-1, exact match, and the teacher-forced loss on the reference answers:
+    P_loss, TTP_loss), appended to state["curves"] (saved with the round's checkpoint). ev: an
     Evaluator, copied for each point (its answer sets are a point's own). Evaluating draws nothing from
     the clients' generators and leaves the model as it found it: training goes on as without it."""
     tests = {task: [recs[i] for i in sorted(torch.randperm(len(recs), generator=fed.seeded(cfg.seed, "curve", task))
@@ -417,13 +418,15 @@ def curve(cfg: Config, state: dict, ev, fd: data.FedData):
         rounds = federation.round + (len(state["trained"][before]["history"]) if before else 0)
         now = {**state["trained"],
                name: feddpa.phase_result(name, federation.global_adapter, phase.clients, trained=state["trained"])}
-        one = replace(ev, answered={})
+        one = replace(ev, answered={}, losses=True)
         for method in (m for m in cfg.methods.split(",") if feddpa.METHODS[m].phase == name):
             with torch.autocast(torch.device(ev.device).type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
                 r = evaluation.evaluate_method(method, one, tests, client_data=client_data,
                                                client_tasks=fd.client_tasks, trained=now)
+            loss = evaluation.p_and_ttp(r["per_client"], fd.client_tasks, "loss")
             state["curves"].setdefault(method, []).append({"round": rounds, "P": r["P"], "TTP": r["TTP"],
-                                                           "P_exact": r["exact"]["P"], "TTP_exact": r["exact"]["TTP"]})
+                                                           "P_exact": r["exact"]["P"], "TTP_exact": r["exact"]["TTP"],
+                                                           "P_loss": loss["P"], "TTP_loss": loss["TTP"]})
     return point
 
 

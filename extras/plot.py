@@ -7,7 +7,8 @@
                   on the other tasks
     loss.png      the mean training loss per round of each phase
     curve.png     the paper's convergence figure: P and TTP against the round, one line per method,
-                  mean ± std over seeds (a run with --eval-every; not drawn without one)
+                  mean ± std over seeds, and below them the held-out loss on the clients' own task
+                  and on all tasks (a run with --eval-every; not drawn without one)
 
 Reads OUT/results.json as train.py writes it (one run, or --seeds: then every seed's scores are pooled
 or averaged as each figure says). matplotlib is an optional extra: pip install matplotlib.
@@ -110,12 +111,15 @@ def loss_figure(plt, runs: list, path: str):
 
 def curve_figure(plt, runs: list, path: str) -> bool:
     """P and TTP against the round for every method with a curve (train.py --eval-every): the mean over
-    seeds, a band of ± one (sample) std where there are several. False where no method has a curve."""
+    seeds, a band of ± one (sample) std where there are several; below them, where the curves hold it,
+    the teacher-forced loss on the reference answers (P_loss, TTP_loss). False where no method has a curve."""
     methods = [m for m, r in runs[0]["methods"].items() if r.get("curve")]
     if not methods:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
-    for ax, metric in zip(axes, ("P", "TTP")):
+    losses = all("P_loss" in pt for r in runs for m in methods for pt in r["methods"][m].get("curve", []))
+    rows = (("P", "TTP"), ("P_loss", "TTP_loss")) if losses else (("P", "TTP"),)
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 4 * len(rows)), sharex=True, squeeze=False)
+    for ax, metric in zip(axes.flat, (m for row in rows for m in row)):
         for i, method in enumerate(methods):
             points = {}  # round -> the seeds' values
             for r in runs:
@@ -128,9 +132,10 @@ def curve_figure(plt, runs: list, path: str) -> bool:
                 ax.fill_between(rounds, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                                 color=line.get_color(), alpha=0.15)
         ax.set_xlabel("communication round")
-        ax.set_ylabel(f"{metric}, ROUGE-1 F1 (%)")
+        ax.set_ylabel(f"{metric[:-5]}, held-out loss (nats/token)" if metric.endswith("_loss")
+                      else f"{metric}, ROUGE-1 F1 (%)")
         ax.set_title(metric + (f" (mean ± std over {len(runs)} seeds)" if len(runs) > 1 else ""))
-    axes[1].legend(fontsize=7)
+    axes[0, 1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

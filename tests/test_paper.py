@@ -178,8 +178,45 @@ def test_a_curve_point_scores_the_rounds_adapters(tiny):
     want = {name: sum(evaluation.score(a[2 * k:2 * k + 2], refs[2 * k:2 * k + 2])["rouge1"] for k in range(3)) / 3
             for name, a in answers.items()}
     assert want["start"] != want["now"]
+    # the held-out loss, one record at a time through the plain forward (its mean over the answer's tokens)
+    loss = {}
+    for name, adapter in (("start", start), ("now", now)):
+        with lora.using(m, {"global": adapter}, {"global": 1.0}):
+            each = [m(torch.tensor([e["input_ids"]]), None, torch.tensor([e["labels"]]))[1].item()
+                    for e in (data.encode_example(tok, r, 1 << 30) for t in tasks for r in fd.tests[t])]
+        loss[name] = sum(sum(each[2 * k:2 * k + 2]) / 2 for k in range(3)) / 3
+    assert abs(loss["start"] - loss["now"]) > 0.1
     assert state["curves"] == {"fedit": [{"round": 1, "P": pytest.approx(want["now"]), "TTP": pytest.approx(want["now"]),
-                                          "P_exact": 100.0, "TTP_exact": 100.0}]}
+                                          "P_exact": 100.0, "TTP_exact": 100.0, "P_loss": pytest.approx(loss["now"]),
+                                          "TTP_loss": pytest.approx(loss["now"])}]}
+
+
+def test_answer_losses_are_each_records_loss_under_its_own_mix(tiny):
+    """evaluation.answer_losses in batches of mixed lengths, with lambda per instance, equals each record
+    alone through the plain forward with its lambda as a float mix (the model's mean loss over the
+    answer's tokens): the per-row reduction and the per-example mix are right."""
+    import data
+    import evaluation
+    import lora
+    m, tok, world = tiny
+    g = torch.Generator().manual_seed(5)
+    adapters = {n: {k: v + (0.3 * torch.randn(v.shape, generator=g) if "lora_B" in k else 0)
+                    for k, v in lora.get_adapter(m, "global").items()} for n in ("global", "local")}
+    records = [r for t in world.client_tasks[:3] for r in world.tests[t][:3]]
+    lams = torch.rand(len(records), generator=g, dtype=torch.float64)
+    ev = evaluation.Evaluator(m, tok, evaluation.Decode(max_new_tokens=4, batch_size=4), "cpu")
+    with lora.using(m, adapters):
+        got = evaluation.answer_losses(ev, records, lams=lams, to="local")
+        fixed = evaluation.answer_losses(ev, records, weights={"global": 1.0})
+    want, want_fixed = [], []
+    for r, lam in zip(records, lams.tolist()):
+        e = data.encode_example(tok, r, 1 << 30)
+        ids, labels = torch.tensor([e["input_ids"]]), torch.tensor([e["labels"]])
+        for weights, out in ((feddpa.mix(lam), want), ({"global": 1.0}, want_fixed)):
+            with lora.using(m, adapters, weights):
+                out.append(m(ids, None, labels)[1].item())
+    assert got == pytest.approx(want, rel=1e-4) and fixed == pytest.approx(want_fixed, rel=1e-4)
+    assert max(abs(a - b) for a, b in zip(want, want_fixed)) > 0.01  # the mix matters: the check has teeth
 
 
 def test_a_curve_on_a_subset_scores_that_subset(curve_runs):

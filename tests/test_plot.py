@@ -26,7 +26,7 @@ def test_plot_writes_five_figures_of_the_expected_size(finished, capsys):
     assert plot.main([str(finished)]) == 0
     methods = 4
     expected = {"scores": (400, int(max(6, 0.7 * methods + 2) * 100)), "clients": (300, 1380),
-                "lambda": (280, 700), "loss": (400, 600), "curve": (400, 1100)}  # (height, width) in pixels at 100 dpi
+                "lambda": (280, 700), "loss": (400, 600), "curve": (800, 1100)}  # (height, width) in pixels at 100 dpi
     for name, (h, w) in expected.items():
         image = matplotlib.image.imread(finished / "figures" / f"{name}.png")
         assert image.shape[:2] == (h, w), name
@@ -45,7 +45,8 @@ def test_plot_without_matplotlib_or_results_is_one_line(tmp_path):
 
 
 def test_the_curve_figure_draws_each_methods_mean_over_seeds(finished):
-    """The convergence figure's lines: per method and metric, the mean over seeds at each round."""
+    """The convergence figure's lines: per method and metric (ROUGE-1 above, the held-out loss below), the
+    mean over seeds at each round."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -55,16 +56,17 @@ def test_the_curve_figure_draws_each_methods_mean_over_seeds(finished):
     real = plt.Axes.plot
 
     def spy(ax, x, y, *args, **kwargs):
-        drawn[(ax.get_subplotspec().colspan.start, kwargs.get("label"))] = (list(x), list(y))
+        spec = ax.get_subplotspec()
+        drawn[(spec.rowspan.start, spec.colspan.start, kwargs.get("label"))] = (list(x), list(y))
         return real(ax, x, y, *args, **kwargs)
     plt.Axes.plot = spy
     try:
         assert plot.curve_figure(plt, runs, str(finished / "curve-check.png"))
     finally:
         plt.Axes.plot = real
-    for col, metric in enumerate(("P", "TTP")):
+    for row, col, metric in ((0, 0, "P"), (0, 1, "TTP"), (1, 0, "P_loss"), (1, 1, "TTP_loss")):
         for method in ("fedit", "feddpa-t", "feddpa-t-calibrated"):
             want = [sum(r["methods"][method]["curve"][i][metric] for r in runs) / 2 for i in range(2)]
-            assert drawn[(col, method)] == ([1, 2], pytest.approx(want)), (metric, method)
-    assert (0, "base") not in drawn
+            assert drawn[(row, col, method)] == ([1, 2], pytest.approx(want)), (metric, method)
+    assert not any(k[2] == "base" for k in drawn)
     assert plot.curve_figure(plt, [{"methods": {"fedit": {"P": 1.0}}}], str(finished / "none.png")) is False

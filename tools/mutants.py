@@ -189,8 +189,8 @@ MUTANTS = [  # (fault, file, text, replacement)
     ("FedDPA-F's curve point is numbered 1, not after FedIT's rounds", "train.py",
      'rounds = federation.round + (len(state["trained"][before]["history"]) if before else 0)', "rounds = federation.round"),
     ("a curve point draws from a client's generator (training then goes on otherwise)", "train.py",
-     "        one = replace(ev, answered={})\n",
-     "        one = replace(ev, answered={})\n        torch.rand(1, generator=phase.clients[0].generator)\n"),
+     "        one = replace(ev, answered={}, losses=True)\n",
+     "        one = replace(ev, answered={}, losses=True)\n        torch.rand(1, generator=phase.clients[0].generator)\n"),
     ("re-scoring ignores the inference flags given", "train.py",
      "return replace(run, **{name: getattr(cfg, name) for name in args.given if name in INFERENCE},",
      "return replace(run, **{},"),
@@ -198,6 +198,10 @@ MUTANTS = [  # (fault, file, text, replacement)
     ("a re-scored study reads seed 0's adapters for every seed", "train.py",
      'rescore = os.path.join(cfg.rescore, f"seed{seed}") if cfg.rescore else ""',
      'rescore = os.path.join(cfg.rescore, "seed0") if cfg.rescore else ""'),
+    ("a held-out loss is divided by the batch's answer tokens, not the instance's", "evaluation.py",
+     "(per_row / keep.sum(1))", "(per_row / keep.sum())"),
+    ("a dynamic row's held-out loss gives its instances one another's lambdas", "evaluation.py",
+     "weights_now = mix(lams[idx], to)", "weights_now = mix(lams[idx].flip(0), to)"),
 ]
 
 
