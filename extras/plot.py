@@ -9,6 +9,8 @@
     curve.png     the paper's convergence figure: P and TTP against the round, one line per method,
                   mean ± std over seeds, and below them the held-out loss on the clients' own task
                   and on all tasks (a run with --eval-every; not drawn without one)
+    rms.png       per LoRA layer, the RMS of the global and the local adapter's output on the clients'
+                  own task and on the others, and their ratio (OUT/diagnostics.json, extras.diagnose)
 
 Reads OUT/results.json as train.py writes it (one run, or --seeds: then every seed's scores are pooled
 or averaged as each figure says). matplotlib is an optional extra: pip install matplotlib.
@@ -132,6 +134,7 @@ def curve_figure(plt, runs: list, path: str) -> bool:
                 ax.fill_between(rounds, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                                 color=line.get_color(), alpha=0.15)
         ax.set_xlabel("communication round")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel(f"{metric[:-5]}, held-out loss (nats/token)" if metric.endswith("_loss")
                       else f"{metric}, ROUGE-1 F1 (%)")
         ax.set_title(metric + (f" (mean ± std over {len(runs)} seeds)" if len(runs) > 1 else ""))
@@ -140,6 +143,34 @@ def curve_figure(plt, runs: list, path: str) -> bool:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def rms_figure(plt, diagnostics: dict, path: str):
+    """extras.diagnose's figures per layer, the mean over seeds: each adapter's RMS on own-task and
+    other-task prompts (log scale), and the local adapter's RMS over the global's."""
+    seeds = list(diagnostics["per_seed"].values())
+    n = len(diagnostics["layers"])
+
+    def mean(key):
+        return [sum(s[key][i] for s in seeds) / len(seeds) for i in range(n)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for key, style in (("global_own", "C0-"), ("global_other", "C0--"), ("local_own", "C1-"), ("local_other", "C1--")):
+        axes[0].plot(range(n), mean(key), style, label=key.replace("_", ", "))
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("RMS of the adapter's output")
+    axes[0].legend(fontsize=7)
+    for where, style in (("own", "C2-"), ("other", "C2--")):
+        axes[1].plot(range(n), [a / b for a, b in zip(mean(f"local_{where}"), mean(f"global_{where}"))], style,
+                     label=f"{where} task")
+    axes[1].axhline(1.0, color="grey", lw=0.5)
+    axes[1].set_ylabel("local RMS / global RMS")
+    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("LoRA layer (" + ", ".join(dict.fromkeys(p.rsplit(".", 1)[-1] for p in diagnostics["layers"])) + ")")
+    fig.suptitle(f"{diagnostics['phase']}: adapter outputs per layer, mean over {len(seeds)} seed(s) and their clients")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -167,6 +198,16 @@ def main(argv=None) -> int:
                        ("loss", loss_figure), ("curve", curve_figure)):
         if draw(plt, runs, os.path.join(d, f"{name}.png")) is not False:
             print(os.path.join(d, f"{name}.png"))
+    diag = os.path.join(args.out, "diagnostics.json")
+    if os.path.isfile(diag):
+        try:
+            with open(diag) as f:
+                diagnostics = json.load(f)
+            rms_figure(plt, diagnostics, os.path.join(d, "rms.png"))
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+            print(f"error: {diag}: not extras.diagnose's output ({type(e).__name__}: {e})", file=sys.stderr)
+            return 2
+        print(os.path.join(d, "rms.png"))
     return 0
 
 

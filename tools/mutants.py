@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ["tests/test_oracle.py", "test_feddpa.py", "tests/test_fed.py", "tests/test_lora.py", "tests/test_data.py",
-         "tests/test_conformance.py", "tests/test_paper.py"]
+         "tests/test_conformance.py", "tests/test_paper.py", "tests/test_diagnose.py"]
 
 PRODUCT_AVERAGE = '''    out = {k: sum(wi * u.adapter[k].double() for wi, u in zip(w, updates)).to(updates[0].adapter[k].dtype)
            for k in updates[0].adapter}
@@ -202,6 +202,12 @@ MUTANTS = [  # (fault, file, text, replacement)
      "(per_row / keep.sum(1))", "(per_row / keep.sum())"),
     ("a dynamic row's held-out loss gives its instances one another's lambdas", "evaluation.py",
      "weights_now = mix(lams[idx], to)", "weights_now = mix(lams[idx].flip(0), to)"),
+    ("the adapter diagnostics count the padding's tokens", "extras/diagnose.py",
+     ".mean(-1)[real].sum().item()", ".mean(-1).sum().item()"),
+    ("the adapter diagnostics swap own-task and other-task prompts", "extras/diagnose.py",
+     '(("own", own), ("other", other))', '(("own", other), ("other", own))'),
+    ("the adapter diagnostics weigh each adapter's term by its mix", "extras/diagnose.py",
+     "layer.update(t, 1.0, x,", "layer.update(t, weights[t], x,"),
 ]
 
 
