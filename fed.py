@@ -7,9 +7,10 @@ a client's copy of the global adapter and its example count — never its data, 
 adapter, never its optimizer.
 
 Contents: local training (AdamW, linear decay, micro-batches with gradient accumulation); the
-client/server state and message; FedAvg; the seeds (one generator per stream of draws, `seeded`); the
-round loop with client sampling and per-round metrics, which reaches its clients through a
-`train_round` function: in_process here, over Flower in flower_app.py.
+client/server state and message; FedAvg, and client-level DP-FedAvg with its privacy guarantee; the
+seeds (one generator per stream of draws, `seeded`); the round loop with client sampling and per-round
+metrics, which reaches its clients through a `train_round` function: in_process here, over Flower in
+flower_app.py.
 """
 import hashlib
 import json
@@ -114,6 +115,73 @@ def fedavg(updates: list, weighting: str = "count") -> dict:
             for k in updates[0].adapter}
 
 
+# ----------------------------------------------------------------------------------------------
+# Client-level differential privacy on the global adapter: DP-FedAvg (McMahan et al., ICLR 2018)
+
+@dataclass(frozen=True)
+class DP:
+    """DP-FedAvg's settings. Neighbouring federations differ by one client's whole data (added or removed)."""
+    clip: float            # C: each client's update clipped to L2 norm C, over all the adapter's tensors together
+    noise: float           # sigma, the noise multiplier: N(0, (sigma C / n)^2) per coordinate on the mean of n updates
+    delta: float = 1e-5    # the delta that epsilon is reported at
+
+
+def dp_fedavg(updates: list, sent: dict, dp: DP, *, expected: int, generator: torch.Generator) -> tuple:
+    """DP-FedAvg's server step: each update (a client's trained adapter minus `sent`, the adapter it
+    received) scaled to L2 norm at most C, their sum divided by the number of clients expected in the
+    round (fixed, so that one client more or less moves the mean by at most C / n), Gaussian noise of
+    std sigma C / n on every coordinate, added to `sent`. Returns (new global adapter, each update's
+    norm before clipping)."""
+    changes = [{k: u.adapter[k].double() - sent[k].double() for k in sent} for u in updates]
+    norms = [math.sqrt(sum(float((d * d).sum()) for d in c.values())) for c in changes]
+    scales = [min(1.0, dp.clip / n) if n > 0 else 1.0 for n in norms]
+    std = dp.noise * dp.clip / expected
+    new = {}
+    for k in sent:  # in the adapter's order: the noise's draws are the same on every run
+        mean = sum(s * c[k] for s, c in zip(scales, changes)) / expected
+        noise = torch.randn(sent[k].shape, generator=generator, dtype=torch.float64) * std
+        new[k] = (sent[k].double() + mean + noise.to(mean.device)).to(sent[k].dtype)
+    return new, norms
+
+
+def dp_epsilon(noise: float, rounds: int, delta: float) -> float:
+    """epsilon at delta of `rounds` Gaussian mechanisms of noise multiplier `noise` (a client's clipped
+    update has sensitivity C; the noise on the sum is noise * C), composed exactly: they are one Gaussian
+    mechanism of multiplier s = noise / sqrt(rounds), whose privacy curve is (Balle and Wang, ICML 2018,
+    Theorem 8) delta(eps) = Phi(1/(2s) - eps s) - e^eps Phi(-1/(2s) - eps s), decreasing in eps; solved
+    for eps by bisection (logs of Phi, so that neither term overflows). Every client in every round: a
+    sampled fraction is not amplified (the draw is public), so the bound holds as if all took part."""
+    if noise <= 0:
+        return math.inf
+    s = noise / math.sqrt(rounds)
+    log_phi = lambda x: torch.special.log_ndtr(torch.tensor(x, dtype=torch.float64)).item()  # noqa: E731
+
+    def delta_of(eps):
+        return math.exp(log_phi(1 / (2 * s) - eps * s)) - math.exp(eps + log_phi(-1 / (2 * s) - eps * s))
+    lo, hi = 0.0, 1.0
+    while delta_of(hi) > delta:
+        lo, hi = hi, 2 * hi
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if delta_of(mid) > delta else (lo, mid)
+    return hi
+
+
+def averaging(weighting: str = "count", dp: DP | None = None, *, seed: int = 0, stream: tuple = ()):
+    """The server's step for run_rounds: aggregate(updates, sent adapter, round, clients expected) ->
+    (new global adapter, what the round's history records). FedAvg with `weighting`; or, where dp is
+    given, DP-FedAvg (equal weights), its noise drawn from seeded(seed, *stream, "dp noise", round): a
+    generator per round, so a resumed run draws the same noise; the history gets each update's norm
+    before clipping, and epsilon after this round (None without noise: no guarantee)."""
+    def aggregate(updates, sent, round_, expected):
+        if dp is None:
+            return fedavg(updates, weighting), {}
+        new, norms = dp_fedavg(updates, sent, dp, expected=expected, generator=seeded(seed, *stream, "dp noise", round_))
+        eps = dp_epsilon(dp.noise, round_ + 1, dp.delta)
+        return new, {"update_norms": norms, "epsilon": eps if math.isfinite(eps) else None, "delta": dp.delta}  # None: no noise
+    return aggregate
+
+
 def nbytes(state: dict) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
@@ -167,12 +235,13 @@ def every_client(n: int, round_: int) -> list:
     return list(range(n))
 
 
-def run_rounds(federation: Federation, train_round, *, rounds: int, sample=every_client, weighting: str = "count",
+def run_rounds(federation: Federation, train_round, *, rounds: int, sample=every_client, aggregate=averaging(),
                on_round_end=None, progress: str | None = None):
     """Run rounds federation.round .. rounds-1. sample(n_clients, round) -> the clients chosen (e.g.
     sample_clients with a fraction and a seed); train_round(round, chosen, global_adapter) -> {client:
     (Update, metrics)} reaches them (in_process, or over a network, where some may not answer); the server
-    here only samples, sends, and averages what came back. progress: a bar on stderr so labelled."""
+    here only samples, sends, and averages what came back (aggregate: see averaging). progress: a bar on
+    stderr so labelled."""
     bar = tqdm(range(federation.round, rounds), desc=progress, leave=False, unit="round", initial=federation.round,
                total=rounds, disable=progress is None)
     for r in bar:
@@ -184,7 +253,7 @@ def run_rounds(federation: Federation, train_round, *, rounds: int, sample=every
         if not came:
             raise NoReplies(f"round {r + 1}: none of the chosen clients {chosen} replied")
         updates, metrics = [replies[c][0] for c in came], [replies[c][1] for c in came]
-        federation.global_adapter = fedavg(updates, weighting)
+        federation.global_adapter, server = aggregate(updates, federation.global_adapter, r, len(chosen))
         federation.round = r + 1
         federation.history.append({
             "round": r, "clients": came,
@@ -195,6 +264,7 @@ def run_rounds(federation: Federation, train_round, *, rounds: int, sample=every
             "bytes_down": sent,
             "bytes_up": sum(nbytes(u.adapter) for u in updates),
             "seconds": time.time() - t0,
+            **server,  # DP-FedAvg's update norms and epsilon
         })
         bar.set_postfix(loss=f"{federation.history[-1]['loss']:.3f}")
         if on_round_end is not None:

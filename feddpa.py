@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 import lora
 from data import encode_prompt, pad_left
-from fed import Client, Federation, LocalTrain, Update, in_process, run_rounds, sample_clients, seeded, train_adapter
+from fed import DP, Client, Federation, LocalTrain, Update, averaging, in_process, run_rounds, sample_clients, seeded, train_adapter
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,7 @@ class Recipe:
     similarity: str = "cosine"      # sim of the paper's lambda: 'cosine', 'l2' or 'pearson' (similarity)
     lambda_to: str = "local"        # which adapter gets lambda; 'global' is what the official code does
     weighting: str = "count"        # FedAvg's weights: by example count, or 'uniform'
+    dp: DP | None = None            # client-level DP-FedAvg on the global adapter (the phases marked dp), or none
     seed: int = 0
 
 
@@ -175,14 +176,15 @@ class PhaseSpec:
     sends: bool = True             # the server sends the global adapter (Local's clients train alone)
     finetune: bool = False         # one round of recipe.finetune_rounds' local training, every client (FedDPA-F)
     pooled: bool = False           # one client holding all the data, as many optimizer steps as all (Centralized)
+    dp: bool = False               # its clients send a trained global adapter back: DP-FedAvg applies (recipe.dp)
     note: str = ""                 # said after its schedule in the run's "work ahead" line
 
 
 # Every training phase, in the order they run. Adding a phase is one entry here.
 PHASES = {
-    "fedit": PhaseSpec(fedit_step),
+    "fedit": PhaseSpec(fedit_step, dp=True),
     "feddpa-f": PhaseSpec(local_step, starts_from="fedit", finetune=True),  # fine-tunes a copy of FedIT's
-    "feddpa-t": PhaseSpec(feddpa_t_step, note=", two adapters from round 2"),
+    "feddpa-t": PhaseSpec(feddpa_t_step, dp=True, note=", two adapters from round 2"),
     "local": PhaseSpec(local_step, sends=False),         # sampled as FedIT is: the same clients and rounds
     "centralized": PhaseSpec(fedit_step, pooled=True),
 }
@@ -204,6 +206,7 @@ class Phase:
     start: dict            # the global adapter sent in round 0 ({}: none is sent)
     seed: int              # the clients drawn each round, and the phase's dropout draws
     weighting: str         # FedAvg's (recipe.weighting)
+    dp: DP | None = None   # DP-FedAvg's settings, where it applies (PhaseSpec.dp and recipe.dp)
 
 
 def scaled(train: LocalTrain, factor: float) -> LocalTrain:
@@ -230,7 +233,8 @@ def setup_phase(name: str, model, *, pad_id: int, recipe: Recipe, datasets: dict
     clients = [Client(i, d, seeded(recipe.seed, name, "client", i)) for i, d in sets.items()]
     rounds, fraction, train = phase_schedule(spec, recipe, len(datasets))
     step = spec.client_step(model, pad_id, train, recipe=recipe, start=start)
-    return Phase(clients, step, rounds, fraction, start if spec.sends else {}, recipe.seed, recipe.weighting)
+    return Phase(clients, step, rounds, fraction, start if spec.sends else {}, recipe.seed, recipe.weighting,
+                 recipe.dp if spec.dp else None)
 
 
 def schedule(name: str, recipe: Recipe, n_clients: int) -> str:
@@ -256,13 +260,14 @@ def run_phase(name: str, phase: Phase, *, federation=None, train_round=None, on_
     """Phase `name` end to end: its rounds of fed.run_rounds, each chosen client taking phase.step in this
     process (or reached by train_round elsewhere: over Flower), FedAvg with phase.weighting. federation:
     the state of a resumed phase (runs.py restores its clients' generators). on_round_end(federation)
-    after every round (runs.py: the checkpoint). Returns the federation; phase_result says what it
-    leaves for evaluation."""
+    after every round (runs.py: the checkpoint). With phase.dp, the server's step is DP-FedAvg (fed.averaging).
+    Returns the federation; phase_result says what it leaves for evaluation."""
     federation = federation or Federation(phase.start, len(phase.clients))
     reach = train_round or in_process(phase.clients, phase.step, progress)
     def sample(n, round_):  # the clients of a round: a seeded draw of a fraction of them
         return sample_clients(n, phase.fraction, seed=phase.seed, round_=round_)
-    return run_rounds(federation, reach, rounds=phase.rounds, sample=sample, weighting=phase.weighting,
+    aggregate = averaging(phase.weighting, phase.dp, seed=phase.seed, stream=(name,))
+    return run_rounds(federation, reach, rounds=phase.rounds, sample=sample, aggregate=aggregate,
                       on_round_end=on_round_end, progress=name if progress else None)
 
 

@@ -251,6 +251,8 @@ def write_results(out: str, config: dict, state: dict, client_tasks: list, secon
         res["training"][phase] = {"seconds": t["seconds"], "history": t["history"],
                                   "bytes": sum(h["bytes_up"] + h["bytes_down"] for h in t["history"]),
                                   "budget": budget(t["history"], len(t["locals"]))}
+        if "epsilon" in t["history"][-1]:  # DP-FedAvg: the guarantee after its last round
+            res["training"][phase].update(epsilon=t["history"][-1]["epsilon"], delta=t["history"][-1]["delta"])
         d = os.path.join(out, "adapters", phase)
         os.makedirs(d, exist_ok=True)
         if t["global"]:
@@ -289,6 +291,27 @@ def print_unseen(results: dict, test_data: str, tasks: list):
     print(f"\nunseen tasks ({test_data}: {', '.join(tasks)}): TTP, each client's mean over them")
     for method, r in results.items():
         print(f"{method:<22}{r['TTP']:7.1f}{r['exact']['TTP']:8.1f}")
+
+
+def epsilon_text(eps) -> str:
+    return "∞ (no noise)" if eps is None else f"{eps:.3g}"
+
+
+def print_privacy(training: dict):
+    """Each phase's client-level guarantee where DP-FedAvg ran (--dp-clip), and why the others need none."""
+    if not any("epsilon" in t for t in training.values()):
+        return
+    print("\nclient-level DP on the global adapter (DP-FedAvg; a client's whole data is what neighbours differ by):")
+    for phase, t in training.items():
+        if "epsilon" in t:
+            print(f"  {phase:<12} (ε, δ) = ({epsilon_text(t['epsilon'])}, {t['delta']:g}) after {len(t['history'])} round(s)")
+        elif feddpa.PHASES[phase].starts_from:
+            print(f"  {phase:<12} its global adapter is {feddpa.PHASES[phase].starts_from}'s (the same guarantee); "
+                  "its fine-tuning round sends nothing")
+        elif not feddpa.PHASES[phase].sends:
+            print(f"  {phase:<12} sends nothing (ε = 0)")
+        elif feddpa.PHASES[phase].pooled:
+            print(f"  {phase:<12} no federation: the data is pooled in one place, no client-level guarantee")
 
 
 def print_table(results: dict, tasks: list, client_tasks: list, verbose: bool):
@@ -354,8 +377,9 @@ def run_phase(name: str, phase, state: dict, save, *, out: str, progress: bool =
         raise type(e)(f"{name}: {e}; stopped, {os.path.join(out, 'checkpoint.pt')} keeps the last "
                            f"good round ({done} of {phase.rounds} complete)") from None
     hist = federation.history
+    dp = f", (ε, δ) = ({epsilon_text(hist[-1]['epsilon'])}, {hist[-1]['delta']:g})" if "epsilon" in hist[-1] else ""
     print(f"{name:>12}: {phase.rounds} round(s), loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}, "
-          f"{sum(h['bytes_up'] + h['bytes_down'] for h in hist) / 1e6:.2f} MB sent, {sum(h['seconds'] for h in hist):.1f}s")
+          f"{sum(h['bytes_up'] + h['bytes_down'] for h in hist) / 1e6:.2f} MB sent, {sum(h['seconds'] for h in hist):.1f}s{dp}")
     result = feddpa.phase_result(name, federation.global_adapter, phase.clients, trained=state["trained"])
     state["trained"][name] = {**result, "history": hist, "seconds": sum(h["seconds"] for h in hist)}
     state["current"] = None

@@ -55,7 +55,12 @@ class Config:
     lora_dropout: float = opt(0.05, "LoRA dropout")
     targets: str = opt(",".join(lora.TARGETS), "projections that get adapters (the paper: q_proj,v_proj)")
     fraction: float = opt(1.0, "fraction of clients sampled each round")
-    weighting: str = opt("count", "FedAvg weights: 'count' (by examples) or 'uniform'")
+    weighting: str = opt("count", "FedAvg weights: 'count' (by examples) or 'uniform' (with --dp-clip: always equal)")
+    dp_clip: float = opt(0.0, "client-level DP-FedAvg on the global adapter (FedIT, FedDPA-T): clip each client's "
+                         "update to this L2 norm over the whole adapter (0 = no DP)")
+    dp_noise: float = opt(0.0, "with --dp-clip: the noise multiplier sigma, Gaussian noise of std sigma * clip / n on "
+                          "the mean of the n clients' clipped updates")
+    dp_delta: float = opt(1e-5, "with --dp-clip: the delta that the guarantee's epsilon is reported at")
     clients: int = opt(0, "0: one client per released client file / task; N: Dirichlet split over tasks")
     dirichlet_alpha: float = opt(0.5, "Dirichlet concentration for --clients N")
     min_client_size: int = opt(10, "minimum examples per client in a Dirichlet split")
@@ -120,6 +125,9 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
     args.given = [f.name for f in fields(Config) if getattr(cfg, f.name) != f.default]  # set on the command line
+    args.weighting_given = any(a.split("=")[0] == "--weighting" for a in (sys.argv[1:] if argv is None else argv))
+    if cfg.dp_clip > 0 and not args.weighting_given:  # DP-FedAvg weighs every client alike: the config says so
+        cfg = replace(cfg, weighting="uniform")
     return cfg, args
 
 
@@ -135,6 +143,9 @@ def check_flags(cfg: Config, args):
     if cfg.rescore and training:
         raise UserError(f"--rescore changes only how {cfg.rescore}'s adapters are evaluated; --{training[0].replace('_', '-')} "
                         f"is a training setting: drop it")
+    if cfg.dp_clip > 0 and getattr(args, "weighting_given", False) and cfg.weighting == "count":
+        raise UserError("--weighting count weighs clients by their data; DP-FedAvg (--dp-clip) weighs every client "
+                        "alike, so that one client moves the mean by at most clip / n: drop --weighting")
     if cfg.rescore and args.resume:
         raise UserError("--rescore starts a new run in --out; a re-scoring run is resumed with --resume alone")
 
@@ -198,7 +209,11 @@ def check_config(cfg: Config):
                 (not 0 <= cfg.lora_dropout < 1, f"--lora-dropout {cfg.lora_dropout} must be in [0, 1)"),
                 (cfg.finetune_rounds <= 0, f"--finetune-rounds {cfg.finetune_rounds} must be > 0"),
                 (cfg.test_per_task < 0, f"--test-per-task {cfg.test_per_task} must be >= 0"),
-                (cfg.eval_batch_size < 1 or cfg.pretrain_steps < 1, "--eval-batch-size and --pretrain-steps must be >= 1")]
+                (cfg.eval_batch_size < 1 or cfg.pretrain_steps < 1, "--eval-batch-size and --pretrain-steps must be >= 1"),
+                (cfg.dp_clip < 0 or cfg.dp_noise < 0, "--dp-clip and --dp-noise must be >= 0"),
+                (cfg.dp_noise > 0 and cfg.dp_clip == 0, f"--dp-noise {cfg.dp_noise} needs --dp-clip > 0: the noise's scale "
+                 "is sigma * clip / n"),
+                (not 0 < cfg.dp_delta < 1, f"--dp-delta {cfg.dp_delta} must be in (0, 1)")]
     for failed, msg in problems:
         if failed:
             raise UserError(msg)
@@ -222,7 +237,7 @@ def recipe(cfg: Config) -> feddpa.Recipe:
     return feddpa.Recipe(train=train, rounds=cfg.rounds, fraction=cfg.fraction, local_weight=cfg.local_weight,
                          finetune_rounds=cfg.finetune_rounds, lambda_scale=cfg.lambda_scale, k_refs=cfg.k_refs,
                          pool=cfg.pool, lambda_to=cfg.lambda_to, similarity=cfg.similarity, weighting=cfg.weighting,
-                         seed=cfg.seed)
+                         dp=fed.DP(cfg.dp_clip, cfg.dp_noise, cfg.dp_delta) if cfg.dp_clip > 0 else None, seed=cfg.seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,6 +409,7 @@ def run(cfg: Config, args):
         save(state)  # the total that results.json gives, kept for a resume of the finished run
     res = runs.write_results(cfg.out, asdict(cfg), state, fd.client_tasks, state["elapsed"], fd.client_ids)
     runs.print_table(state["results"], list(fd.tests), fd.client_tasks, args.verbose)
+    runs.print_privacy(res["training"])
     if unseen:
         runs.print_unseen(state["unseen"], cfg.test_data, list(unseen))
     runs.print_times(res["seconds"])

@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ["tests/test_oracle.py", "test_feddpa.py", "tests/test_fed.py", "tests/test_lora.py", "tests/test_data.py",
-         "tests/test_conformance.py", "tests/test_paper.py", "tests/test_diagnose.py"]
+         "tests/test_conformance.py", "tests/test_paper.py", "tests/test_diagnose.py", "tests/test_privacy.py"]
 
 PRODUCT_AVERAGE = '''    out = {k: sum(wi * u.adapter[k].double() for wi, u in zip(w, updates)).to(updates[0].adapter[k].dtype)
            for k in updates[0].adapter}
@@ -208,6 +208,20 @@ MUTANTS = [  # (fault, file, text, replacement)
      '(("own", own), ("other", other))', '(("own", other), ("other", own))'),
     ("the adapter diagnostics weigh each adapter's term by its mix", "extras/diagnose.py",
      "layer.update(t, 1.0, x,", "layer.update(t, weights[t], x,"),
+    ("DP noise is added to each client's update, not to their mean", "fed.py",
+     "noise = torch.randn(sent[k].shape, generator=generator, dtype=torch.float64) * std",
+     "noise = sum(torch.randn(sent[k].shape, generator=generator, dtype=torch.float64) * std for _ in scales) / expected"),
+    ("DP clips each tensor, not the whole adapter", "fed.py",
+     "mean = sum(s * c[k] for s, c in zip(scales, changes)) / expected",
+     "mean = sum(min(1.0, dp.clip / max(float(c[k].norm()), 1e-30)) * c[k] for c in changes) / expected"),
+    ("DP noise is scaled by n, not 1 / n", "fed.py",
+     "std = dp.noise * dp.clip / expected", "std = dp.noise * dp.clip * expected"),
+    ("epsilon composes the rounds as if linearly", "fed.py",
+     "s = noise / math.sqrt(rounds)", "s = noise / rounds"),
+    ("the DP mean divides by the clients that replied, not those expected", "fed.py",
+     "expected=expected, generator=seeded(", "expected=len(updates), generator=seeded("),
+    ("the Local baseline is noised as if it sent its adapter", "feddpa.py",
+     '"local": PhaseSpec(local_step, sends=False)', '"local": PhaseSpec(local_step, sends=False, dp=True)'),
 ]
 
 
