@@ -84,6 +84,7 @@ class Config:
     eval_every: int = opt(0, "score each running phase's adapters every N rounds and after its last, on "
                           "--curve-per-task test instances per task: the convergence curve (0 = off)")
     curve_per_task: int = opt(10, "test instances per task of the curve: a fixed seeded subset")
+    curve_methods: str = opt("", "comma-separated methods the curve scores (default: every method run)")
     rescore: str = opt("", "evaluate the adapters the run in this folder trained, with the inference flags "
                        "given, into --out (training flags are refused)")
     pretrain_steps: int = opt(200, "steps of pretraining for the built-in base model")
@@ -183,6 +184,9 @@ def check_config(cfg: Config):
     bad = [m for m in cfg.methods.split(",") if m not in feddpa.METHODS]
     if bad:
         raise UserError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(feddpa.METHODS)}")
+    bad = [m for m in cfg.curve_methods.split(",") if cfg.curve_methods and m not in cfg.methods.split(",")]
+    if bad:
+        raise UserError(f"--curve-methods: {', '.join(bad)} not among --methods")
     problems = [(not 0 < cfg.fraction <= 1, f"--fraction {cfg.fraction} must be in (0, 1]"),
                 (cfg.lora_r < 1, f"--lora-r {cfg.lora_r} must be >= 1"),
                 (cfg.rounds < 1, f"--rounds {cfg.rounds} must be >= 1"),
@@ -435,7 +439,7 @@ def curve(cfg: Config, state: dict, ev, fd: data.FedData):
         now = {**state["trained"],
                name: feddpa.phase_result(name, federation.global_adapter, phase.clients, trained=state["trained"])}
         one = replace(ev, answered={}, losses=True)
-        for method in (m for m in cfg.methods.split(",") if feddpa.METHODS[m].phase == name):
+        for method in (m for m in (cfg.curve_methods or cfg.methods).split(",") if feddpa.METHODS[m].phase == name):
             with torch.autocast(torch.device(ev.device).type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
                 r = evaluation.evaluate_method(method, one, tests, client_data=client_data,
                                                client_tasks=fd.client_tasks, trained=now)

@@ -3,6 +3,7 @@ subsets (--tasks), the convergence curve (--eval-every) and re-scoring a finishe
 other inference settings (--rescore)."""
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -43,6 +44,9 @@ def test_similarity_flag_is_checked(tmp_path, capsys):
         train.main(["--similarity", "dot", "--out", str(tmp_path / "out")])
     assert e.value.code == 2
     assert capsys.readouterr().err == "error: --similarity 'dot': cosine, l2, pearson\n"
+    with pytest.raises(SystemExit) as e:
+        train.main(["--methods", "fedit", "--curve-methods", "fedit,local", "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and capsys.readouterr().err == "error: --curve-methods: local not among --methods\n"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,6 +190,10 @@ def test_a_curve_point_scores_the_rounds_adapters(tiny):
                     for e in (data.encode_example(tok, r, 1 << 30) for t in tasks for r in fd.tests[t])]
         loss[name] = sum(sum(each[2 * k:2 * k + 2]) / 2 for k in range(3)) / 3
     assert abs(loss["start"] - loss["now"]) > 0.1
+    others = {"trained": {}, "curves": {}}  # --curve-methods: only those methods get a curve
+    train.curve(replace(cfg, methods="fedit,centralized", curve_methods="centralized"), others, ev, fd)(
+        "fedit", phase, fed.Federation(now, 3, round=1))
+    assert others["curves"] == {}
     assert state["curves"] == {"fedit": [{"round": 1, "P": pytest.approx(want["now"]), "TTP": pytest.approx(want["now"]),
                                           "P_exact": 100.0, "TTP_exact": 100.0, "P_loss": pytest.approx(loss["now"]),
                                           "TTP_loss": pytest.approx(loss["now"])}]}

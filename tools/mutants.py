@@ -222,6 +222,8 @@ MUTANTS = [  # (fault, file, text, replacement)
      "expected=expected, generator=seeded(", "expected=len(updates), generator=seeded("),
     ("the Local baseline is noised as if it sent its adapter", "feddpa.py",
      '"local": PhaseSpec(local_step, sends=False)', '"local": PhaseSpec(local_step, sends=False, dp=True)'),
+    ("--curve-methods is ignored: every method gets a curve", "train.py",
+     "(cfg.curve_methods or cfg.methods).split", "(cfg.methods).split"),
 ]
 
 
