@@ -15,6 +15,7 @@ flower_app.py.
 import hashlib
 import json
 import math
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -124,6 +125,7 @@ class DP:
     clip: float            # C: each client's update clipped to L2 norm C, over all the adapter's tensors together
     noise: float           # sigma, the noise multiplier: N(0, (sigma C / n)^2) per coordinate on the mean of n updates
     delta: float = 1e-5    # the delta that epsilon is reported at
+    seeded: bool = True    # the noise from the run's seed (a reproducible simulation); False: the OS's secure randomness
 
 
 def dp_fedavg(updates: list, sent: dict, dp: DP, *, expected: int, generator: torch.Generator) -> tuple:
@@ -171,12 +173,14 @@ def averaging(weighting: str = "count", dp: DP | None = None, *, seed: int = 0, 
     """The server's step for run_rounds: aggregate(updates, sent adapter, round, clients expected) ->
     (new global adapter, what the round's history records). FedAvg with `weighting`; or, where dp is
     given, DP-FedAvg (equal weights), its noise drawn from seeded(seed, *stream, "dp noise", round): a
-    generator per round, so a resumed run draws the same noise; the history gets each update's norm
+    generator per round, so a resumed run draws the same noise (dp.seeded False: from secrets instead); the history gets each update's norm
     before clipping, and epsilon after this round (None without noise: no guarantee)."""
     def aggregate(updates, sent, round_, expected):
         if dp is None:
             return fedavg(updates, weighting), {}
-        new, norms = dp_fedavg(updates, sent, dp, expected=expected, generator=seeded(seed, *stream, "dp noise", round_))
+        gen = (seeded(seed, *stream, "dp noise", round_) if dp.seeded
+               else torch.Generator().manual_seed(secrets.randbits(63)))  # a deployment: noise no one can replay
+        new, norms = dp_fedavg(updates, sent, dp, expected=expected, generator=gen)
         eps = dp_epsilon(dp.noise, round_ + 1, dp.delta)
         return new, {"update_norms": norms, "epsilon": eps if math.isfinite(eps) else None, "delta": dp.delta}  # None: no noise
     return aggregate

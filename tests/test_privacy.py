@@ -76,6 +76,19 @@ def test_dp_off_is_fedavg_exactly():
         assert server == {} and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_seeded_noise_replays_and_secure_noise_does_not():
+    """A simulation's noise is the seed's (a resumed round draws it again); a deployment's (DP.seeded False)
+    comes from the OS's secure randomness: two draws differ."""
+    g = torch.Generator().manual_seed(6)
+    sent = adapter(g)
+    ups = [fed.Update(dict(sent), 1)] * 2
+    draws = {s: [fed.averaging(dp=fed.DP(1.0, 1.0, seeded=s), seed=0, stream=("fedit",))(ups, sent, 3, 2)[0]["t0"]
+                 for _ in range(2)] for s in (True, False)}
+    assert torch.equal(*draws[True]) and not torch.equal(*draws[False])
+    other = fed.averaging(dp=fed.DP(1.0, 1.0), seed=0, stream=("fedit",))(ups, sent, 4, 2)[0]["t0"]
+    assert not torch.equal(draws[True][0], other)  # each round its own draw
+
+
 def test_the_mean_divides_by_the_clients_expected_not_those_that_replied():
     """Over a network some chosen clients may not answer: the sum is divided by the number expected, so
     that the noise's scale and one client's bound on the mean hold whoever replies."""

@@ -219,7 +219,7 @@ MUTANTS = [  # (fault, file, text, replacement)
     ("epsilon composes the rounds as if linearly", "fed.py",
      "s = noise / math.sqrt(rounds)", "s = noise / rounds"),
     ("the DP mean divides by the clients that replied, not those expected", "fed.py",
-     "expected=expected, generator=seeded(", "expected=len(updates), generator=seeded("),
+     "expected=expected, generator=gen)", "expected=len(updates), generator=gen)"),
     ("the Local baseline is noised as if it sent its adapter", "feddpa.py",
      '"local": PhaseSpec(local_step, sends=False)', '"local": PhaseSpec(local_step, sends=False, dp=True)'),
     ("--curve-methods is ignored: every method gets a curve", "train.py",

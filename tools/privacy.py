@@ -44,7 +44,8 @@ def interval(a_runs: list, b_runs: list, metric: str, a: str, b: str) -> str:
                                      client_tasks=[r["client_tasks"] for r in a_runs], metric=metric)
     lo, hi = d["ci95"]
     same = all(x > 0 for x in d["per_seed"]) or all(x < 0 for x in d["per_seed"])
-    verdict = "above" if lo > 0 and same else "below" if hi < 0 and same else "undecided"
+    verdict = ("identical" if lo == hi == 0 and not any(d["per_seed"]) else
+               "above" if lo > 0 and same else "below" if hi < 0 and same else "undecided")
     return f"{d['diff']:+6.1f} [{lo:+5.1f}, {hi:+5.1f}] {verdict:<9} " + " ".join(f"{x:+.1f}" for x in d["per_seed"])
 
 
@@ -104,7 +105,8 @@ def main(argv=None) -> int:
                 line, = ax.plot(xs, mean, marker="o", ms=3, label=m, color=plt.cm.tab10(i))
                 ax.fill_between(xs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
                                 color=line.get_color(), alpha=0.15)
-            ax.set_xticks(xs, ["no DP"] + [f"σ {s:g}" for s in list(levels)[1:]])
+            ax.set_xticks(xs, ["no DP"] + [f"σ {s:g}\nε {fed.dp_epsilon(s * 1000 / n, c['rounds'], c['dp_delta']):.2g} at 1,000"
+                                           for s, (c, _) in list(levels.items())[1:]])
             ax.set_xlabel(f"noise multiplier (clip {levels[list(levels)[-1]][0]['dp_clip']:g}, {n} clients)")
             ax.set_ylabel(f"{metric}, ROUGE-1 F1 (%)")
             ax.set_title(f"{metric} (mean ± std over {len(none)} seeds)")

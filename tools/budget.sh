@@ -1,0 +1,24 @@
+#!/bin/bash
+# Issue 38: does FedDPA pay off once its adapters have learnt? SmolLM2-135M-Instruct on FLAN set 1, bfloat16
+# (fast only where lscpu shows avx512_bf16). docs/real-models.md has the results. Run from the repo root:
+#   bash tools/budget.sh pilot      # one seed, 8 rounds of 12 steps, curves every round: the budget's curves
+#   bash tools/budget.sh study      # three seeds at the chosen budget, every row, curves for four of them
+# Each resumes where it stopped (run it again); THREADS=1 runs it on one core (two at once: one each).
+set -e
+FLAN=${FLAN:-data/feddpa-flan1}                       # python -m extras.fetch data/feddpa-flan1
+M=${M:-~/.cache/feddpa/smollm2-135m-instruct}         # python tools/get_smollm2.py
+T=${THREADS:-2}
+COMMON="--data $FLAN --model $M --dtype bfloat16 --batch-size 8 --micro-batch-size 8 --lr 1e-3 --targets q_proj,v_proj
+        --cutoff 384 --max-new-tokens 16 --local-steps 12 --eval-every 1 --curve-per-task 5 -q"
+go() {  # resume the run in $1 if it has begun, else start it with the remaining flags
+  out=$1; shift
+  if [ -f $out/config.json ]; then OMP_NUM_THREADS=$T python train.py --resume $out -q
+  else OMP_NUM_THREADS=$T python train.py $COMMON "$@" --out $out; fi
+}
+case $1 in
+  pilot) go runs/pilot-s12 --methods local,fedit,feddpa-t --rounds 8 --test-per-task 5 --seed 0 ;;
+  study) go runs/budget-flan1${SEED:+/seed$SEED} --rounds ${ROUNDS:-6} --test-per-task 20 ${SEED:+--seed $SEED} ${SEED:---seeds 0,1,2} \
+            --methods base,local,fedit,centralized,feddpa-f,feddpa-f-fixed,feddpa-f-calibrated,feddpa-f-oracle,feddpa-t,feddpa-t-fixed,feddpa-t-calibrated,feddpa-t-sum,feddpa-t-oracle \
+            --curve-methods local,fedit,feddpa-t,feddpa-t-calibrated ;;
+  *) echo "usage: bash tools/budget.sh pilot|study" >&2; exit 2 ;;
+esac
