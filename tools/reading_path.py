@@ -21,7 +21,7 @@ PATH = {  # file: the top-level names (functions, classes, assignments) on the p
                   "fedit_step", "fresh_local", "feddpa_t_step", "local_step", "PhaseSpec", "PHASES", "phases_of", "Phase",
                   "scaled", "phase_schedule", "setup_phase", "phase_result", "run_phase", "prompt_batches", "represent", "draw_references", "reference_reps",
                   "precise", "similarity", "dynamic_lambda", "paper_weight", "PaperWeight"],
-    "fed.py": ["LocalTrain", "Diverged", "train_adapter", "Client", "Update", "fedavg", "nbytes", "sample_clients",
+    "fed.py": ["LocalTrain", "Diverged", "train_adapter", "Client", "Update", "fedavg", "averaging", "nbytes", "sample_clients",
                "seeded", "Federation", "in_process", "NoReplies", "run_rounds"],
     "runs.py": ["run_phase"],
     "lora.py": ["ADAPTERS", "TARGETS", "Dropout", "LoRALinear", "inject", "lora_layers", "set_trainable", "_swapped",
