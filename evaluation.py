@@ -179,7 +179,7 @@ def answer_dynamic(ev: Evaluator, records: list, weight, *, reps: list | None = 
     return answer(ev, records, lams=lams, to=weight.to, progress=progress), lams.tolist()
 
 
-def scores_by_task(tests: dict, preds: list, lams=None, losses=None) -> dict:
+def scores_by_task(tests: dict, preds: list, *, lams=None, losses=None) -> dict:
     """{task: score()} of answers preds to every task's test instances in turn (as evaluate_client orders
     them), with each instance's lambda and their mean where lams (a list of floats) are given, and the
     mean teacher-forced loss ("loss") where losses (answer_losses) are."""
@@ -295,7 +295,7 @@ def evaluate_client(method: str, ev: Evaluator, tests: dict, *, client: EvalClie
             progress.set_postfix_str(f"client {client.id}")
         preds, lams = answer_dynamic(ev, records, weight, reps=ev.answered[reps_key], progress=progress)
         losses = (answer_losses(ev, records, lams=torch.tensor(lams, dtype=torch.float64), to=weight.to) if ev.losses else None)
-    return scores_by_task(tests, preds, lams, losses)
+    return scores_by_task(tests, preds, lams=lams, losses=losses)
 
 
 def evaluate_method(method: str, ev: Evaluator, tests: dict, *, client_data: dict, client_tasks: list | None,

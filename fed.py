@@ -170,12 +170,13 @@ def dp_epsilon(noise: float, rounds: int, delta: float) -> float:
 
 
 def averaging(weighting: str = "count", dp: DP | None = None, *, seed: int = 0, stream: tuple = ()):
-    """The server's step for run_rounds: aggregate(updates, sent adapter, round, clients expected) ->
-    (new global adapter, what the round's history records). FedAvg with `weighting`; or, where dp is
-    given, DP-FedAvg (equal weights), its noise drawn from seeded(seed, *stream, "dp noise", round): a
-    generator per round, so a resumed run draws the same noise (dp.seeded False: from secrets instead); the history gets each update's norm
-    before clipping, and epsilon after this round (None without noise: no guarantee)."""
-    def aggregate(updates, sent, round_, expected):
+    """The server's step for run_rounds: aggregate(updates, sent adapter, *, round_, expected) -> (new
+    global adapter, what the round's history records), expected: the number of clients chosen. FedAvg
+    with `weighting`; or, where dp is given, DP-FedAvg (equal weights), its noise drawn from
+    seeded(seed, *stream, "dp noise", round): a generator per round, so a resumed run draws the same
+    noise (dp.seeded False: from secrets instead); the history gets each update's norm before clipping,
+    and epsilon after this round (None without noise: no guarantee)."""
+    def aggregate(updates, sent, *, round_, expected):
         if dp is None:
             return fedavg(updates, weighting), {}
         gen = (seeded(seed, *stream, "dp noise", round_) if dp.seeded
@@ -257,7 +258,7 @@ def run_rounds(federation: Federation, train_round, *, rounds: int, sample=every
         if not came:
             raise NoReplies(f"round {r + 1}: none of the chosen clients {chosen} replied")
         updates, metrics = [replies[c][0] for c in came], [replies[c][1] for c in came]
-        federation.global_adapter, server = aggregate(updates, federation.global_adapter, r, len(chosen))
+        federation.global_adapter, server = aggregate(updates, federation.global_adapter, round_=r, expected=len(chosen))
         federation.round = r + 1
         federation.history.append({
             "round": r, "clients": came,

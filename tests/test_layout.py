@@ -13,7 +13,7 @@ from conftest import ROOT
 CORE = [{"model"}, {"lora", "hf"}, {"fast"}, {"generate"}, {"data"}, {"builtin"}, {"pretrain", "fed"}, {"feddpa"}, {"evaluation"},
         {"runs"}, {"train"}]
 EXTRAS = [{"extras.export", "extras.bench_infer", "extras.plot", "extras.fetch", "extras.table"},
-          {"extras.bench", "extras.flower_app", "extras.flower_run"}]
+          {"extras.bench", "extras.flower_app", "extras.flower_run", "extras.diagnose"}]
 LAYER = {name: i for i, names in enumerate(CORE + EXTRAS) for name in names}
 
 

@@ -71,7 +71,7 @@ def test_dp_off_is_fedavg_exactly():
     sent = adapter(g)
     updates = [fed.Update(adapter(g), 10 + i) for i in range(4)]
     for weighting in ("count", "uniform"):
-        got, server = fed.averaging(weighting)(updates, sent, 0, 4)
+        got, server = fed.averaging(weighting)(updates, sent, round_=0, expected=4)
         want = fed.fedavg(updates, weighting)
         assert server == {} and all(torch.equal(got[k], want[k]) for k in want)
 
@@ -82,10 +82,10 @@ def test_seeded_noise_replays_and_secure_noise_does_not():
     g = torch.Generator().manual_seed(6)
     sent = adapter(g)
     ups = [fed.Update(dict(sent), 1)] * 2
-    draws = {s: [fed.averaging(dp=fed.DP(1.0, 1.0, seeded=s), seed=0, stream=("fedit",))(ups, sent, 3, 2)[0]["t0"]
+    draws = {s: [fed.averaging(dp=fed.DP(1.0, 1.0, seeded=s), seed=0, stream=("fedit",))(ups, sent, round_=3, expected=2)[0]["t0"]
                  for _ in range(2)] for s in (True, False)}
     assert torch.equal(*draws[True]) and not torch.equal(*draws[False])
-    other = fed.averaging(dp=fed.DP(1.0, 1.0), seed=0, stream=("fedit",))(ups, sent, 4, 2)[0]["t0"]
+    other = fed.averaging(dp=fed.DP(1.0, 1.0), seed=0, stream=("fedit",))(ups, sent, round_=4, expected=2)[0]["t0"]
     assert not torch.equal(draws[True][0], other)  # each round its own draw
 
 
@@ -96,7 +96,7 @@ def test_the_mean_divides_by_the_clients_expected_not_those_that_replied():
     sent = adapter(g)
     change = adapter(g, 0.01)
     up = fed.Update({k: sent[k] + change[k] for k in sent}, 1)
-    got, server = fed.averaging(dp=fed.DP(clip=10.0, noise=0.0))([up, up], sent, 0, 4)  # 2 of 4 replied
+    got, server = fed.averaging(dp=fed.DP(clip=10.0, noise=0.0))([up, up], sent, round_=0, expected=4)  # 2 of 4 replied
     assert server["update_norms"] == [pytest.approx(norm(change), rel=1e-5)] * 2 and server["epsilon"] is None
     assert all(torch.allclose(got[k].double() - sent[k].double(), change[k].double() / 2, atol=1e-7) for k in sent)
 
@@ -168,7 +168,7 @@ def test_the_local_adapter_is_untouched_by_dp_given_the_same_global_adapters(tin
         else:
             plain = []
 
-            def replay(updates, prev, round_, expected):
+            def replay(updates, prev, *, round_, expected):
                 plain.append(fed.fedavg(updates, "uniform"))
                 return sent[round_], {}
             federation = fed.run_rounds(fed.Federation(phase.start, len(phase.clients)),
