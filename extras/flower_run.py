@@ -59,16 +59,24 @@ def reachable(address: str, timeout: float = 5.0) -> str:
         return str(e) or type(e).__name__
 
 
-def descendants(pid: int) -> list:
-    """The processes pid started, and theirs (from /proc; elsewhere none are known beyond the group)."""
-    children = {}
+def process_table() -> list:
+    """(pid, state, parent pid, process group) of every process, from /proc (elsewhere none)."""
+    table = []
     for p in glob.glob("/proc/[0-9]*/stat"):
         try:
             with open(p) as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                state, ppid, pgid = f.read().rsplit(")", 1)[1].split()[:3]
+            table.append((int(p.split("/")[2]), state, int(ppid), int(pgid)))
         except (OSError, ValueError, IndexError):
             continue
-        children.setdefault(ppid, []).append(int(p.split("/")[2]))
+    return table
+
+
+def descendants(pid: int) -> list:
+    """The processes pid started, and theirs (from /proc; elsewhere none are known beyond the group)."""
+    children = {}
+    for child, _, ppid, _ in process_table():
+        children.setdefault(ppid, []).append(child)
     found, todo = [], [pid]
     while todo:
         for c in children.get(todo.pop(), []):
@@ -144,7 +152,7 @@ class Deployment:
         if p is None:
             return
         family = [p.pid, *descendants(p.pid)]
-        groups = set()
+        groups = {p.pid}  # its own (start() makes each a session leader), which can outlive p
         for pid in family:
             try:
                 groups.add(os.getpgid(pid))
@@ -167,6 +175,9 @@ class Deployment:
             except ProcessLookupError:
                 pass
         p.wait()
+        deadline = time.time() + wait  # until the groups' last members, which are not our children, are gone
+        while time.time() < deadline and any(g in groups and state != "Z" for _, state, _, g in process_table()):
+            time.sleep(0.05)
 
     def close(self):
         for name in list(self.procs):
