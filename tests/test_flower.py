@@ -176,7 +176,8 @@ def test_a_node_whose_key_is_not_registered_is_refused(tmp_path, cache, ours2):
 
 def test_a_node_that_does_not_trust_the_ca_cannot_connect(tmp_path):
     """Nodes with registered keys but the wrong root certificates, another CA's or none (the system's):
-    the TLS handshake fails and they give up, one line in their log saying so."""
+    the TLS handshake fails and they give up, one line in their log saying so. (A key registered twice
+    is refused in one line.)"""
     work = tmp_path / "work"
     d = flower_run.Deployment(str(work), 2)
     try:
@@ -186,6 +187,9 @@ def test_a_node_that_does_not_trust_the_ca_cannot_connect(tmp_path):
             key = str(work / "keys" / name)
             d.register(flower_run.write_node_key(key))
             start_stranger(d, name, [*roots, "--auth-supernode-private-key", key])
+        with pytest.raises(flower_run.DeployError) as e:
+            d.register(key + ".pub")
+        assert str(e.value) == f"the SuperLink did not register {key}.pub: [code: 23] Public key already in use."
         for name in ("other-ca", "no-ca"):
             assert "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed" in refused(d, name)
     finally:
