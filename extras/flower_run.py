@@ -8,16 +8,25 @@ run ended (`flwr run` exits 0 even when the ServerApp fails) and stops every pro
 its own process group, on exit, error or Ctrl-C. With --superlink HOST:PORT it runs the app on a
 federation that is already up instead (the SuperNodes started on the client machines, see the README).
 
-Top to bottom: free ports and waiting; Deployment (the processes, the app's run and its status); main.
+The loopback deployment runs with TLS and SuperNode authentication unless --insecure: it writes a CA,
+the SuperLink's certificate for 127.0.0.1 and localhost, and one key pair per node into --work, and
+registers the nodes' public keys with the SuperLink before they start; a node whose key is not
+registered, or that does not trust the CA, is refused.
+
+Top to bottom: free ports and waiting; certificates and node keys; Deployment (the processes, the app's
+run and its status); main.
 """
 import argparse
+import datetime
 import glob
+import ipaddress
 import json
 import os
 import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -59,22 +68,96 @@ def reachable(address: str, timeout: float = 5.0) -> str:
         return str(e) or type(e).__name__
 
 
-def descendants(pid: int) -> list:
-    """The processes pid started, and theirs (from /proc; elsewhere none are known beyond the group)."""
-    children = {}
+def process_table() -> list:
+    """(pid, state, parent pid, process group) of every process, from /proc (elsewhere none)."""
+    table = []
     for p in glob.glob("/proc/[0-9]*/stat"):
         try:
             with open(p) as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                state, ppid, pgid = f.read().rsplit(")", 1)[1].split()[:3]
+            table.append((int(p.split("/")[2]), state, int(ppid), int(pgid)))
         except (OSError, ValueError, IndexError):
             continue
-        children.setdefault(ppid, []).append(int(p.split("/")[2]))
+    return table
+
+
+def descendants(pid: int) -> list:
+    """The processes pid started, and theirs (from /proc; elsewhere none are known beyond the group)."""
+    children = {}
+    for child, _, ppid, _ in process_table():
+        children.setdefault(ppid, []).append(child)
     found, todo = [], [pid]
     while todo:
         for c in children.get(todo.pop(), []):
             found.append(c)
             todo.append(c)
     return found
+
+
+def write_certificates(folder: str) -> dict:
+    """A self-signed CA and, signed by it, the SuperLink's certificate for the loopback names (IP 127.0.0.1,
+    DNS localhost) and its key, as PEM files in folder: {"ca": ca.crt, "cert": server.pem, "key": server.key}.
+    Made afresh for each deployment, so that no key outlives its work folder; docs/flower.md has the
+    openssl commands that make the same. (cryptography comes with flwr.)"""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def certificate(subject: str, key, issuer: str, issuer_key, extensions: list):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (x509.CertificateBuilder().public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=30)))
+        identifiers = [(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False),
+                       (x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False)]
+        for extension, critical in identifiers + extensions:  # what strict verifiers (Python 3.13's default) ask
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(issuer_key, hashes.SHA384())
+
+    signs_certificates = x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                       encipher_only=False, decipher_only=False)
+    loopback = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])
+    ca_key, server_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca_name = "FedDPA loopback CA"
+    ca = certificate(ca_name, ca_key, ca_name, ca_key, [(x509.BasicConstraints(ca=True, path_length=0), True),
+                                                        (signs_certificates, True)])
+    server = certificate("localhost", server_key, ca_name, ca_key, [
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False), (loopback, False)])
+    os.makedirs(folder, exist_ok=True)
+    paths = {"ca": os.path.join(folder, "ca.crt"), "cert": os.path.join(folder, "server.pem"),
+             "key": os.path.join(folder, "server.key")}
+    write_private(paths["key"], server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    for which, cert in (("ca", ca), ("cert", server)):
+        with open(paths[which], "wb") as f:
+            f.write(cert.public_bytes(serialization.Encoding.PEM))
+    return paths
+
+
+def write_node_key(path: str) -> str:
+    """A SuperNode's authentication key pair, as Flower reads it: a NIST P-384 EC key, the private one in
+    OpenSSH format at path (what `ssh-keygen -t ecdsa -b 384` writes), the public one at path.pub.
+    Returns the public key's path, the file the SuperLink registers."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    key = ec.generate_private_key(ec.SECP384R1())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
+    with open(path + ".pub", "wb") as f:
+        f.write(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return path + ".pub"
+
+
+def write_private(path: str, data: bytes):
+    """Write a private key, readable by its owner only."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        f.write(data)
 
 
 def threads_per_node(nodes: int) -> int:
@@ -88,13 +171,16 @@ def threads_per_node(nodes: int) -> int:
 
 class Deployment:
     """The processes of one deployment of `nodes` SuperNodes on this machine, each in its own process
-    group with its own FLWR_HOME and log under `work`; close() stops every one of them."""
+    group with its own FLWR_HOME and log under `work`; close() stops every one of them. Secure unless
+    `insecure`: TLS, with the CA certificate at `ca`, and only registered nodes admitted."""
 
-    def __init__(self, work: str, nodes: int):
+    def __init__(self, work: str, nodes: int, insecure: bool = False):
         self.work = work
         os.makedirs(work, exist_ok=True)
         self.procs = {}  # name -> Popen
         self.superlink = ""
+        self.insecure = insecure
+        self.ca = ""  # the CA that the SuperLink's certificate is checked against (start_superlink makes it)
         self.threads = threads_per_node(nodes)
 
     def env(self, name: str, **extra) -> dict:
@@ -116,13 +202,23 @@ class Deployment:
             return " | ".join(line.strip() for line in f.read().splitlines()[-lines:] if line.strip())
 
     def start_superlink(self, timeout: float = 60.0):
+        """The SuperLink on a free port of 127.0.0.1: with TLS, by a certificate of a CA made for it under
+        `work`, and SuperNode authentication (only nodes whose keys register() registered get in)."""
         port = free_port()
-        self.start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
+        if self.insecure:
+            security, context = ["--insecure"], None
+        else:
+            certs = write_certificates(os.path.join(self.work, "certs"))
+            self.ca, context = certs["ca"], ssl.create_default_context(cafile=certs["ca"])
+            security = ["--ssl-ca-certfile", certs["ca"], "--ssl-certfile", certs["cert"],
+                        "--ssl-keyfile", certs["key"], "--enable-supernode-auth"]
+        self.start("superlink", ["flower-superlink", *security, "--host", "127.0.0.1", "--port", str(port),
                                  "--disable-runtime-dependency-installation"])
+        health = f"{'http' if self.insecure else 'https'}://127.0.0.1:{port}/health"
         t0 = time.time()
         while True:  # ready when its health endpoint answers
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                urllib.request.urlopen(health, timeout=2, context=context)
                 break
             except OSError:
                 if self.procs["superlink"].poll() is not None or time.time() - t0 > timeout:
@@ -131,10 +227,43 @@ class Deployment:
         self.superlink = f"127.0.0.1:{port}"
 
     def start_node(self, i: int, state_dir: str, data: str = ""):
+        """SuperNode i (client i of the data), keeping its state in state_dir. Secure: with TLS, trusting
+        the CA only, and authenticated by a key of its own under `work`, registered the first time (a
+        restarted node keeps its key, and so its registration and node id)."""
+        name = f"node{i}"
+        if self.insecure:
+            security = ["--insecure"]
+        else:
+            key = os.path.join(self.work, "keys", name)
+            if not os.path.exists(key):
+                self.register(write_node_key(key))
+            security = ["--root-certificates", self.ca, "--auth-supernode-private-key", key]
         config = f'partition-id={i} state-dir="{state_dir}"' + (f' data="{data}"' if data else "")
-        self.start(f"node{i}", ["flower-supernode", "--insecure", "--superlink", self.superlink,
-                                "--port", str(free_port()), "--node-config", config],
+        self.start(name, ["flower-supernode", *security, "--superlink", self.superlink,
+                          "--port", str(free_port()), "--node-config", config],
                    OMP_NUM_THREADS=str(self.threads))  # its ClientApps inherit it
+
+    def register(self, public_key: str):
+        """Register a node's public key with the SuperLink (`flwr supernode register`): with SuperNode
+        authentication, the node holding its private key may then connect, and no other."""
+        r = subprocess.run(["flwr", "supernode", "register", public_key, "feddpa", "--format", "json"],
+                           env=self.cli_env(), capture_output=True, text=True)
+        try:
+            answer = json.loads(r.stdout)
+        except json.JSONDecodeError:
+            answer = {"error-message": (r.stdout + r.stderr).strip() or f"exit {r.returncode}"}
+        if not answer.get("success"):
+            why = answer.get("error-message", "").strip().splitlines()[-1:] or ["no reason given"]
+            raise DeployError(f"the SuperLink did not register {public_key}: {why[0]}")
+
+    def cli_env(self) -> dict:
+        """The environment of flwr's CLI: a FLWR_HOME whose config.toml names the SuperLink as `feddpa`,
+        with how to reach it (TLS trusting `ca`, or insecure)."""
+        env = self.env("cli")
+        security = "insecure = true\n" if self.insecure else f'root-certificates = "{self.ca}"\n'
+        with open(os.path.join(env["FLWR_HOME"], "config.toml"), "w") as f:
+            f.write(f'[superlink]\ndefault = "feddpa"\n\n[superlink.feddpa]\naddress = "{self.superlink}"\n{security}')
+        return env
 
     def stop(self, name: str, wait: float = 10.0, kill: bool = False):
         """Stop process `name` and everything it started: SIGTERM to their process groups (the SuperLink
@@ -144,7 +273,7 @@ class Deployment:
         if p is None:
             return
         family = [p.pid, *descendants(p.pid)]
-        groups = set()
+        groups = {p.pid}  # its own (start() makes each a session leader), which can outlive p
         for pid in family:
             try:
                 groups.add(os.getpgid(pid))
@@ -167,19 +296,19 @@ class Deployment:
             except ProcessLookupError:
                 pass
         p.wait()
+        deadline = time.time() + wait  # until the groups' last members, which are not our children, are gone
+        while time.time() < deadline and any(g in groups and state != "Z" for _, state, _, g in process_table()):
+            time.sleep(0.05)
 
     def close(self):
         for name in list(self.procs):
             self.stop(name)
 
     def run_app(self, train_args: list, nodes: int, round_timeout: float, connect_timeout: float,
-                insecure: bool = True, root_certificates: str = "", out=sys.stdout) -> None:
+                out=sys.stdout) -> None:
         """`flwr run` of the app with train.py's flags, its output streamed to `out`; raises DeployError
         with the ServerApp's error if the run did not complete."""
-        env = self.env("cli")
-        with open(os.path.join(env["FLWR_HOME"], "config.toml"), "w") as f:  # where the CLI finds the SuperLink
-            f.write(f'[superlink]\ndefault = "feddpa"\n\n[superlink.feddpa]\naddress = "{self.superlink}"\n'
-                    + ("insecure = true\n" if insecure else f'root-certificates = "{root_certificates}"\n'))
+        env = self.cli_env()
         run_config = os.path.join(self.work, "run_config.toml")
         with open(run_config, "w") as f:  # JSON strings are TOML basic strings
             f.write(f"train-args = {json.dumps(shlex.join(train_args))}\nnodes = {nodes}\n"
@@ -231,7 +360,8 @@ def main(argv=None):
     ap.add_argument("--nodes", type=int, default=3, help="clients, one SuperNode each (default: 3)")
     ap.add_argument("--superlink", default="", help="HOST:PORT of a running SuperLink: start nothing, run the app there")
     ap.add_argument("--root-certificates", default="", help="with --superlink: the CA certificate of its TLS")
-    ap.add_argument("--insecure", action="store_true", help="with --superlink: no TLS (local tests only)")
+    ap.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication (local tests "
+                    "only; default: the loopback deployment makes its own CA and node keys under --work)")
     ap.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round waits for replies (default: 600)")
     ap.add_argument("--connect-timeout", type=float, default=120.0, help="seconds to wait for all nodes (default: 120)")
     ap.add_argument("--work", default="", help="folder for the processes' FLWR_HOMEs, logs and the nodes' state "
@@ -248,6 +378,10 @@ def main(argv=None):
                             "pip install flwr==1.42.0 into this interpreter's environment")
         if args.nodes < 1:
             raise UserError(f"--nodes {args.nodes} must be >= 1")
+        if args.root_certificates and not args.superlink:
+            raise UserError("--root-certificates: only with --superlink (the loopback deployment makes its own CA)")
+        if args.root_certificates and not os.path.isfile(args.root_certificates):
+            raise UserError(f"--root-certificates {args.root_certificates}: no such file")
         if args.superlink and not (args.insecure or args.root_certificates):
             raise UserError("--superlink: give --root-certificates CA.pem (TLS) or --insecure (local tests only)")
         if args.superlink and (why := reachable(args.superlink)):
@@ -256,20 +390,22 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="feddpa-flower-"))
-    deployment = Deployment(work, args.nodes)
+    deployment = Deployment(work, args.nodes, insecure=args.insecure)
     signal.signal(signal.SIGTERM, interrupted)  # a kill of this command stops its processes too
     try:
         if args.superlink:
             deployment.superlink = args.superlink
+            deployment.ca = os.path.abspath(args.root_certificates) if args.root_certificates else ""
         else:
             if cfg.model == "builtin":  # pretrain the built-in base once, before the nodes all want it
                 train.base_and_tokenizer(cfg, train.choose_device(cfg.device), True)
             deployment.start_superlink()
             for i in range(args.nodes):
                 deployment.start_node(i, os.path.join(work, f"state{i}"))
-            print(f"Flower deployment in {work}: SuperLink {deployment.superlink}, {args.nodes} SuperNodes", file=sys.stderr)
-        deployment.run_app(train_args, args.nodes, args.round_timeout, args.connect_timeout,
-                           insecure=not args.superlink or args.insecure, root_certificates=args.root_certificates)
+            security = "insecure" if args.insecure else f"TLS (CA {deployment.ca}) and registered node keys"
+            print(f"Flower deployment in {work}: SuperLink {deployment.superlink}, {args.nodes} SuperNodes, {security}",
+                  file=sys.stderr)
+        deployment.run_app(train_args, args.nodes, args.round_timeout, args.connect_timeout)
         return 0
     except DeployError as e:
         print(f"error: {e}", file=sys.stderr)

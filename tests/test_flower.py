@@ -1,11 +1,16 @@
-"""The Flower app (flower_app.py, flower_run.py): a real loopback deployment trains the adapters
-train.py trains, bit for bit, and so does one whose SuperNode is killed in the middle of a round and
-restarted; a node that stops answering costs a round its reply and nothing else; what crosses the
-wire is the global adapter and numbers, never a local adapter; a failed ServerApp or an unreachable
-SuperLink fails the command with one line; no process is left behind."""
+"""The Flower app (flower_app.py, flower_run.py): a real loopback deployment, with TLS and SuperNode
+authentication, trains the adapters train.py trains, bit for bit, and so does one whose SuperNode is
+killed in the middle of a round and restarted; a node whose key is not registered, or that does not
+trust the deployment's CA, is refused; a node that stops answering costs a round its reply and
+nothing else; what crosses the wire is the global adapter and numbers, never a local adapter; a
+failed ServerApp or an unreachable SuperLink fails the command with one line; no process is left
+behind."""
 import glob
+import io
 import json
 import os
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -113,20 +118,140 @@ def same_run(flower: Path, work: Path, ours: Path, nodes: int = 3):
     return theirs
 
 
+@pytest.mark.slow
 def test_a_loopback_deployment_trains_what_train_py_trains(tmp_path, cache, ours):
-    assert flower_run.main(["--nodes", "3", "--work", str(tmp_path / "work"), *ARGS, "--cache", cache,
+    """The default deployment: TLS by a CA of its own and SuperNode authentication, three nodes."""
+    work = tmp_path / "work"
+    assert flower_run.main(["--nodes", "3", "--work", str(work), *ARGS, "--cache", cache,
                             "--out", str(tmp_path / "flower")]) == 0
-    assert processes_using(str(tmp_path / "work")) == []
-    same_run(tmp_path / "flower", tmp_path / "work", ours)
+    assert processes_using(str(work)) == []
+    superlink = (work / "superlink.log").read_text()
+    assert "running on https://127.0.0.1:" in superlink and "SuperNode authentication is disabled" not in superlink
+    assert sorted(p.name for p in (work / "keys").iterdir()) == ["node0", "node0.pub", "node1", "node1.pub", "node2",
+                                                                 "node2.pub"]
+    same_run(tmp_path / "flower", work, ours)
 
 
+def refused(d: flower_run.Deployment, name: str, timeout: float = 120.0) -> str:
+    """The log of node `name`, once it has exited refused; fails the test at once if it got a node id."""
+    log, t0 = Path(d.work) / f"{name}.log", time.time()
+    while d.procs[name].poll() is None:
+        assert "SuperNode ID:" not in log.read_text(errors="replace"), f"{name} was let in: {log.read_text()}"
+        assert time.time() - t0 < timeout, f"{name} neither got in nor gave up: {log.read_text()}"
+        time.sleep(0.2)
+    assert d.procs[name].returncode != 0 and "SuperNode ID:" not in log.read_text(errors="replace")
+    return log.read_text(errors="replace")
+
+
+def start_stranger(d: flower_run.Deployment, name: str, security: list, i: int = 0):
+    """A SuperNode that claims client i's place with the given TLS and key flags."""
+    d.start(name, ["flower-supernode", *security, "--superlink", d.superlink, "--port", str(flower_run.free_port()),
+                   "--node-config", f'partition-id={i} state-dir="{Path(d.work) / name}"'])
+
+
+@pytest.mark.slow
+def test_a_node_whose_key_is_not_registered_is_refused(tmp_path, cache, ours2):
+    """Beside the two registered nodes, a node with a key the SuperLink never registered and one with no
+    key at all (without authentication it would register itself), both trusting the CA and claiming
+    client 0's place: each is refused, and the run ends with the registered nodes' adapters."""
+    work = tmp_path / "work"
+    d = flower_run.Deployment(str(work), 2)
+    try:
+        d.start_superlink()
+        for i in range(2):
+            d.start_node(i, str(work / f"state{i}"))
+        flower_run.write_node_key(str(work / "keys" / "unregistered"))
+        start_stranger(d, "unregistered", ["--root-certificates", d.ca, "--auth-supernode-private-key",
+                                           str(work / "keys" / "unregistered")])
+        start_stranger(d, "keyless", ["--root-certificates", d.ca])
+        assert "[code: 2004] Failed to activate SuperNode" in refused(d, "unregistered")
+        assert "All SuperNodes must be registered via the CLI" in refused(d, "keyless")
+        d.run_app([*ARGS, "--clients", "2", "--cache", cache, "--out", str(tmp_path / "flower")], 2,
+                  round_timeout=120, connect_timeout=60, out=io.StringIO())
+    finally:
+        d.close()
+    assert processes_using(str(work)) == []
+    same_run(tmp_path / "flower", work, ours2, nodes=2)
+
+
+def test_a_node_that_does_not_trust_the_ca_cannot_connect(tmp_path):
+    """Nodes with registered keys but the wrong root certificates, another CA's or none (the system's):
+    the TLS handshake fails and they give up, one line in their log saying so. (A key registered twice
+    is refused in one line.)"""
+    work = tmp_path / "work"
+    d = flower_run.Deployment(str(work), 2)
+    try:
+        d.start_superlink()
+        other = flower_run.write_certificates(str(tmp_path / "other-ca"))
+        for name, roots in (("other-ca", ["--root-certificates", other["ca"]]), ("no-ca", [])):
+            key = str(work / "keys" / name)
+            d.register(flower_run.write_node_key(key))
+            start_stranger(d, name, [*roots, "--auth-supernode-private-key", key])
+        with pytest.raises(flower_run.DeployError) as e:
+            d.register(key + ".pub")
+        assert str(e.value) == f"the SuperLink did not register {key}.pub: [code: 23] Public key already in use."
+        for name in ("other-ca", "no-ca"):
+            assert "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed" in refused(d, name)
+    finally:
+        d.close()
+    assert processes_using(str(work)) == []
+
+
+def handshake(certs: dict, host: str, ca: str):
+    """A TLS handshake with a server holding certs' certificate, by a client that trusts only ca, checks
+    `host` against it and verifies strictly (as Python 3.13 does by default); raises if it fails."""
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(certs["cert"], certs["key"])
+    client = ssl.create_default_context(cafile=ca)
+    client.verify_flags |= ssl.VERIFY_X509_STRICT
+    a, b = socket.socketpair()
+
+    def accept():
+        try:
+            server.wrap_socket(a, server_side=True).close()
+        except (ssl.SSLError, OSError):  # the client refused the certificate: its side raises
+            pass
+    with a, b:
+        serving = threading.Thread(target=accept, daemon=True)
+        serving.start()
+        try:
+            client.wrap_socket(b, server_hostname=host).close()
+        finally:
+            a.close()
+            serving.join(10)
+
+
+def test_the_certificates_name_the_loopback_and_the_node_keys_are_flower_s(tmp_path):
+    """The SuperLink's certificate verifies against the CA, strictly, for 127.0.0.1 and localhost and for
+    no other name, and not against another CA; keys are readable by their owner only; a node key is the
+    OpenSSH P-384 pair that flower-supernode and `flwr supernode register` read."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+    certs = flower_run.write_certificates(str(tmp_path / "certs"))
+    other = flower_run.write_certificates(str(tmp_path / "other"))
+    for host in ("127.0.0.1", "localhost"):
+        handshake(certs, host, certs["ca"])
+    for host, ca in (("127.0.0.2", certs["ca"]), ("example.org", certs["ca"]), ("127.0.0.1", other["ca"])):
+        with pytest.raises(ssl.SSLCertVerificationError):
+            handshake(certs, host, ca)
+    public = flower_run.write_node_key(str(tmp_path / "keys" / "node0"))
+    key = load_ssh_private_key((tmp_path / "keys" / "node0").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert load_ssh_public_key(Path(public).read_bytes()).public_numbers() == key.public_key().public_numbers()
+    for private in (certs["key"], tmp_path / "keys" / "node0"):
+        assert os.stat(private).st_mode & 0o777 == 0o600
+
+
+@pytest.mark.slow
 def test_a_node_killed_mid_round_and_restarted_loses_nothing(tmp_path, cache, ours2):
     """SIGKILL to node 1's SuperNode and ClientApp while it trains round 3, then a restart on the same
     state folder: the server sends round 3 to the node's new id, the node trains it from its files of
     round 2, and the run ends exactly as an uninterrupted one. (Two nodes: one per core here, so that
-    the deployment's time is the messages' and not the cores'.)"""
+    the deployment's time is the messages' and not the cores'.) Without node authentication: with it,
+    a node's id is its registered key's, and a node restarted at once is refused until the SuperLink
+    counts it offline (docs/flower.md)."""
     work = tmp_path / "work"
-    d = flower_run.Deployment(str(work), 2)
+    d = flower_run.Deployment(str(work), 2, insecure=True)
     out, failure = [], []
     try:
         d.start_superlink()
@@ -174,7 +299,8 @@ def test_a_node_killed_mid_round_and_restarted_loses_nothing(tmp_path, cache, ou
 
 
 def test_a_failed_server_app_fails_the_command_with_its_error(tmp_path, cache, capfd):
-    code = flower_run.main(["--nodes", "1", "--work", str(tmp_path / "work"), *SMALL, "--cache", cache,
+    """(--insecure: the loopback deployment without TLS still starts and stops as the secure one.)"""
+    code = flower_run.main(["--nodes", "1", "--insecure", "--work", str(tmp_path / "work"), *SMALL, "--cache", cache,
                             "--methods", "centralized", "--out", str(tmp_path / "out")])
     err = capfd.readouterr().err.strip().splitlines()
     assert code == 1
@@ -188,6 +314,16 @@ def test_an_unreachable_superlink_is_one_line(tmp_path):
                         "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.startswith(f"error: no SuperLink reachable at 127.0.0.1:{port}") and r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("flags, why", [
+    (["--root-certificates", "ca.crt"],
+     "--root-certificates: only with --superlink (the loopback deployment makes its own CA)"),
+    (["--superlink", "127.0.0.1:1", "--root-certificates", "no/ca.crt"], "--root-certificates no/ca.crt: no such file")])
+def test_bad_root_certificates_are_one_line(tmp_path, capsys, flags, why):
+    assert flower_run.main([*flags, "--work", str(tmp_path / "work")]) == 2
+    assert capsys.readouterr().err == f"error: {why}\n"
+    assert not (tmp_path / "work").exists()
 
 
 # ----------------------------------------------------------------------------------------------
