@@ -103,6 +103,7 @@ class Update:
     """The only thing a client sends: its trained copy of the global adapter and its example count."""
     adapter: dict
     n_examples: int
+    norm: float | None = None  # DP-FedAvg over Flower: the update's norm before its client clipped it
 
 
 def fedavg(updates: list, weighting: str = "count") -> dict:
@@ -128,19 +129,28 @@ class DP:
     seeded: bool = True    # the noise from the run's seed (a reproducible simulation); False: the OS's secure randomness
 
 
+def clipped(adapter: dict, sent: dict, clip: float) -> tuple:
+    """(the update adapter - sent as float64 tensors, scaled to L2 norm at most `clip` over all of the
+    adapter's tensors together, by one factor; the update's norm before). Run by the server, or by the
+    client before it sends (over Flower)."""
+    change = {k: adapter[k].double() - sent[k].double() for k in sent}
+    norm = math.sqrt(sum(float((d * d).sum()) for d in change.values()))
+    scale = min(1.0, clip / norm) if norm > 0 else 1.0
+    return {k: scale * d for k, d in change.items()}, norm
+
+
 def dp_fedavg(updates: list, sent: dict, dp: DP, *, expected: int, generator: torch.Generator) -> tuple:
     """DP-FedAvg's server step: each update (a client's trained adapter minus `sent`, the adapter it
     received) scaled to L2 norm at most C, their sum divided by the number of clients expected in the
     round (fixed, so that one client more or less moves the mean by at most C / n), Gaussian noise of
     std sigma C / n on every coordinate, added to `sent`. Returns (new global adapter, each update's
-    norm before clipping)."""
-    changes = [{k: u.adapter[k].double() - sent[k].double() for k in sent} for u in updates]
-    norms = [math.sqrt(sum(float((d * d).sum()) for d in c.values())) for c in changes]
-    scales = [min(1.0, dp.clip / n) if n > 0 else 1.0 for n in norms]
+    norm before clipping: where its client clipped it already, the norm the client reports)."""
+    changes, norms = zip(*(clipped(u.adapter, sent, dp.clip) for u in updates))
+    norms = [n if u.norm is None else u.norm for u, n in zip(updates, norms)]
     std = dp.noise * dp.clip / expected
     new = {}
     for k in sent:  # in the adapter's order: the noise's draws are the same on every run
-        mean = sum(s * c[k] for s, c in zip(scales, changes)) / expected
+        mean = sum(c[k] for c in changes) / expected
         noise = torch.randn(sent[k].shape, generator=generator, dtype=torch.float64) * std
         new[k] = (sent[k].double() + mean + noise.to(mean.device)).to(sent[k].dtype)
     return new, norms

@@ -24,7 +24,9 @@ as "missing"). A node that is killed and restarted meanwhile comes back under a 
 client gets the round again there, and trains it from its files, as if it had never stopped. A round
 that no node answered is sent again; every completed round is checkpointed, and `--resume OUT` in
 train-args continues a run from its last one. Runs FedIT, FedDPA-F and FedDPA-T (every weighting);
-the base model, Local and Centralized need no federation: run them with train.py.
+the base model, Local and Centralized need no federation: run them with train.py. With --dp-clip in
+train-args (DP-FedAvg), each node clips its update before it sends it and the server adds the noise,
+from the operating system's secure randomness unless the run config's dp-seeded-noise is true.
 
 Top to bottom: the settings; the node (its data and model, its state files, train, describe,
 evaluate); the server (finding the nodes, a round over Flower, the phases, the evaluation).
@@ -35,7 +37,7 @@ import json
 import os
 import shlex
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -44,7 +46,6 @@ from flwr.serverapp import Grid, ServerApp
 
 import data
 import evaluation
-from extras import export
 import fast
 import fed
 import hf
@@ -181,10 +182,14 @@ def train_step(msg: Message, context: Context) -> Message:
         except fed.Diverged as e:
             raise fed.Diverged(f"{e} of client {node.id} in round {round_ + 1}") from None
     node.save_state(phase_name, round_, local, me.generator)
+    sent, norm = update.adapter, {}
+    if sent and phase.dp is not None:  # DP-FedAvg: the update is clipped here, the noise added at the server
+        change, before = fed.clipped(sent, received, phase.dp.clip)
+        sent, norm = {k: (received[k].double() + change[k]).to(received[k].dtype) for k in received}, {"update-norm": before}
     reply = RecordDict({"metrics": MetricRecord({**{k: float(v) for k, v in metrics.items()},
-                                                 "n-examples": update.n_examples})})
-    if update.adapter:  # FedDPA-F's fine-tuning sends nothing back
-        reply["global"] = to_record(update.adapter)
+                                                 "n-examples": update.n_examples, **norm})})
+    if sent:  # FedDPA-F's fine-tuning sends nothing back
+        reply["global"] = to_record(sent)
     return Message(reply, reply_to=msg)
 
 
@@ -333,10 +338,11 @@ class Federation:
                     print(f"{phase} round {round_ + 1}: client {c} failed: {reply.error.reason}", flush=True)
                     continue
                 m = reply.content["metrics"]
-                metrics = {k: v for k, v in m.items() if k != "n-examples"}
+                metrics = {k: v for k, v in m.items() if k not in ("n-examples", "update-norm")}
                 metrics.update(steps=int(m["steps"]), examples=int(m["examples"]))
                 sent = reply.content.array_records.get("global")
-                replies[c] = (fed.Update(from_record(sent) if sent else {}, int(m["n-examples"])), metrics)
+                replies[c] = (fed.Update(from_record(sent) if sent else {}, int(m["n-examples"]), m.get("update-norm")),
+                              metrics)
             return replies
         return train_round
 
@@ -386,6 +392,8 @@ def main(grid: Grid, context: Context) -> None:
         runs.check_state(state, model, n, os.path.join(cfg.out, "checkpoint.pt"))
         runs.remove_partial_writes(cfg.out)
     methods, rec = cfg.methods.split(","), train.recipe(cfg)
+    if rec.dp is not None and not bool(conf.get("dp-seeded-noise", False)):  # a deployment's noise: no one can replay it
+        rec = replace(rec, dp=replace(rec.dp, seeded=False))
     needed = {p for m in methods for p in feddpa.phases_of(m)}
     print(f"Flower federation of {n} clients; training {', '.join(p for p in FLOWER_PHASES if p in needed)}; "
           f"output {cfg.out}", flush=True)

@@ -305,14 +305,15 @@ class Deployment:
             self.stop(name)
 
     def run_app(self, train_args: list, nodes: int, round_timeout: float, connect_timeout: float,
-                out=sys.stdout) -> None:
+                out=sys.stdout, dp_seeded_noise: bool = False) -> None:
         """`flwr run` of the app with train.py's flags, its output streamed to `out`; raises DeployError
         with the ServerApp's error if the run did not complete."""
         env = self.cli_env()
         run_config = os.path.join(self.work, "run_config.toml")
         with open(run_config, "w") as f:  # JSON strings are TOML basic strings
             f.write(f"train-args = {json.dumps(shlex.join(train_args))}\nnodes = {nodes}\n"
-                    f"round-timeout = {float(round_timeout)}\nconnect-timeout = {float(connect_timeout)}\n")
+                    f"round-timeout = {float(round_timeout)}\nconnect-timeout = {float(connect_timeout)}\n"
+                    f"dp-seeded-noise = {'true' if dp_seeded_noise else 'false'}\n")
         cli = subprocess.Popen(["flwr", "run", ROOT, "feddpa", "--stream", "--run-config", run_config], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.procs["flwr-run"] = cli
@@ -362,6 +363,8 @@ def main(argv=None):
     ap.add_argument("--root-certificates", default="", help="with --superlink: the CA certificate of its TLS")
     ap.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication (local tests "
                     "only; default: the loopback deployment makes its own CA and node keys under --work)")
+    ap.add_argument("--dp-seeded-noise", action="store_true", help="with --dp-clip: the server's DP noise from the run's "
+                    "seed, so that a run can be replayed (default: the operating system's secure randomness)")
     ap.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round waits for replies (default: 600)")
     ap.add_argument("--connect-timeout", type=float, default=120.0, help="seconds to wait for all nodes (default: 120)")
     ap.add_argument("--work", default="", help="folder for the processes' FLWR_HOMEs, logs and the nodes' state "
@@ -405,7 +408,8 @@ def main(argv=None):
             security = "insecure" if args.insecure else f"TLS (CA {deployment.ca}) and registered node keys"
             print(f"Flower deployment in {work}: SuperLink {deployment.superlink}, {args.nodes} SuperNodes, {security}",
                   file=sys.stderr)
-        deployment.run_app(train_args, args.nodes, args.round_timeout, args.connect_timeout)
+        deployment.run_app(train_args, args.nodes, args.round_timeout, args.connect_timeout,
+                           dp_seeded_noise=args.dp_seeded_noise)
         return 0
     except DeployError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -448,6 +448,45 @@ def test_only_the_global_adapter_and_numbers_cross_the_wire(tmp_path, cache, ser
     assert kinds == {"query", "train", "evaluate"}
 
 
+def test_dp_over_flower_clips_on_the_nodes_and_adds_the_noise_at_the_server(tmp_path, cache, serverapp_process):
+    """--dp-clip over Flower (server and nodes in one process): every update that leaves a node is already
+    clipped to norm C, the history keeps the nodes' norms before clipping, and with seeded noise
+    (dp-seeded-noise) the global adapters are train.py's within rounding (the node's clip, cast to
+    float32, then the server's); without it the noise is secure randomness and the global adapter differs."""
+    clip = 0.05
+    args = [*SMALL, "--methods", "fedit", "--rounds", "2", "--cache", cache, "--dp-clip", str(clip), "--dp-noise", "0.5"]
+    runs_ = {}
+    for name, seeded in (("seeded", True), ("secure", False)):
+        grid = InProcessGrid([{"partition-id": i, "state-dir": str(tmp_path / name / f"state{i}")} for i in range(3)])
+        context = server_context(args, tmp_path / name / "flower", round_timeout=60.0)
+        context.run_config["dp-seeded-noise"] = seeded
+        flower_app.server(grid, context)
+        runs_[name] = grid
+    train.main([*args, "--out", str(tmp_path / "ours")])
+    ours = json.loads((tmp_path / "ours" / "results.json").read_text())["training"]["fedit"]
+    theirs = json.loads((tmp_path / "seeded" / "flower" / "results.json").read_text())["training"]["fedit"]
+    assert theirs["epsilon"] == ours["epsilon"] > 0
+    for a, b in zip(theirs["history"], ours["history"]):
+        assert a["update_norms"] == pytest.approx(b["update_norms"], rel=1e-5)
+    assert max(n for h in ours["history"] for n in h["update_norms"]) > clip  # the clip bites
+    got = load_file(tmp_path / "seeded" / "flower" / "adapters" / "fedit" / "global.safetensors")
+    want = load_file(tmp_path / "ours" / "adapters" / "fedit" / "global.safetensors")
+    assert all(torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-6) for k in want)
+    secure = load_file(tmp_path / "secure" / "flower" / "adapters" / "fedit" / "global.safetensors")
+    assert not all(torch.allclose(secure[k], want[k], atol=1e-3) for k in want)
+    down = {}
+    for m in runs_["seeded"].wire:  # each node's update against the adapter it was sent that round
+        if m.metadata.message_type != "train" or "global" not in m.content.array_records:
+            continue
+        if "run" in m.content.config_records:  # the server's message
+            down[m.metadata.message_id] = m.content.array_records["global"].to_torch_state_dict()
+        else:
+            sent = down[m.metadata.reply_to_message_id]
+            up = m.content.array_records["global"].to_torch_state_dict()
+            norm = sum(float(((up[k].double() - sent[k].double()) ** 2).sum()) for k in sent) ** 0.5
+            assert norm <= clip * (1 + 1e-5)
+
+
 def test_flwr_is_found_beside_the_interpreter_or_named_in_one_line(tmp_path, monkeypatch, capsys):
     """A virtual environment that is not activated still has flwr's executables beside its python; where
     they are nowhere, one line names the one missing and nothing starts."""

@@ -22,7 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ["tests/test_oracle.py", "test_feddpa.py", "tests/test_fed.py", "tests/test_lora.py", "tests/test_data.py",
-         "tests/test_conformance.py", "tests/test_paper.py", "tests/test_diagnose.py", "tests/test_privacy.py"]
+         "tests/test_conformance.py", "tests/test_paper.py", "tests/test_diagnose.py", "tests/test_privacy.py",
+         "tests/test_flower.py"]
 
 PRODUCT_AVERAGE = '''    out = {k: sum(wi * u.adapter[k].double() for wi, u in zip(w, updates)).to(updates[0].adapter[k].dtype)
            for k in updates[0].adapter}
@@ -210,10 +211,10 @@ MUTANTS = [  # (fault, file, text, replacement)
      "layer.update(t, 1.0, x,", "layer.update(t, weights[t], x,"),
     ("DP noise is added to each client's update, not to their mean", "fed.py",
      "noise = torch.randn(sent[k].shape, generator=generator, dtype=torch.float64) * std",
-     "noise = sum(torch.randn(sent[k].shape, generator=generator, dtype=torch.float64) * std for _ in scales) / expected"),
+     "noise = sum(torch.randn(sent[k].shape, generator=generator, dtype=torch.float64) * std for _ in changes) / expected"),
     ("DP clips each tensor, not the whole adapter", "fed.py",
-     "mean = sum(s * c[k] for s, c in zip(scales, changes)) / expected",
-     "mean = sum(min(1.0, dp.clip / max(float(c[k].norm()), 1e-30)) * c[k] for c in changes) / expected"),
+     "return {k: scale * d for k, d in change.items()}, norm",
+     "return {k: min(1.0, clip / max(float(d.norm()), 1e-30)) * d for k, d in change.items()}, norm"),
     ("DP noise is scaled by n, not 1 / n", "fed.py",
      "std = dp.noise * dp.clip / expected", "std = dp.noise * dp.clip * expected"),
     ("epsilon composes the rounds as if linearly", "fed.py",
@@ -224,6 +225,12 @@ MUTANTS = [  # (fault, file, text, replacement)
      '"local": PhaseSpec(local_step, sends=False)', '"local": PhaseSpec(local_step, sends=False, dp=True)'),
     ("--curve-methods is ignored: every method gets a curve", "train.py",
      "(cfg.curve_methods or cfg.methods).split", "(cfg.methods).split"),
+    ("DP over Flower: the nodes send their updates unclipped", "extras/flower_app.py",
+     "if sent and phase.dp is not None:", "if sent and phase.dp is not None and False:"),
+    ("DP over Flower: the deployment's noise is the run's seed's, not secure randomness", "extras/flower_app.py",
+     "rec = replace(rec, dp=replace(rec.dp, seeded=False))", "rec = rec"),
+    ("DP over Flower: the history keeps the clipped norms, not the nodes' norms before clipping", "fed.py",
+     "norms = [n if u.norm is None else u.norm for u, n in zip(updates, norms)]", "norms = list(norms)"),
 ]
 
 
