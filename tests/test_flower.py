@@ -454,7 +454,7 @@ def test_dp_over_flower_clips_on_the_nodes_and_adds_the_noise_at_the_server(tmp_
     (dp-seeded-noise) the global adapters are train.py's within rounding (the node's clip, cast to
     float32, then the server's); without it the noise is secure randomness and the global adapter differs."""
     clip = 0.05
-    args = [*SMALL, "--methods", "fedit", "--rounds", "2", "--cache", cache, "--dp-clip", str(clip), "--dp-noise", "0.5"]
+    args = [*SMALL, "--methods", "fedit", "--rounds", "1", "--cache", cache, "--dp-clip", str(clip), "--dp-noise", "0.5"]
     runs_ = {}
     for name, seeded in (("seeded", True), ("secure", False)):
         grid = InProcessGrid([{"partition-id": i, "state-dir": str(tmp_path / name / f"state{i}")} for i in range(3)])
