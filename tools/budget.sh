@@ -3,7 +3,9 @@
 # (fast only where lscpu shows avx512_bf16). docs/real-models.md has the results. Run from the repo root:
 #   bash tools/budget.sh pilot      # one seed, 8 rounds of 12 steps, curves every round: the budget's curves
 #   bash tools/budget.sh study      # three seeds at the chosen budget, every row, curves for four of them
-# Each resumes where it stopped (run it again); THREADS=1 runs it on one core (two at once: one each).
+# Each resumes where it stopped (run it again); THREADS=1 runs it on one core. Two seeds at once, one
+# core each: SEED=0 THREADS=1 bash tools/budget.sh study & SEED=1 THREADS=1 bash tools/budget.sh study;
+# then bash tools/budget.sh study runs what is left (seed 2) and writes the study's summary.
 set -e
 FLAN=${FLAN:-data/feddpa-flan1}                       # python -m extras.fetch data/feddpa-flan1
 M=${M:-~/.cache/feddpa/smollm2-135m-instruct}         # python tools/get_smollm2.py
@@ -17,7 +19,8 @@ go() {  # resume the run in $1 if it has begun, else start it with the remaining
 }
 case $1 in
   pilot) go runs/pilot-s12 --methods local,fedit,feddpa-t --rounds 8 --test-per-task 5 --seed 0 ;;
-  study) go runs/budget-flan1${SEED:+/seed$SEED} --rounds ${ROUNDS:-6} --test-per-task 20 ${SEED:+--seed $SEED} ${SEED:---seeds 0,1,2} \
+  study) go runs/budget-flan1${SEED:+/seed$SEED} --rounds ${ROUNDS:-6} --test-per-task 20 ${SEED:+--seed $SEED} \
+            $([ -z "$SEED" ] && echo --seeds 0,1,2) \
             --methods base,local,fedit,centralized,feddpa-f,feddpa-f-fixed,feddpa-f-calibrated,feddpa-f-oracle,feddpa-t,feddpa-t-fixed,feddpa-t-calibrated,feddpa-t-sum,feddpa-t-oracle \
             --curve-methods local,fedit,feddpa-t,feddpa-t-calibrated ;;
   *) echo "usage: bash tools/budget.sh pilot|study" >&2; exit 2 ;;
