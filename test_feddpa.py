@@ -48,8 +48,10 @@ def test_feddpa_t_phases_change_exactly_their_adapter_and_send_no_local(tiny, mo
     update, local, _ = step(1, client, init)  # round 1: local (global frozen), then global alone
     assert phases[1:] == [("local", ["global", "local"], True), ("global", ["global"], True)]
     assert not changed(before, snapshot(m))   # nothing left on the model
-    # the message: the global adapter's tensors and a count, nothing of the local adapter
-    assert set(vars(update)) == {"adapter", "n_examples"} and update.n_examples == len(client.data)
+    # the message: the global adapter's tensors and a count (and, only where DP over Flower clips it on the
+    # client, the update's norm: a number), nothing of the local adapter
+    assert set(vars(update)) == {"adapter", "n_examples", "norm"} and update.n_examples == len(client.data)
+    assert update.norm is None
     assert set(update.adapter) == set(init) == set(local)
     assert not any(torch.equal(update.adapter[k], local[k]) for k in update.adapter if "lora_B" in k)
 
