@@ -126,7 +126,7 @@ class DP:
     clip: float            # C: each client's update clipped to L2 norm C, over all the adapter's tensors together
     noise: float           # sigma, the noise multiplier: N(0, (sigma C / n)^2) per coordinate on the mean of n updates
     delta: float = 1e-5    # the delta that epsilon is reported at
-    seeded: bool = True    # the noise from the run's seed (a reproducible simulation); False: the OS's secure randomness
+    seeded_noise: bool = True  # noise from the run's seed (a reproducible simulation); False: the OS's secure randomness
 
 
 def clipped(adapter: dict, sent: dict, clip: float) -> tuple:
@@ -184,16 +184,16 @@ def averaging(weighting: str = "count", dp: DP | None = None, *, seed: int = 0, 
     global adapter, what the round's history records), expected: the number of clients chosen. FedAvg
     with `weighting`; or, where dp is given, DP-FedAvg (equal weights), its noise drawn from
     seeded(seed, *stream, "dp noise", round): a generator per round, so a resumed run draws the same
-    noise (dp.seeded False: from secrets instead); the history gets each update's norm before clipping,
+    noise (dp.seeded_noise False: from secrets instead); the history gets each update's norm before clipping,
     and epsilon after this round (None without noise: no guarantee)."""
     def aggregate(updates, sent, *, round_, expected):
         if dp is None:
             return fedavg(updates, weighting), {}
-        gen = (seeded(seed, *stream, "dp noise", round_) if dp.seeded
+        gen = (seeded(seed, *stream, "dp noise", round_) if dp.seeded_noise
                else torch.Generator().manual_seed(secrets.randbits(63)))  # a deployment: noise no one can replay
         new, norms = dp_fedavg(updates, sent, dp, expected=expected, generator=gen)
-        eps = dp_epsilon(dp.noise, round_ + 1, dp.delta)
-        return new, {"update_norms": norms, "epsilon": eps if math.isfinite(eps) else None, "delta": dp.delta}  # None: no noise
+        eps = dp_epsilon(dp.noise, round_ + 1, dp.delta)  # infinite without noise: None in the history
+        return new, {"update_norms": norms, "epsilon": eps if math.isfinite(eps) else None, "delta": dp.delta}
     return aggregate
 
 
@@ -268,7 +268,8 @@ def run_rounds(federation: Federation, train_round, *, rounds: int, sample=every
         if not came:
             raise NoReplies(f"round {r + 1}: none of the chosen clients {chosen} replied")
         updates, metrics = [replies[c][0] for c in came], [replies[c][1] for c in came]
-        federation.global_adapter, server = aggregate(updates, federation.global_adapter, round_=r, expected=len(chosen))
+        federation.global_adapter, server = aggregate(updates, federation.global_adapter, round_=r,
+                                                      expected=len(chosen))
         federation.round = r + 1
         federation.history.append({
             "round": r, "clients": came,

@@ -393,7 +393,7 @@ def main(grid: Grid, context: Context) -> None:
         runs.remove_partial_writes(cfg.out)
     methods, rec = cfg.methods.split(","), train.recipe(cfg)
     if rec.dp is not None and not bool(conf.get("dp-seeded-noise", False)):  # a deployment's noise: no one can replay it
-        rec = replace(rec, dp=replace(rec.dp, seeded=False))
+        rec = replace(rec, dp=replace(rec.dp, seeded_noise=False))
     needed = {p for m in methods for p in feddpa.phases_of(m)}
     print(f"Flower federation of {n} clients; training {', '.join(p for p in FLOWER_PHASES if p in needed)}; "
           f"output {cfg.out}", flush=True)

@@ -77,12 +77,12 @@ def test_dp_off_is_fedavg_exactly():
 
 
 def test_seeded_noise_replays_and_secure_noise_does_not():
-    """A simulation's noise is the seed's (a resumed round draws it again); a deployment's (DP.seeded False)
+    """A simulation's noise is the seed's (a resumed round draws it again); a deployment's (DP.seeded_noise False)
     comes from the OS's secure randomness: two draws differ."""
     g = torch.Generator().manual_seed(6)
     sent = adapter(g)
     ups = [fed.Update(dict(sent), 1)] * 2
-    draws = {s: [fed.averaging(dp=fed.DP(1.0, 1.0, seeded=s), seed=0, stream=("fedit",))(ups, sent, round_=3, expected=2)[0]["t0"]
+    draws = {s: [fed.averaging(dp=fed.DP(1.0, 1.0, seeded_noise=s), seed=0, stream=("fedit",))(ups, sent, round_=3, expected=2)[0]["t0"]
                  for _ in range(2)] for s in (True, False)}
     assert torch.equal(*draws[True]) and not torch.equal(*draws[False])
     other = fed.averaging(dp=fed.DP(1.0, 1.0), seed=0, stream=("fedit",))(ups, sent, round_=4, expected=2)[0]["t0"]

@@ -228,7 +228,7 @@ MUTANTS = [  # (fault, file, text, replacement)
     ("DP over Flower: the nodes send their updates unclipped", "extras/flower_app.py",
      "if sent and phase.dp is not None:", "if sent and phase.dp is not None and False:"),
     ("DP over Flower: the deployment's noise is the run's seed's, not secure randomness", "extras/flower_app.py",
-     "rec = replace(rec, dp=replace(rec.dp, seeded=False))", "rec = rec"),
+     "rec = replace(rec, dp=replace(rec.dp, seeded_noise=False))", "rec = rec"),
     ("DP over Flower: the history keeps the clipped norms, not the nodes' norms before clipping", "fed.py",
      "norms = [n if u.norm is None else u.norm for u, n in zip(updates, norms)]", "norms = list(norms)"),
 ]
