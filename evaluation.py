@@ -133,7 +133,7 @@ def answer_losses(ev: Evaluator, records: list, *, weights: dict | None = None, 
     with the mix answer() would use (weights, or lams per instance). A low-noise signal of how far the
     adapters have learnt, beside the answers' ROUGE (the --eval-every curves)."""
     model, dec = ev.model, ev.dec
-    # the prompt as encode_prompt keeps it (its end), then the answer, as training encodes them
+    # prompt and answer as training encodes them; a long one keeps its last cutoff + max_new_tokens tokens
     enc = [encode_example(ev.tok, r, 1 << 30) for r in records]
     enc = [{k: v[max(0, len(e["input_ids"]) - dec.cutoff - dec.max_new_tokens):] for k, v in e.items()} for e in enc]
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]["input_ids"]))
