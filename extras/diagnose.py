@@ -58,12 +58,16 @@ def layer_rms(model, tok, records: list, adapters: dict, weights: dict, *, cutof
     return {t: (s / count).sqrt().tolist() for t, s in sums.items()}
 
 
-def diagnose_run(run: str, phase: str, per_task: int) -> dict:
-    """The RMS of each term per layer, on own-task and other-task prompts, averaged over the run's clients."""
+def diagnose_run(run: str, phase: str, per_task: int, models: dict) -> dict:
+    """The RMS of each term per layer, on own-task and other-task prompts, averaged over the run's clients.
+    models: {model folder: (model, tokenizer)}, loaded once for every run that shares a base (the built-in
+    base is pretrained per seed; a real checkpoint is one for all); the saved adapters replace its own."""
     cfg = train.resumed_config(train.Config(), run)
     fd = train.load_data(cfg.data, cfg.seed, cfg.clients, cfg.dirichlet_alpha, cfg.min_client_size, 0, cfg.tasks)
     model_dir, tok = train.base_and_tokenizer(cfg, torch.device("cpu"), False)
-    model = train.load_model(cfg, model_dir, torch.device("cpu"))
+    if model_dir not in models:
+        models[model_dir] = train.load_model(cfg, model_dir, torch.device("cpu")), tok
+    model, tok = models[model_dir]
     d = os.path.join(run, "adapters", phase)
     g = hf.read_safetensors(os.path.join(d, "global.safetensors"))
     per_client = []
@@ -81,8 +85,7 @@ def diagnose_run(run: str, phase: str, per_task: int) -> dict:
         raise ValueError(f"{d}: no client's local adapter")
     mean = {f"{t}_{w}": [sum(c[w][t][i] for c in per_client) / len(per_client) for i in range(len(per_client[0][w][t]))]
             for t in TERMS for w in ("own", "other")}
-    return {"clients": len(per_client), "layers": [path for path, _ in lora.lora_layers(model)],
-            "local_weight": cfg.local_weight, **mean}
+    return {"clients": len(per_client), **mean}
 
 
 def main(argv=None) -> int:
@@ -95,12 +98,12 @@ def main(argv=None) -> int:
         config = runs.read_config(args.out)
         seeds = [int(s) for s in config["seeds"].split(",")] if config.get("seeds") else None
         where = {s: os.path.join(args.out, f"seed{s}") for s in seeds} if seeds else {config["seed"]: args.out}
-        per_seed = {str(s): diagnose_run(d, args.phase, args.per_task) for s, d in where.items()}
-        first = next(iter(per_seed.values()))
-        result = {"phase": args.phase, "per_task": args.per_task, "local_weight": first.pop("local_weight"),
-                  "layers": first.pop("layers"), "per_seed": per_seed}
-        for r in per_seed.values():
-            r.pop("layers", None), r.pop("local_weight", None)
+        models = {}
+        per_seed = {str(s): diagnose_run(d, args.phase, args.per_task, models) for s, d in where.items()}
+        model = next(iter(models.values()))[0]
+        local_weight = train.resumed_config(train.Config(), next(iter(where.values()))).local_weight  # old names too
+        result = {"phase": args.phase, "per_task": args.per_task, "local_weight": local_weight,
+                  "layers": [path for path, _ in lora.lora_layers(model)], "per_seed": per_seed}
     except (OSError, KeyError, ValueError, runs.UserError, hf.CheckpointError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -246,15 +246,9 @@ def test_a_curve_on_a_subset_scores_that_subset(curve_runs):
 def test_a_killed_and_resumed_run_draws_the_same_curve(tiny_run, tmp_path):
     """SIGKILL right after FedIT's second round is checkpointed, then --resume: the same results, curves
     included, as a run never stopped (each point is saved with its round's checkpoint)."""
-    from test_runs import checkpoint_round, outcome, run_tiny
-    args = [*tiny_run[2], "--eval-every", "1", "--curve-per-task", "2"]
-    r = run_tiny("none", 0, *args, "--out", str(tmp_path / "straight"))
-    assert r.returncode == 0, r.stderr
-    r = run_tiny("between", 3, *args, "--out", str(tmp_path / "killed"))
-    assert r.returncode != 0 and checkpoint_round(tmp_path / "killed") == ("fedit", 2)
-    r = run_tiny("none", 0, "--resume", str(tmp_path / "killed"))
-    assert r.returncode == 0, r.stderr
-    straight, killed = outcome(tmp_path / "straight"), outcome(tmp_path / "killed")
+    from test_runs import straight_and_killed_after_fedit_round_2
+    straight, killed = straight_and_killed_after_fedit_round_2(
+        [*tiny_run[2], "--eval-every", "1", "--curve-per-task", "2"], tmp_path)
     assert [p["round"] for p in killed[0]["methods"]["fedit"]["curve"]] == [1, 2, 3]
     assert killed == straight
 

@@ -183,15 +183,9 @@ def test_the_local_adapter_is_untouched_by_dp_given_the_same_global_adapters(tin
 def test_a_dp_run_killed_and_resumed_is_the_uninterrupted_run(tiny_run, tmp_path):
     """SIGKILL right after FedIT's second round is checkpointed, then --resume: results and adapters
     identical to a run never stopped (each round's noise has its own generator, keyed by the round)."""
-    from test_runs import checkpoint_round, outcome, run_tiny
-    args = [*tiny_run[2], "--dp-clip", "0.05", "--dp-noise", "0.5"]
-    r = run_tiny("none", 0, *args, "--out", str(tmp_path / "straight"))
-    assert r.returncode == 0, r.stderr
-    r = run_tiny("between", 3, *args, "--out", str(tmp_path / "killed"))
-    assert r.returncode != 0 and checkpoint_round(tmp_path / "killed") == ("fedit", 2)
-    r = run_tiny("none", 0, "--resume", str(tmp_path / "killed"))
-    assert r.returncode == 0, r.stderr
-    straight, killed = outcome(tmp_path / "straight"), outcome(tmp_path / "killed")
+    from test_runs import straight_and_killed_after_fedit_round_2
+    straight, killed = straight_and_killed_after_fedit_round_2([*tiny_run[2], "--dp-clip", "0.05", "--dp-noise", "0.5"],
+                                                               tmp_path)
     assert killed[0]["training"]["fedit"]["epsilon"] > 0
     assert killed == straight
 

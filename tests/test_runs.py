@@ -99,6 +99,18 @@ def outcome(out):
     return untimed(json.loads((out / "results.json").read_text())), adapters
 
 
+def straight_and_killed_after_fedit_round_2(args: list, tmp_path) -> tuple:
+    """outcome() of a run of the tiny model with args never stopped, and of one SIGKILLed right after
+    FedIT's second round is checkpointed, then resumed with --resume."""
+    r = run_tiny("none", 0, *args, "--out", str(tmp_path / "straight"))
+    assert r.returncode == 0, r.stderr
+    r = run_tiny("between", 3, *args, "--out", str(tmp_path / "killed"))
+    assert r.returncode != 0 and checkpoint_round(tmp_path / "killed") == ("fedit", 2)
+    r = run_tiny("none", 0, "--resume", str(tmp_path / "killed"))
+    assert r.returncode == 0, r.stderr
+    return outcome(tmp_path / "straight"), outcome(tmp_path / "killed")
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_run, tmp_path_factory):
     """The uninterrupted run."""
