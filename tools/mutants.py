@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ["tests/test_oracle.py", "test_feddpa.py", "tests/test_fed.py", "tests/test_lora.py", "tests/test_data.py",
          "tests/test_conformance.py", "tests/test_paper.py", "tests/test_diagnose.py", "tests/test_privacy.py",
-         "tests/test_flower.py"]
+         "tests/test_plot.py", "tests/test_flower.py"]
 
 PRODUCT_AVERAGE = '''    out = {k: sum(wi * u.adapter[k].double() for wi, u in zip(w, updates)).to(updates[0].adapter[k].dtype)
            for k in updates[0].adapter}
@@ -231,6 +231,30 @@ MUTANTS = [  # (fault, file, text, replacement)
      "rec = replace(rec, dp=replace(rec.dp, seeded_noise=False))", "rec = rec"),
     ("DP over Flower: the history keeps the clipped norms, not the nodes' norms before clipping", "fed.py",
      "norms = [n if u.norm is None else u.norm for u, n in zip(updates, norms)]", "norms = list(norms)"),
+    ("--curve-methods accepts a method the run does not train", "train.py",
+     'if cfg.curve_methods and m not in cfg.methods.split(",")]', 'if cfg.curve_methods and m not in feddpa.METHODS]'),
+    ("--dp-noise without --dp-clip is accepted (noise of scale 0)", "train.py",
+     "(cfg.dp_noise > 0 and cfg.dp_clip == 0,", "(False,"),
+    ("extras.diagnose on a folder without a run ends in a traceback", "extras/diagnose.py",
+     "except (OSError, KeyError, ValueError, runs.UserError,", "except (OSError, KeyError, ValueError,"),
+    ("extras.plot says it drew the adapter-RMS figure but does not", "extras/plot.py",
+     'rms_figure(plt, diagnostics, os.path.join(d, "rms.png"))', "diagnostics"),
+    ("the curve figure drops its held-out loss rows", "extras/plot.py",
+     'rows = (("P", "TTP"), ("P_loss", "TTP_loss")) if losses else (("P", "TTP"),)', 'rows = (("P", "TTP"),)'),
+    ("DP-FedAvg weighs the clipped updates by their clients' example counts", "fed.py",
+     "mean = sum(c[k] for c in changes) / expected",
+     "mean = sum(u.n_examples * c[k] for u, c in zip(updates, changes)) / sum(u.n_examples for u in updates)"),
+    ("DP clips FedDPA-T's local adapter's update too", "feddpa.py",
+     "        update, _, gm = global_step(round_, client, global_adapter)\n",
+     "        if recipe.dp:\n            local = {k: (start[k].double() + d).to(start[k].dtype) "
+     "for k, d in __import__(\"fed\").clipped(local, start, recipe.dp.clip)[0].items()}\n"
+     "        update, _, gm = global_step(round_, client, global_adapter)\n"),
+    ("DP noise: one generator for the phase, not one per round (a resumed run draws other noise)", "fed.py",
+     "    def aggregate(updates, sent, *, round_, expected):\n        if dp is None:\n            return fedavg(updates, weighting), {}\n"
+     "        gen = (seeded(seed, *stream, \"dp noise\", round_) if dp.seeded_noise",
+     "    shared = seeded(seed, *stream, \"dp noise\")\n\n"
+     "    def aggregate(updates, sent, *, round_, expected):\n        if dp is None:\n            return fedavg(updates, weighting), {}\n"
+     "        gen = (shared if dp.seeded_noise"),
 ]
 
 
