@@ -393,11 +393,23 @@ METRICS = ("P", "TTP", "P_exact", "TTP_exact")
 # The differences the paper's claims rest on: the dual adapter against FedIT on TTP and against Local on
 # P (FedDPA-T with the paper's lambda and with the calibrated weight, FedDPA-F), and the paper's lambda
 # against the fixed mix and the calibrated weight.
-COMPARISONS = [("feddpa-t", "fedit", "TTP"), ("feddpa-t", "local", "P"),
+COMPARISONS = [("feddpa-t", "fedit", "P"), ("feddpa-t", "fedit", "TTP"), ("feddpa-t", "local", "P"),
                ("feddpa-t-calibrated", "fedit", "TTP"), ("feddpa-t-calibrated", "local", "P"),
-               ("feddpa-f", "fedit", "TTP"), ("feddpa-f", "local", "P"),
+               ("feddpa-f", "fedit", "P"), ("feddpa-f", "fedit", "TTP"), ("feddpa-f", "local", "P"),
                ("feddpa-t", "feddpa-t-fixed", "P"), ("feddpa-t", "feddpa-t-fixed", "TTP"),
-               ("feddpa-t", "feddpa-t-calibrated", "P"), ("feddpa-t", "feddpa-t-calibrated", "TTP")]
+               ("feddpa-t", "feddpa-t-calibrated", "P"), ("feddpa-t", "feddpa-t-calibrated", "TTP"),
+               ("feddpa-t-sum", "feddpa-t", "P"), ("feddpa-t-sum", "feddpa-t", "TTP"),
+               ("feddpa-f", "feddpa-f-fixed", "P"), ("feddpa-f", "feddpa-f-fixed", "TTP")]
+
+
+def verdict(d: dict) -> str:
+    """A paired difference's reading (DEVELOPERS.md): above or below only where its 95% interval excludes
+    0 and every seed's difference has that sign; identical where the two methods' answers never differ."""
+    (lo, hi), each = d["ci95"], d["per_seed"]
+    if lo == hi == 0 and not any(each):
+        return "identical"
+    return ("above" if lo > 0 and all(x > 0 for x in each) else
+            "below" if hi < 0 and all(x < 0 for x in each) else "undecided")
 
 
 def mean_std(xs: list) -> tuple:
@@ -480,11 +492,10 @@ def write_seed_summary(out: str, config: dict, per_seed: dict):
 def print_differences(intervals: list, where: str):
     if intervals:
         print(f"\npaired differences{where} (ROUGE-1 points): mean over seeds, 95% bootstrap interval over test "
-              "instances, each seed's difference")
+              "instances, verdict (above/below: the interval excludes 0 and every seed agrees), each seed's difference")
         for d in intervals:
             lo, hi = d["ci95"]
-            verdict = "above" if lo > 0 else "below" if hi < 0 else "undecided"
-            print(f"{d['a'] + ' - ' + d['b']:<36}{d['metric']:>4} {d['diff']:+6.1f}  [{lo:+5.1f}, {hi:+5.1f}]  {verdict:<9}  "
+            print(f"{d['a'] + ' - ' + d['b']:<36}{d['metric']:>4} {d['diff']:+6.1f}  [{lo:+5.1f}, {hi:+5.1f}]  {verdict(d):<9}  "
                   + " ".join(f"{x:+.1f}" for x in d["per_seed"]))
 
 

@@ -418,11 +418,12 @@ def test_seeds_run_each_seed_in_its_folder_and_summarise_mean_and_std(tiny_run, 
     assert "lambda_auroc" in res["summary"]["feddpa-t"]
     printed = capsys.readouterr().out
     assert "mean ± std over seeds 0, 3" in printed and "paired differences" in printed
-    (d,) = res["differences"]  # of COMPARISONS, only FedDPA-T against FedIT was run
-    assert (d["a"], d["b"], d["metric"]) == ("feddpa-t", "fedit", "TTP")
-    want = [r["methods"]["feddpa-t"]["TTP"] - r["methods"]["fedit"]["TTP"] for r in per_seed]
-    assert d["per_seed"] == pytest.approx(want) and d["diff"] == pytest.approx(sum(want) / 2)
-    assert d["ci95"][0] <= d["diff"] <= d["ci95"][1]
+    # of COMPARISONS, only FedDPA-T against FedIT was run: on P and on TTP
+    assert [(d["a"], d["b"], d["metric"]) for d in res["differences"]] == [("feddpa-t", "fedit", m) for m in ("P", "TTP")]
+    for d in res["differences"]:
+        want = [r["methods"]["feddpa-t"][d["metric"]] - r["methods"]["fedit"][d["metric"]] for r in per_seed]
+        assert d["per_seed"] == pytest.approx(want) and d["diff"] == pytest.approx(sum(want) / 2)
+        assert d["ci95"][0] <= d["diff"] <= d["ci95"][1]
     (out / "seed3" / "results.json").unlink()  # as if stopped before its end: --resume finishes it
     train.main(["--resume", str(out)])
     assert json.loads((out / "results.json").read_text())["summary"] == res["summary"]
@@ -555,9 +556,20 @@ def test_paired_difference_on_hand_computed_cases():
         pd([a], [b], client_tasks=[["y"]], metric="ROUGE")
 
 
+@pytest.mark.parametrize("ci, each, want", [
+    ([0.5, 3.0], [1.0, 2.0, 0.2], "above"), ([-3.0, -0.5], [-1.0, -2.0, -0.2], "below"),
+    ([0.5, 3.0], [1.0, 2.0, -0.2], "undecided"),   # the interval excludes 0 but one seed disagrees
+    ([-3.0, -0.5], [-1.0, 0.0, -2.0], "undecided"),  # a seed at 0 does not agree
+    ([-0.5, 3.0], [1.0, 2.0, 0.2], "undecided"),   # every seed agrees but the interval holds 0
+    ([0.0, 0.0], [0.0, 0.0, 0.0], "identical"), ([0.0, 0.0], [0.0], "identical"), ([0.1, 0.4], [0.3], "above")])
+def test_a_claim_is_decided_only_where_the_interval_excludes_0_and_every_seed_agrees(ci, each, want):
+    """runs.verdict, DEVELOPERS.md's rule for an ordering between methods."""
+    assert runs.verdict({"ci95": ci, "per_seed": each}) == want
+
+
 def test_seed_summary_takes_a_minus_b_on_each_comparison_s_own_metric():
     """runs.paired_differences on results whose differences are not 0 (a tiny random model's are): FedDPA-T
-    minus FedIT on TTP, FedDPA-T minus Local on P, and on the unseen tasks TTP only. Clients 0 and 1 own
+    minus FedIT on P and TTP, FedDPA-T minus Local on P, and on the unseen tasks TTP only. Clients 0 and 1 own
     tasks x and y; one instance per task, so every interval is its point."""
     def result(**per_method):
         return {"client_tasks": ["x", "y"], "methods": {m: {"per_client": scores(*c)} for m, c in per_method.items()}}
@@ -565,7 +577,8 @@ def test_seed_summary_takes_a_minus_b_on_each_comparison_s_own_metric():
                     "fedit": ({"x": [40], "y": [40]}, {"x": [40], "y": [40]}),       # TTP 40, P 40
                     "local": ({"x": [30], "y": [0]}, {"x": [0], "y": [35]})})        # TTP 16.25, P 32.5
     got = {(d["a"], d["b"], d["metric"]): (d["diff"], d["ci95"]) for d in runs.paired_differences([one])}
-    assert got == {("feddpa-t", "fedit", "TTP"): (-5.0, [-5.0, -5.0]), ("feddpa-t", "local", "P"): (22.5, [22.5, 22.5])}
+    assert got == {("feddpa-t", "fedit", "P"): (15.0, [15.0, 15.0]), ("feddpa-t", "fedit", "TTP"): (-5.0, [-5.0, -5.0]),
+                   ("feddpa-t", "local", "P"): (22.5, [22.5, 22.5])}
     one["unseen"] = one.pop("methods")
     got = {(d["a"], d["b"], d["metric"]): d["diff"] for d in runs.paired_differences([one], "unseen")}
     assert got == {("feddpa-t", "fedit", "TTP"): -5.0}

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import evaluation  # noqa: E402
 import fed  # noqa: E402
-from runs import mean_std  # noqa: E402
+from runs import mean_std, verdict  # noqa: E402
 
 METHODS = ("local", "fedit", "feddpa-f", "feddpa-t", "feddpa-t-calibrated")
 AGAINST_FEDIT = ("feddpa-f", "feddpa-t", "feddpa-t-calibrated")
@@ -43,10 +43,7 @@ def interval(a_runs: list, b_runs: list, metric: str, a: str, b: str) -> str:
                                      [r["methods"][b]["per_client"] for r in b_runs],
                                      client_tasks=[r["client_tasks"] for r in a_runs], metric=metric)
     lo, hi = d["ci95"]
-    same = all(x > 0 for x in d["per_seed"]) or all(x < 0 for x in d["per_seed"])
-    verdict = ("identical" if lo == hi == 0 and not any(d["per_seed"]) else
-               "above" if lo > 0 and same else "below" if hi < 0 and same else "undecided")
-    return f"{d['diff']:+6.1f} [{lo:+5.1f}, {hi:+5.1f}] {verdict:<9} " + " ".join(f"{x:+.1f}" for x in d["per_seed"])
+    return f"{d['diff']:+6.1f} [{lo:+5.1f}, {hi:+5.1f}] {verdict(d):<9} " + " ".join(f"{x:+.1f}" for x in d["per_seed"])
 
 
 def main(argv=None) -> int:
