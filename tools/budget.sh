@@ -6,6 +6,9 @@
 # Each resumes where it stopped (run it again); THREADS=1 runs it on one core. Two seeds at once, one
 # core each: SEED=0 THREADS=1 bash tools/budget.sh study & SEED=1 THREADS=1 bash tools/budget.sh study;
 # then bash tools/budget.sh study runs what is left (seed 2) and writes the study's summary.
+#   bash tools/budget.sh rescore    # the inference ablations and the unseen tasks, on the trained adapters
+# (SEED=N: that seed's run alone, into runs/budget-<what>/seed<N>; without: the study, whose seeds re-scored
+# already are read, not run again). FLAN2=data/feddpa-flan2 for the unseen tasks.
 set -e
 FLAN=${FLAN:-data/feddpa-flan1}                       # python -m extras.fetch data/feddpa-flan1
 M=${M:-~/.cache/feddpa/smollm2-135m-instruct}         # python tools/get_smollm2.py
@@ -23,5 +26,17 @@ case $1 in
             $([ -z "$SEED" ] && echo --seeds 0,1,2) \
             --methods base,local,fedit,centralized,feddpa-f,feddpa-f-fixed,feddpa-f-calibrated,feddpa-f-oracle,feddpa-t,feddpa-t-fixed,feddpa-t-calibrated,feddpa-t-sum,feddpa-t-oracle \
             --curve-methods local,fedit,feddpa-t,feddpa-t-calibrated ;;
-  *) echo "usage: bash tools/budget.sh pilot|study" >&2; exit 2 ;;
+  rescore)
+    FLAN2=${FLAN2:-data/feddpa-flan2}
+    from=runs/budget-flan1${SEED:+/seed$SEED}
+    again() {  # re-score $from's adapters into runs/budget-$1 (resumed if begun) with the remaining flags
+      out=runs/budget-$1${SEED:+/seed$SEED}; shift
+      if [ -f $out/config.json ]; then OMP_NUM_THREADS=$T python train.py --resume $out -q
+      else OMP_NUM_THREADS=$T python train.py --rescore $from --out $out -q "$@"; fi
+    }
+    for k in 1 3 10; do again k$k --k-refs $k --methods feddpa-t,feddpa-t-calibrated; done
+    for s in l2 pearson; do again sim-$s --similarity $s --methods feddpa-t; done
+    again pool-mean --pool mean --methods feddpa-t,feddpa-t-calibrated
+    again unseen --test-data $FLAN2 --methods fedit,local,feddpa-f,feddpa-t,feddpa-t-calibrated ;;
+  *) echo "usage: bash tools/budget.sh pilot|study|rescore" >&2; exit 2 ;;
 esac
