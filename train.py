@@ -155,7 +155,7 @@ def rescored_config(cfg: Config, args) -> Config:
     """The settings of the run in cfg.rescore, with the inference flags given (check_flags refused any other)."""
     run = resumed_config(cfg, cfg.rescore)
     return replace(run, **{name: getattr(cfg, name) for name in args.given if name in INFERENCE},
-                   out=cfg.out, rescore=cfg.rescore, eval_every=0)
+                   out=cfg.out, rescore=cfg.rescore, eval_every=0, curve_methods="")  # a re-scoring draws no curve
 
 
 def resumed_config(cfg: Config, out: str) -> Config:

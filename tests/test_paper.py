@@ -3,6 +3,7 @@ subsets (--tasks), the convergence curve (--eval-every) and re-scoring a finishe
 other inference settings (--rescore)."""
 import json
 import math
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -279,6 +280,19 @@ def test_rescoring_changes_only_inference(curve_runs, tmp_path):
     lams = lambda r: [s["lambdas"] for c in r["per_client"] for s in c.values()]  # noqa: E731
     assert lams(a["feddpa-t"]) != lams(b["methods"]["feddpa-t"])
     assert "feddpa-t-sum" in b["methods"]
+
+
+def test_rescoring_a_run_with_curve_methods_on_a_subset_of_its_methods(curve_runs, tmp_path):
+    """A run trained with --curve-methods local,fedit re-scored on FedDPA-T alone: a re-scoring draws no
+    curve, so the run's curve methods need not be among the re-scored ones (they were refused once)."""
+    src = tmp_path / "src"
+    shutil.copytree(curve_runs / "curve", src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "curve_methods": "local,fedit"}))
+    train.main(["--rescore", str(src), "--out", str(tmp_path / "t"), "--methods", "feddpa-t", "-q"])
+    got = results(tmp_path / "t")
+    assert list(got["methods"]) == ["feddpa-t"] and "curve" not in got["methods"]["feddpa-t"]
+    assert got["config"]["eval_every"] == 0 and got["config"]["curve_methods"] == ""
 
 
 @pytest.mark.parametrize("flags, message", [
