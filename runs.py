@@ -390,9 +390,9 @@ def run_phase(name: str, phase, state: dict, save, *, out: str, progress: bool =
 # Several seeds: mean and standard deviation of every method's scores
 
 METRICS = ("P", "TTP", "P_exact", "TTP_exact")
-# The differences the paper's claims rest on: the dual adapter against FedIT on TTP and against Local on
-# P (FedDPA-T with the paper's lambda and with the calibrated weight, FedDPA-F), and the paper's lambda
-# against the fixed mix and the calibrated weight.
+# The differences the paper's claims rest on: the dual adapter against FedIT (P and TTP) and against
+# Local on P (FedDPA-T with the paper's lambda and with the calibrated weight, FedDPA-F), and the paper's
+# lambda against the fixed mix, the calibrated weight and the sum of the two adapters.
 COMPARISONS = [("feddpa-t", "fedit", "P"), ("feddpa-t", "fedit", "TTP"), ("feddpa-t", "local", "P"),
                ("feddpa-t-calibrated", "fedit", "TTP"), ("feddpa-t-calibrated", "local", "P"),
                ("feddpa-f", "fedit", "P"), ("feddpa-f", "fedit", "TTP"), ("feddpa-f", "local", "P"),

@@ -15,24 +15,23 @@ M=${M:-~/.cache/feddpa/smollm2-135m-instruct}         # python tools/get_smollm2
 T=${THREADS:-2}
 COMMON="--data $FLAN --model $M --dtype bfloat16 --batch-size 8 --micro-batch-size 8 --lr 1e-3 --targets q_proj,v_proj
         --cutoff 384 --max-new-tokens 16 --local-steps 12 --eval-every 1 --curve-per-task 5 -q"
-go() {  # resume the run in $1 if it has begun, else start it with the remaining flags
+go() {  # resume the run in $1 if it has begun, else start it: train.py with the remaining flags
   out=$1; shift
   if [ -f $out/config.json ]; then OMP_NUM_THREADS=$T python train.py --resume $out -q
-  else OMP_NUM_THREADS=$T python train.py $COMMON "$@" --out $out; fi
+  else OMP_NUM_THREADS=$T python train.py "$@" --out $out; fi
 }
 case $1 in
-  pilot) go runs/pilot-s12 --methods local,fedit,feddpa-t --rounds 8 --test-per-task 5 --seed 0 ;;
-  study) go runs/budget-flan1${SEED:+/seed$SEED} --rounds ${ROUNDS:-6} --test-per-task 20 ${SEED:+--seed $SEED} \
+  pilot) go runs/pilot-s12 $COMMON --methods local,fedit,feddpa-t --rounds 8 --test-per-task 5 --seed 0 ;;
+  study) go runs/budget-flan1${SEED:+/seed$SEED} $COMMON --rounds ${ROUNDS:-6} --test-per-task 20 ${SEED:+--seed $SEED} \
             $([ -z "$SEED" ] && echo --seeds 0,1,2) \
             --methods base,local,fedit,centralized,feddpa-f,feddpa-f-fixed,feddpa-f-calibrated,feddpa-f-oracle,feddpa-t,feddpa-t-fixed,feddpa-t-calibrated,feddpa-t-sum,feddpa-t-oracle \
             --curve-methods local,fedit,feddpa-t,feddpa-t-calibrated ;;
   rescore)
     FLAN2=${FLAN2:-data/feddpa-flan2}
     from=runs/budget-flan1${SEED:+/seed$SEED}
-    again() {  # re-score $from's adapters into runs/budget-$1 (resumed if begun) with the remaining flags
+    again() {  # re-score $from's adapters into runs/budget-$1 with the remaining flags
       out=runs/budget-$1${SEED:+/seed$SEED}; shift
-      if [ -f $out/config.json ]; then OMP_NUM_THREADS=$T python train.py --resume $out -q
-      else OMP_NUM_THREADS=$T python train.py --rescore $from --out $out -q "$@"; fi
+      go $out --rescore $from -q "$@"
     }
     for k in 1 3 10; do again k$k --k-refs $k --methods feddpa-t,feddpa-t-calibrated; done
     for s in l2 pearson; do again sim-$s --similarity $s --methods feddpa-t; done
