@@ -469,6 +469,55 @@ def test_the_carried_smollm2_study_gives_the_table_and_intervals_in_the_docs(nam
     assert [row for row in rows if row not in doc] == []
 
 
+def rescored_copy(base: Path, out: Path, shift: float, methods: list, **settings) -> Path:
+    """A copy of carried study `base` as if re-scored with `settings`, keeping `methods`, every
+    per-instance ROUGE-1 of theirs raised by `shift`."""
+    shutil.copytree(base, out)
+    for path in [out / "config.json", *out.glob("seed*/results.json")]:
+        res = json.loads(path.read_text())
+        (res["config"] if "config" in res else res).update(settings, methods=",".join(methods))
+        if "config" in res:  # a seed's results
+            res["methods"] = {m: res["methods"][m] for m in methods}
+            for c in (c for m in methods for c in res["methods"][m]["per_client"]):
+                for s in c.values():
+                    s["rouge1_each"] = [x + shift for x in s["rouge1_each"]]
+        path.write_text(json.dumps(res))
+    return out
+
+
+def test_ablations_are_paired_against_the_study_they_rescore(tmp_path, capsys):
+    """tools/ablations.py: each re-scored method minus the base study's same method, on P and TTP. Every
+    instance's score raised by 10 is a difference of exactly +10 in each seed, interval [+10, +10], above;
+    the setting is named with the base's value; a study that differs in two settings, or whose method the
+    base lacks, is one line naming it."""
+    from tools import ablations
+    base = ROOT / "docs" / "study" / "flan1-smollm2-bf16"
+    k1 = rescored_copy(base, tmp_path / "k1", 10.0, ["feddpa-t", "feddpa-t-calibrated"], k_refs=1)
+    same = rescored_copy(base, tmp_path / "same", 0.0, ["feddpa-f"], pool="mean")
+    assert ablations.main([str(base), str(k1), str(same)]) == 0
+    lines = [line.replace("[ ", "[") for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [line.split()[:4] for line in lines] == [
+        ["k_refs", "1", "(5)", m] for m in ("feddpa-t", "feddpa-t", "feddpa-t-calibrated", "feddpa-t-calibrated")] + [
+        ["pool", "mean", "(last)", "feddpa-f"]] * 2
+    for line in lines[:4]:
+        assert line.split()[4:] == [line.split()[4], "+10.0", "[+10.0,", "+10.0]", "above", "+10.0", "+10.0", "+10.0"]
+    for line in lines[4:]:
+        assert line.split()[5:] == ["+0.0", "[+0.0,", "+0.0]", "identical", "+0.0", "+0.0", "+0.0"]
+    two = rescored_copy(base, tmp_path / "two", 0.0, ["feddpa-t"], k_refs=1, pool="mean")
+    foreign = rescored_copy(base, tmp_path / "foreign", 0.0, ["feddpa-t"], k_refs=1)
+    for path in [foreign / "config.json", *foreign.glob("seed*/results.json")]:  # its feddpa-t renamed
+        res = json.loads(path.read_text())
+        (res["config"] if "config" in res else res)["methods"] = "feddpa-t-sum"
+        if "config" in res:
+            res["methods"]["feddpa-t-sum"] = res["methods"].pop("feddpa-t")
+        path.write_text(json.dumps(res))
+    for study, message in ((two, "differs from the base study in k_refs, pool"),
+                           (foreign, "feddpa-t-sum is not among the base study's methods")):
+        assert ablations.main([str(base), str(study)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(study) in err and message in err
+
+
 def test_test_data_scores_every_method_on_the_unseen_tasks(tiny_run, tmp_path, capsys):
     """--test-data: every method also answers another folder's test sets, tasks no client trained on
     (their tasks and per-instance scores checked by answering them again from the saved adapters; which

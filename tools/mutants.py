@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ["tests/test_oracle.py", "test_feddpa.py", "tests/test_fed.py", "tests/test_lora.py", "tests/test_data.py",
          "tests/test_conformance.py", "tests/test_paper.py", "tests/test_diagnose.py", "tests/test_privacy.py",
-         "tests/test_plot.py", "tests/test_flower.py"]
+         "tests/test_plot.py", "tests/test_flower.py", "tests/test_runs.py::test_ablations_are_paired_against_the_study_they_rescore"]
 
 PRODUCT_AVERAGE = '''    out = {k: sum(wi * u.adapter[k].double() for wi, u in zip(w, updates)).to(updates[0].adapter[k].dtype)
            for k in updates[0].adapter}
@@ -255,6 +255,10 @@ MUTANTS = [  # (fault, file, text, replacement)
      "    shared = seeded(seed, *stream, \"dp noise\")\n\n"
      "    def aggregate(updates, sent, *, round_, expected):\n        if dp is None:\n            return fedavg(updates, weighting), {}\n"
      "        gen = (shared if dp.seeded_noise"),
+    ("tools/ablations.py subtracts the re-scored study from the base, not the base from it", "tools/ablations.py",
+     "for seeds in (study, base)]", "for seeds in (base, study)]"),
+    ("tools/ablations.py names as the ablation every setting that differs, --methods too", "tools/ablations.py",
+     "if k not in NOT_THE_ABLATION and", "if k not in table.FREE and"),
 ]
 
 
