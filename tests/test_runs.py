@@ -446,7 +446,8 @@ def test_seeds_run_each_seed_in_its_folder_and_summarise_mean_and_std(tiny_run, 
     assert code == 2 and "--seeds '0,a': comma-separated non-negative integers" in err
 
 
-@pytest.mark.parametrize("name", ["flan1-smollm2", "flan2-smollm2", "flan1-to-flan2-smollm2", "flan1-smollm2-bf16"])
+@pytest.mark.parametrize("name", ["flan1-smollm2", "flan2-smollm2", "flan1-to-flan2-smollm2", "flan1-smollm2-bf16",
+                                  "budget-smollm2"])
 def test_the_carried_smollm2_study_gives_the_table_and_intervals_in_the_docs(name, tmp_path, capsys):
     """docs/study/<name> holds every seed's results.json of a SmolLM2 study (FLAN set 1, set 2, set 1 with
     set 2's tasks unseen, set 1 in bfloat16 with FedDPA-F); its summary, recomputed from them by the
@@ -464,7 +465,7 @@ def test_the_carried_smollm2_study_gives_the_table_and_intervals_in_the_docs(nam
     expected = len(methods) + len(compared)  # every method's row, every comparison whose methods ran
     if config["test_data"]:  # and again on the unseen tasks, TTP only
         expected += len(methods) + len([c for c in compared if c[2] == "TTP"])
-    rows = [line.rstrip() for line in printed.splitlines() if line.startswith(("base ", "local ", "fedit ", "feddpa-"))]
+    rows = [line.rstrip() for line in printed.splitlines() if line.startswith(tuple(f"{m} " for m in methods))]
     assert len(rows) == expected
     assert [row for row in rows if row not in doc] == []
 
