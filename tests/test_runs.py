@@ -446,8 +446,11 @@ def test_seeds_run_each_seed_in_its_folder_and_summarise_mean_and_std(tiny_run, 
     assert code == 2 and "--seeds '0,a': comma-separated non-negative integers" in err
 
 
+ABLATIONS = ("k1", "k3", "k10", "sim-l2", "sim-pearson", "pool-mean")  # the budget study re-scored (issue 38)
+
+
 @pytest.mark.parametrize("name", ["flan1-smollm2", "flan2-smollm2", "flan1-to-flan2-smollm2", "flan1-smollm2-bf16",
-                                  "budget-smollm2"])
+                                  "budget-smollm2", *(f"budget-smollm2-{w}" for w in ABLATIONS), "budget-smollm2-unseen"])
 def test_the_carried_smollm2_study_gives_the_table_and_intervals_in_the_docs(name, tmp_path, capsys):
     """docs/study/<name> holds every seed's results.json of a SmolLM2 study (FLAN set 1, set 2, set 1 with
     set 2's tasks unseen, set 1 in bfloat16 with FedDPA-F); its summary, recomputed from them by the
@@ -517,6 +520,17 @@ def test_ablations_are_paired_against_the_study_they_rescore(tmp_path, capsys):
         assert ablations.main([str(base), str(study)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and str(study) in err and message in err
+
+
+def test_the_carried_ablations_give_the_intervals_in_the_docs(capsys):
+    """tools/ablations.py on the carried budget study and its six re-scorings prints the paired
+    differences docs/real-models.md shows, line for line: each re-scored method on P and TTP."""
+    from tools import ablations
+    study = ROOT / "docs" / "study"
+    assert ablations.main([str(study / "budget-smollm2"), *(str(study / f"budget-smollm2-{w}") for w in ABLATIONS)]) == 0
+    lines = [line.rstrip() for line in capsys.readouterr().out.splitlines()[1:]]
+    doc = {line.rstrip() for line in (ROOT / "docs" / "real-models.md").read_text().splitlines()}
+    assert len(lines) == 2 * (2 + 2 + 2 + 1 + 1 + 2) and [line for line in lines if line not in doc] == []
 
 
 def test_test_data_scores_every_method_on_the_unseen_tasks(tiny_run, tmp_path, capsys):
