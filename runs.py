@@ -489,14 +489,21 @@ def write_seed_summary(out: str, config: dict, per_seed: dict):
     print(f"\nresults: {os.path.join(out, 'results.json')}")
 
 
+DIFFERENCE_COLUMNS = ("(ROUGE-1 points): mean over seeds, 95% bootstrap interval over test instances, verdict "
+                      "(above/below: the interval excludes 0 and every seed agrees), each seed's difference")
+
+
+def difference_cells(d: dict) -> str:
+    """A paired difference as DIFFERENCE_COLUMNS name its cells."""
+    lo, hi = d["ci95"]
+    return f"{d['diff']:+6.1f}  [{lo:+5.1f}, {hi:+5.1f}]  {verdict(d):<9}  " + " ".join(f"{x:+.1f}" for x in d["per_seed"])
+
+
 def print_differences(intervals: list, where: str):
     if intervals:
-        print(f"\npaired differences{where} (ROUGE-1 points): mean over seeds, 95% bootstrap interval over test "
-              "instances, verdict (above/below: the interval excludes 0 and every seed agrees), each seed's difference")
+        print(f"\npaired differences{where} {DIFFERENCE_COLUMNS}")
         for d in intervals:
-            lo, hi = d["ci95"]
-            print(f"{d['a'] + ' - ' + d['b']:<36}{d['metric']:>4} {d['diff']:+6.1f}  [{lo:+5.1f}, {hi:+5.1f}]  {verdict(d):<9}  "
-                  + " ".join(f"{x:+.1f}" for x in d["per_seed"]))
+            print(f"{d['a'] + ' - ' + d['b']:<36}{d['metric']:>4} " + difference_cells(d))
 
 
 def paired_differences(runs: list, key: str = "methods") -> list:

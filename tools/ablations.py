@@ -6,7 +6,8 @@ BASE: a finished study (train.py --seeds, or a carried one in docs/study/); each
 BASE's adapters (train.py --rescore BASE) with one inference setting changed (--k-refs, --similarity,
 --pool). For each STUDY, each method it scored and P and TTP: the method's score minus BASE's same
 method, paired over the same seeds, clients and test instances (evaluation.paired_difference: 95%
-bootstrap interval over test instances, each seed's difference) with runs.verdict's reading. A line:
+bootstrap interval over test instances, each seed's difference) with runs.verdict's reading, the
+cells runs.print_differences prints. A line:
 
     k_refs 1 (5)   feddpa-t   P   -1.2  [ -2.0,  -0.4]  below      -1.0 -1.5 -1.1
 
@@ -61,12 +62,9 @@ def main(argv=None) -> int:
     except runs.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print("re-scored minus the base study (ROUGE-1 points): mean over seeds, 95% bootstrap interval over test "
-          "instances, verdict (above/below: the interval excludes 0 and every seed agrees), each seed's difference")
+    print(f"re-scored minus the base study {runs.DIFFERENCE_COLUMNS}")
     for setting, method, metric, d in lines:
-        lo, hi = d["ci95"]
-        print(f"{setting:<28}{method:<22}{metric:>4} {d['diff']:+6.1f}  [{lo:+5.1f}, {hi:+5.1f}]  "
-              f"{runs.verdict(d):<9}  " + " ".join(f"{x:+.1f}" for x in d["per_seed"]))
+        print(f"{setting:<28}{method:<22}{metric:>4} " + runs.difference_cells(d))
     return 0
 
 
