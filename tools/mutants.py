@@ -1,7 +1,7 @@
 """Prove that the tests bite: plant each fault below, one at a time, in a temporary copy of the repository,
 run the method's tests against it, and report which test caught it.
 
-    python tools/mutants.py                 # every fault (about 35-50 minutes on 2 cores)
+    python tools/mutants.py                 # every fault (about 90 minutes on 2 cores)
     python tools/mutants.py --only 3,7      # some of them, by number
     python tools/mutants.py --list
     python tools/mutants.py --only 27 --tests tests/test_lora.py   # against some tests only, to check quickly
